@@ -1,0 +1,171 @@
+"""The ``bench`` command line: run, check, plugins, report.
+
+Exit codes: 0 every cell ok or skipped; 1 at least one cell failed; 2 bad input (one message on stderr naming the
+file, the key and what was expected; no traceback; nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class BadInput(Exception):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench", description="rankbench: benchmark low-rank methods at equal budgets")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="expand a suite into cells, run them, write results (resumes by default)")
+    run.add_argument("suite", help="suite YAML file")
+    run.add_argument("--out", help="output folder (default: results/<suite name>/)")
+    run.add_argument("--force", action="store_true", help="re-run cells that already finished")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the suite's, else auto")
+    run.add_argument("--executor", help="executor plugin (default: the suite's, else subprocess)")
+    run.add_argument("--plugins-dir", help="also load every *.py plugin file in this folder")
+    run.add_argument("--timeout", type=float, help="seconds per cell (overrides the suite); 0 disables the limit")
+
+    check = sub.add_parser("check", help="validate a suite without running it; print cells per task")
+    check.add_argument("suite")
+    check.add_argument("--plugins-dir")
+    check.add_argument("--device", choices=["auto", "cpu", "cuda"])
+
+    plugins = sub.add_parser("plugins", help="list plugins: name, kind, distribution, version, load failures")
+    plugins.add_argument("--plugins-dir")
+
+    report = sub.add_parser("report", help="summary table, plots (PNG) and a Markdown report for a results folder")
+    report.add_argument("dir", help="results folder written by `bench run`")
+    return parser
+
+
+def _plugins_dir(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not Path(value).is_dir():
+        raise BadInput(f"--plugins-dir: expected an existing folder (got {value!r})")
+    return str(Path(value).resolve())
+
+
+def _prepare(args):
+    """Load plugins, the suite and its cells; every problem becomes BadInput/SuiteError before anything is written."""
+    from rankbench.envinfo import resolve_device
+    from rankbench.plugins import load_plugins
+    from rankbench.suite import expand, load_suite
+
+    plugins_dir = _plugins_dir(args.plugins_dir)
+    suite = load_suite(args.suite)
+    registry = load_plugins(plugins_dir)
+    try:
+        device = resolve_device(args.device or suite.spec.device)
+    except ValueError as exc:
+        raise BadInput(f"--device: {exc}") from None
+    timeout = suite.spec.timeout
+    if getattr(args, "timeout", None) is not None:
+        if args.timeout < 0:
+            raise BadInput(f"--timeout: expected seconds >= 0 (got {args.timeout})")
+        timeout = args.timeout or None
+    cells = expand(suite, registry, device, timeout)
+    return suite, registry, device, timeout, cells, plugins_dir
+
+
+def cmd_check(args) -> int:
+    suite, registry, device, _, cells, _ = _prepare(args)
+    from tabulate import tabulate
+
+    rows: dict[str, list[int]] = {}
+    for cell in cells:
+        counts = rows.setdefault(cell.task, [0, 0, 0])
+        counts[0 if cell.is_reference else (2 if cell.skip_reason else 1)] += 1
+    table = [[task, ref, run, skip, ref + run + skip] for task, (ref, run, skip) in rows.items()]
+    print(f"{suite.path}: suite {suite.name!r} is valid: {len(cells)} cells on {device}")
+    print(tabulate(table, headers=["task", "reference", "to run", "skipped", "cells"]))
+    for failure in registry.failures:
+        print(f"warning: plugin {failure.plugin} failed to load: {failure.error}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    suite, registry, device, timeout, cells, plugins_dir = _prepare(args)
+    executor_name = args.executor or suite.spec.executor or "subprocess"
+    if executor_name not in registry.plugins["executor"]:
+        known = ", ".join(registry.names("executor")) or "none loaded"
+        raise BadInput(f"--executor: unknown executor {executor_name!r}; expected one of: {known}")
+    out = Path(args.out) if args.out else Path("results") / suite.name
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out: expected a folder (got the file {str(out)!r})")
+
+    from rich.console import Console
+    from tabulate import tabulate
+
+    from rankbench.envinfo import environment
+    from rankbench.runner import Runtime, run_cells, write_run_info
+
+    console = Console(stderr=True)
+    for failure in registry.failures:
+        console.print(f"[yellow]warning[/]: plugin {failure.plugin} failed to load: {failure.error}")
+    env = environment(device, registry)
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_info(out, env, suite.path, {k: v for k, v in vars(args).items() if k != "func"})
+    executor = registry.get("executor", executor_name).cls()
+    runtime = Runtime(registry=registry, device=device, timeout=timeout, plugins_dir=plugins_dir)
+    counts = run_cells(cells, out, runtime, executor, {"git_sha": env["git_sha"], "device": device}, args.force, console)
+    print(tabulate(sorted(counts.items()), headers=["status", "cells"]))
+    print(f"results: {out}")
+    failed = sum(n for status, n in counts.items() if status not in ("ok", "skipped"))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_plugins(args) -> int:
+    from tabulate import tabulate
+
+    from rankbench.plugins import load_plugins
+
+    registry = load_plugins(_plugins_dir(args.plugins_dir))
+    rows = [
+        [info.name, info.kind, info.distribution, info.dist_version, info.version, info.cls.description]
+        for info in registry.all()
+    ]
+    print(tabulate(rows, headers=["name", "kind", "distribution", "dist version", "plugin version", "description"]))
+    if registry.failures:
+        print("\nfailed to load:")
+        print(tabulate([[f.plugin, f.distribution, f.error] for f in registry.failures], headers=["plugin", "distribution", "error"]))
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from rankbench.report import make_report
+
+    out = Path(args.dir)
+    if not (out / "cells").is_dir():
+        raise BadInput(f"{args.dir}: expected a results folder written by `bench run` (no cells/ inside)")
+    report_path = make_report(out)
+    print(f"report: {report_path}")
+    return EXIT_OK
+
+
+COMMANDS = {"run": cmd_run, "check": cmd_check, "plugins": cmd_plugins, "report": cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rankbench.suite import SuiteError
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of hanging on an unreachable hub
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (SuiteError, BadInput) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted: finished cells are saved; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""``CellContext``: what the host hands a task for one cell, and how the task reports back."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rankbench.measure import PhaseTimer
+
+
+class CellContext:
+    """The host's side of one cell.
+
+    Attributes a task reads: ``seed`` (this cell's seed, for method randomness), ``task_seed`` (the same for every
+    cell of one task configuration and suite seed: use it to generate data, so all methods see the same instance),
+    ``device`` (``"cpu"`` or ``"cuda"``), ``budget`` and ``budget_kind``, ``shared`` (a dict that lives as long as the
+    process and is keyed per task configuration: memoise models and statistics there), ``cache_dir`` (a folder per
+    task configuration for on-disk caches).
+    """
+
+    def __init__(
+        self,
+        *,
+        cell_id: str,
+        seed: int,
+        task_seed: int,
+        device: str,
+        budget: float | None,
+        budget_kind: str | None,
+        shared: dict[str, Any],
+        cache_dir: Path,
+    ):
+        self.cell_id = cell_id
+        self.seed = seed
+        self.task_seed = task_seed
+        self.device = device
+        self.budget = budget
+        self.budget_kind = budget_kind
+        self.shared = shared
+        self.cache_dir = cache_dir
+        self.timer = PhaseTimer(device)
+        self.metrics: list[dict[str, Any]] = []
+        self.ranks_rows: list[dict[str, Any]] = []
+        self.curve_rows: list[dict[str, Any]] = []
+
+    def phase(self, name: str):
+        """Context manager timing one phase (``time_<name>_s``); device-synchronised on CUDA."""
+        return self.timer.phase(name)
+
+    def metric(self, name: str, value: float, unit: str = "", higher_is_better: bool | None = None) -> None:
+        self.metrics.append(
+            {"metric": name, "value": float(value), "unit": unit, "higher_is_better": higher_is_better}
+        )
+
+    def ranks(self, site: str, rank: int | Sequence[int], params: int) -> None:
+        """Record the rank a site ended with (a tensor site's per-mode ranks are joined as ``r1x r2x ...``)."""
+        if isinstance(rank, (int, np.integer)):
+            rank_value, rank_text = int(rank), str(int(rank))
+        else:
+            rank_value, rank_text = int(max(rank)), "x".join(str(int(r)) for r in rank)
+        self.ranks_rows.append({"site": site, "rank": rank_value, "rank_per_mode": rank_text, "params": int(params)})
+
+    def curve(self, name: str, values: Sequence[float], steps: Sequence[float] | None = None) -> None:
+        """Store a curve (e.g. relative error against iteration) so the report can draw it."""
+        steps = range(len(values)) if steps is None else steps
+        for step, value in zip(steps, values):
+            self.curve_rows.append({"curve": name, "step": float(step), "value": float(value)})
+
+    def quality_is_finite(self) -> bool:
+        return all(math.isfinite(m["value"]) for m in self.metrics)

@@ -1,0 +1,85 @@
+"""Environment capture: versions, device, CPU, threads, git sha -- stored once per run in ``DIR/runs/*.json``."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+PACKAGES = ("rankbench", "torch", "numpy", "scipy", "pandas", "pyarrow", "pluggy", "pydantic", "tensorly")
+
+
+def resolve_device(requested: str | None) -> str:
+    """``auto`` picks CUDA when torch sees a GPU, else the CPU. Asking for ``cuda`` without one is bad input."""
+    requested = requested or "auto"
+    if requested == "cpu":
+        return "cpu"
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    return "cuda"
+
+
+def git_sha() -> str:
+    """The commit of the rankbench source tree (with ``-dirty`` if it has uncommitted changes), else ''."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        if not sha:
+            return ""
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str, registry=None) -> dict:
+    import torch
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    info = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else cpu_model(),
+        "cuda": torch.version.cuda,
+        "packages": versions,
+        "git_sha": git_sha(),
+    }
+    if registry is not None and registry.hook is not None:
+        extra: dict = {}
+        for facts in registry.hook.rankbench_environment_info():
+            if isinstance(facts, dict):
+                extra.update(facts)
+        if extra:
+            info["plugins"] = extra
+    return info

@@ -1,0 +1,246 @@
+"""The runner: resume, execution of one cell, statuses, and the loop that writes every finished cell at once.
+
+Statuses: ``ok``; ``skipped`` (incompatible pair, with the reason); ``error`` (an exception, traceback stored);
+``timeout`` (killed at the per-cell limit); ``crashed`` (the worker process died: segfault, ``os._exit``, SIGKILL,
+the kernel's OOM killer); ``diverged`` (non-finite metrics or a plugin's ``Diverged``); ``oom`` (``MemoryError`` or
+CUDA out-of-memory). ``ok`` and ``skipped`` are final; the others are retried by the next run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import random
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rankbench import results
+from rankbench.api import CellFailure, CellRecord
+from rankbench.cells import Cell
+from rankbench.context import CellContext
+from rankbench.measure import peak_rss_mb, reset_peak_rss
+from rankbench.plugins import Registry
+
+CACHE_ENV = "RANKBENCH_CACHE"
+
+
+class CellTimeout(BaseException):
+    """Raised in-process by the alarm at the per-cell limit (a BaseException, so ``except Exception`` in a plugin
+    cannot swallow it)."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "rankbench"))
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    name = type(exc).__name__
+    return name == "OutOfMemoryError" or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@dataclasses.dataclass
+class Runtime:
+    """What an executor needs: device, per-cell limit, how a worker rebuilds the registry, and ``execute``."""
+
+    registry: Registry
+    device: str
+    timeout: float | None
+    plugins_dir: str | None = None
+    shared: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # task_key -> shared store
+    tasks: dict[str, Any] = dataclasses.field(default_factory=dict)  # task_key -> task instance
+
+    def execute(self, cell: Cell, alarm: bool = False) -> CellRecord:
+        return execute_cell(cell, self, alarm=alarm)
+
+
+def execute_cell(cell: Cell, runtime: Runtime, alarm: bool = False) -> CellRecord:
+    """Run one cell in this process and turn whatever happens into a ``CellRecord`` (never raises, except
+    KeyboardInterrupt). With ``alarm`` the per-cell limit is enforced by SIGALRM (main thread only)."""
+    registry = runtime.registry
+    ctx = CellContext(
+        cell_id=cell.cell_id,
+        seed=cell.cell_seed,
+        task_seed=cell.task_seed,
+        device=cell.device,
+        budget=cell.budget,
+        budget_kind=cell.budget_kind,
+        shared=runtime.shared.setdefault(cell.task_key, {}),
+        cache_dir=cache_root() / cell.task,
+    )
+    started_at, start = now(), time.perf_counter()
+    status, reason, trace = "ok", "", ""
+    use_alarm = alarm and cell.timeout and threading.current_thread() is threading.main_thread()
+
+    def on_alarm(signum, frame):
+        raise CellTimeout()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm) if use_alarm else None
+    rss_reset = reset_peak_rss()
+    try:
+        if use_alarm:
+            signal.setitimer(signal.ITIMER_REAL, cell.timeout)
+        _seed_everything(cell.cell_seed)
+        task = runtime.tasks.get(cell.task_key)
+        if task is None:
+            info = registry.get("task", cell.task)
+            task = info.cls(info.cls.Params.model_validate(cell.task_params))
+            runtime.tasks[cell.task_key] = task
+        with ctx.phase("setup"):
+            task.setup(ctx)
+        if cell.is_reference:
+            task.run_reference(ctx)
+        else:
+            sel_info = registry.get("selector", cell.selector)
+            fac_info = registry.get("factorization", cell.factorization)
+            selector = sel_info.cls(sel_info.cls.Params.model_validate(cell.selector_params))
+            factorization = fac_info.cls(fac_info.cls.Params.model_validate(cell.factorization_params))
+            task.run(ctx, selector, factorization)
+        if not ctx.quality_is_finite():
+            bad = [m["metric"] for m in ctx.metrics if not np.isfinite(m["value"])]
+            status, reason = "diverged", f"non-finite metrics: {', '.join(bad)}"
+    except CellTimeout:
+        status, reason = "timeout", f"cell exceeded its limit of {cell.timeout:g} s (in-process alarm)"
+    except CellFailure as exc:
+        status, reason, trace = exc.status, str(exc), traceback.format_exc()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SystemExit from a plugin is a failed cell too
+        status = "oom" if _is_oom(exc) else "error"
+        reason, trace = f"{type(exc).__name__}: {exc}", traceback.format_exc()
+    finally:
+        if use_alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    wall = time.perf_counter() - start
+    measured = [
+        {"metric": f"time_{phase}_s", "value": seconds, "unit": "s", "higher_is_better": False}
+        for phase, seconds in ctx.timer.seconds.items()
+    ]
+    measured.append({"metric": "time_total_s", "value": wall, "unit": "s", "higher_is_better": False})
+    measured.append({"metric": "peak_rss_mb", "value": peak_rss_mb(), "unit": "MiB", "higher_is_better": False})
+    if not rss_reset:
+        reason = (reason + "; " if reason else "") + "peak_rss_mb is the process lifetime peak"
+    if ctx.timer.cuda_peak_mb:
+        measured.append(
+            {"metric": "peak_cuda_mb", "value": max(ctx.timer.cuda_peak_mb.values()), "unit": "MiB", "higher_is_better": False}
+        )
+    return CellRecord(
+        cell_id=cell.cell_id,
+        status=status,
+        reason=reason,
+        traceback=trace,
+        metrics=ctx.metrics + measured,
+        ranks=ctx.ranks_rows,
+        curves=ctx.curve_rows,
+        started_at=started_at,
+        wall_s=wall,
+    )
+
+
+def failed_record(cell: Cell, status: str, reason: str, wall: float = 0.0, started_at: str | None = None) -> CellRecord:
+    """A record for a cell that produced nothing itself (skipped, timed out, crashed)."""
+    return CellRecord(
+        cell_id=cell.cell_id,
+        status=status,
+        reason=reason,
+        metrics=[{"metric": "time_total_s", "value": wall, "unit": "s", "higher_is_better": False}],
+        started_at=started_at or now(),
+        wall_s=wall,
+    )
+
+
+def order_for_sharing(cells: Sequence[Cell]) -> list[Cell]:
+    """Group cells of one task configuration and seed together so shared work is reused while it is warm."""
+    first_seen: dict[tuple, int] = {}
+    for i, cell in enumerate(cells):
+        first_seen.setdefault((cell.task_key, cell.seed), i)
+    return sorted(cells, key=lambda c: (first_seen[(c.task_key, c.seed)], not c.is_reference))
+
+
+def write_run_info(out: Path, env: dict, suite_path: str, argv: dict) -> Path:
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    path = runs / f"{stamp}-{os.getpid()}.json"
+    tmp = runs / f".{path.name}.tmp"
+    tmp.write_text(json.dumps({"suite": suite_path, "arguments": argv, "environment": env}, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def summarize(out: Path, cells: Sequence[Cell]) -> dict[str, int]:
+    statuses = results.cell_statuses(out)
+    counts: dict[str, int] = {}
+    for cell in cells:
+        status = statuses.get(cell.cell_id, "not run")
+        counts[status] = counts.get(status, 0) + 1
+    return counts
+
+
+def run_cells(
+    cells: Sequence[Cell],
+    out: Path,
+    runtime: Runtime,
+    executor,
+    run_info: dict,
+    force: bool = False,
+    console=None,
+) -> dict[str, int]:
+    """Resume-aware loop: skip finished cells (unless ``force``), write skipped cells directly, hand the rest to the
+    executor and write each record the moment it arrives. Returns the status counts of the whole suite."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = console or Console(stderr=True)
+    done = set() if force else results.finished_cell_ids(out)
+    pending = [c for c in cells if c.cell_id not in done]
+    to_skip = [c for c in pending if c.skip_reason]
+    to_run = order_for_sharing([c for c in pending if not c.skip_reason])
+    by_id = {c.cell_id: c for c in to_run}
+    if done:
+        console.print(f"resuming: {len(cells) - len(pending)} of {len(cells)} cells already finished in {out}")
+
+    def primary(cell: Cell) -> str:
+        return getattr(runtime.registry.get("task", cell.task).cls, "primary_metric", "")
+
+    for cell in to_skip:
+        results.write_cell(out, cell, failed_record(cell, "skipped", cell.skip_reason), run_info, primary(cell))
+    columns = (
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task("cells", total=len(to_run))
+        for record in executor.run(to_run, runtime):
+            cell = by_id[record.cell_id]
+            results.write_cell(out, cell, record, run_info, primary(cell))
+            if record.status != "ok":
+                progress.console.print(f"[yellow]{record.status}[/]: {cell.label}: {record.reason.splitlines()[0] if record.reason else ''}")
+            progress.update(bar, advance=1, description=cell.label[:60])
+    return summarize(out, cells)

@@ -1,0 +1,209 @@
+"""Suite files: schema (pydantic), validation with clear messages, and cartesian expansion into cells.
+
+A suite names tasks, selectors and factorizations (each a bare plugin name or ``{name: {param: value}}``), budgets,
+seeds and a per-cell timeout. Every problem in the file is reported as ``FILE: KEY: expected ...`` through
+``SuiteError``; the CLI turns that into exit code 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from rankbench.api import PARAM_RATIO, RANK_CAP, RANK_TOTAL, Plugin
+from rankbench.cells import Cell, make_cell
+from rankbench.plugins import Registry
+
+PluginRef = str | dict[str, dict[str, Any] | None]
+
+
+class SuiteError(Exception):
+    """A bad suite (or bad CLI input): one clear message naming the file, the key and what was expected."""
+
+    def __init__(self, file: str, key: str, message: str):
+        self.file, self.key, self.message = file, key, message
+        super().__init__(f"{file}: {key}: {message}" if key else f"{file}: {message}")
+
+
+class SuiteFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    description: str = ""
+    tasks: list[PluginRef] = Field(min_length=1)
+    selectors: list[PluginRef] = Field(min_length=1)
+    factorizations: list[PluginRef] = Field(min_length=1)
+    budgets: list[float] = Field(default_factory=list)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    timeout: float | None = Field(default=900.0, gt=0)  # seconds per cell; null disables the limit
+    executor: str | None = None
+    device: Literal["auto", "cpu", "cuda"] | None = None
+
+
+@dataclasses.dataclass
+class PluginSpec:
+    kind: str
+    name: str
+    params: dict[str, Any]  # validated, defaults filled in, JSON-ready
+    instance: Plugin
+    version: str
+
+
+@dataclasses.dataclass
+class Suite:
+    path: str
+    spec: SuiteFile
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def _key(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _pydantic_message(err: dict) -> str:
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    if err["type"] == "missing":
+        return "required key is missing"
+    if "input" in err and err["type"] not in ("union_tag_invalid",):
+        return f"{msg} (got {err['input']!r})"
+    return msg
+
+
+def load_suite(path: str | Path) -> Suite:
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SuiteError(file, "", "no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SuiteError(file, "", f"cannot read the file ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SuiteError(file, where, f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise SuiteError(file, "", "expected a mapping with keys name, tasks, selectors, factorizations, ...")
+    try:
+        spec = SuiteFile.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = err["loc"]
+        # For PluginRef unions pydantic reports every branch; keep the path up to the item.
+        if len(loc) >= 2 and loc[0] in ("tasks", "selectors", "factorizations") and isinstance(loc[1], int):
+            item = data[loc[0]][loc[1]]
+            raise SuiteError(
+                file, _key(loc[:2]), f"expected a plugin name or {{name: {{param: value}}}} (got {item!r})"
+            ) from None
+        raise SuiteError(file, _key(loc), _pydantic_message(err)) from None
+    for axis in ("tasks", "selectors", "factorizations"):
+        for i, ref in enumerate(getattr(spec, axis)):
+            if isinstance(ref, dict) and len(ref) != 1:
+                raise SuiteError(file, f"{axis}[{i}]", f"expected a plugin name or {{name: {{param: value}}}} with one name (got {ref!r})")
+    return Suite(file, spec)
+
+
+def resolve_ref(registry: Registry, kind: str, ref: PluginRef, file: str, key: str) -> PluginSpec:
+    if isinstance(ref, str):
+        name, raw = ref, {}
+    else:
+        ((name, raw),) = ref.items()
+        raw = raw or {}
+    if name not in registry.plugins[kind]:
+        known = ", ".join(registry.names(kind)) or "none loaded"
+        raise SuiteError(file, key, f"unknown {kind} {name!r}; expected one of: {known}")
+    info = registry.get(kind, name)
+    try:
+        params = info.cls.Params.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise SuiteError(file, f"{key}.{name}.{_key(err['loc'])}" if err["loc"] else f"{key}.{name}", _pydantic_message(err)) from None
+    try:
+        instance = info.cls(params)
+    except Exception as exc:
+        raise SuiteError(file, f"{key}.{name}", f"invalid parameters ({type(exc).__name__}: {exc})") from None
+    return PluginSpec(kind, name, params.model_dump(mode="json"), instance, info.version)
+
+
+def _check_budget(value: float, kind: str | None, file: str, key: str) -> float:
+    if kind == PARAM_RATIO and not 0.0 < value <= 1.0:
+        raise SuiteError(file, key, f"expected a kept-parameter fraction in (0, 1] for budget kind param_ratio (got {value})")
+    if kind in (RANK_CAP, RANK_TOTAL) and (value < 1 or value != int(value)):
+        raise SuiteError(file, key, f"expected a positive integer rank for budget kind {kind} (got {value})")
+    return value
+
+
+def pairing_skip_reason(task: PluginSpec, selector: PluginSpec, factorization: PluginSpec) -> str | None:
+    t, s, f = task.instance, selector.instance, factorization.instance
+    if t.problem_kind not in s.problem_kinds:
+        return f"selector {s.name} does not handle {t.problem_kind} problems"
+    if t.problem_kind not in f.problem_kinds:
+        return f"factorization {f.name} does not handle {t.problem_kind} problems (task {t.name})"
+    if t.budget_kind not in s.budget_kinds:
+        return f"selector {s.name} does not understand budget kind {t.budget_kind}"
+    for reason in (t.skip(s, f), s.skip(t, f), f.skip(t, s)):
+        if reason:
+            return reason
+    return None
+
+
+def expand(suite: Suite, registry: Registry, device: str, timeout: float | None) -> list[Cell]:
+    """The cartesian product tasks x factorizations x selectors x budgets x seeds, plus one dense reference cell
+    per task configuration and seed. Budget-free selectors run once (budget null); incompatible pairs become cells
+    with a skip reason."""
+    spec, file = suite.spec, suite.path
+    tasks = [resolve_ref(registry, "task", r, file, f"tasks[{i}]") for i, r in enumerate(spec.tasks)]
+    selectors = [resolve_ref(registry, "selector", r, file, f"selectors[{i}]") for i, r in enumerate(spec.selectors)]
+    factorizations = [
+        resolve_ref(registry, "factorization", r, file, f"factorizations[{i}]") for i, r in enumerate(spec.factorizations)
+    ]
+    cells: list[Cell] = []
+    seen: set[str] = set()
+
+    def add(cell: Cell) -> None:
+        if cell.cell_id not in seen:  # the same item listed twice is one cell
+            seen.add(cell.cell_id)
+            cells.append(cell)
+
+    for task in tasks:
+        budget_kind = task.instance.budget_kind
+        budgets = [_check_budget(b, budget_kind, file, f"budgets[{i}]") for i, b in enumerate(spec.budgets)]
+        for seed in spec.seeds:
+            add(make_cell(suite.name, task, None, None, None, None, seed, device, timeout))
+            for factorization in factorizations:
+                for selector in selectors:
+                    reason = pairing_skip_reason(task, selector, factorization)
+                    uses_budget = selector.instance.uses_budget(budget_kind)
+                    if uses_budget and not budgets and reason is None:
+                        raise SuiteError(
+                            file,
+                            "budgets",
+                            f"expected at least one budget: selector {selector.name} needs one for task "
+                            f"{task.name} (budget kind {budget_kind})",
+                        )
+                    for budget in budgets if uses_budget else [None]:
+                        add(
+                            make_cell(
+                                suite.name, task, selector, factorization, budget,
+                                budget_kind if budget is not None else None, seed, device, timeout, reason,
+                            )
+                        )
+    return cells
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))

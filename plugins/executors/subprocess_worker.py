@@ -1,0 +1,124 @@
+"""Executor ``subprocess`` (the default): cells run in a worker process with a hard per-cell time limit.
+
+One worker (``rankbench.worker``, started with ``spawn``) runs cells one after another, so the set-up of a task
+configuration (a loaded model, its statistics) is shared by consecutive cells. The parent waits for each result at
+most the cell's timeout; at the limit it kills the worker (SIGKILL: nothing cooperative about it) and records
+``timeout``. A worker that dies -- segfault, ``os._exit``, the OOM killer -- gives ``crashed`` with the signal or
+exit code. Either way a fresh worker takes the next cell and the suite goes on.
+``fresh_worker: true`` starts a new worker for every cell (cleanest memory numbers, slower).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import time
+
+from pydantic import Field
+
+from rankbench import Executor, PluginParams, hookimpl
+from rankbench.api import CellRecord
+from rankbench.runner import failed_record, now
+from rankbench.worker import worker_main
+
+
+def _exit_description(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "the worker stopped answering"
+    if exitcode < 0:
+        try:
+            return f"the worker was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"the worker was killed by signal {-exitcode}"
+    return f"the worker exited with code {exitcode}"
+
+
+class _Worker:
+    def __init__(self, runtime, start_timeout: float):
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(
+            target=worker_main,
+            args=(child, runtime.plugins_dir, runtime.device, runtime.timeout),
+            daemon=True,
+            name="rankbench-worker",
+        )
+        self.process.start()
+        child.close()
+        if not self.conn.poll(start_timeout):
+            self.kill()
+            raise RuntimeError(f"the worker did not start within {start_timeout:g} s")
+        try:
+            self.conn.recv()
+        except EOFError:
+            self.process.join(5)
+            raise RuntimeError(f"the worker failed to start: {_exit_description(self.process.exitcode)}") from None
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(10)
+        self.conn.close()
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(None)
+            self.process.join(10)
+        except (BrokenPipeError, OSError):
+            pass
+        self.kill()
+
+
+class SubprocessExecutor(Executor):
+    name = "subprocess"
+    description = "run cells in a worker process; hard kill at the per-cell limit; crashes are contained"
+
+    class Params(PluginParams):
+        fresh_worker: bool = False
+        start_timeout: float = Field(default=600.0, gt=0)
+
+    def run(self, cells, runtime):
+        worker = None
+        try:
+            for cell in cells:
+                if worker is None:
+                    try:
+                        worker = _Worker(runtime, self.params.start_timeout)
+                    except RuntimeError as exc:
+                        yield failed_record(cell, "crashed", str(exc))
+                        continue
+                record, healthy = self._run_one(worker, cell)
+                yield record
+                if not healthy:
+                    worker.kill()
+                    worker = None
+                elif self.params.fresh_worker:
+                    worker.stop()
+                    worker = None
+        finally:
+            if worker is not None:
+                worker.stop()
+
+    @staticmethod
+    def _run_one(worker: _Worker, cell) -> tuple[CellRecord, bool]:
+        started_at, start = now(), time.perf_counter()
+        try:
+            worker.conn.send(cell.to_json())
+        except (BrokenPipeError, OSError):
+            return failed_record(cell, "crashed", _exit_description(worker.process.exitcode), 0.0, started_at), False
+        if not worker.conn.poll(cell.timeout):  # None: wait forever
+            worker.kill()
+            wall = time.perf_counter() - start
+            return failed_record(cell, "timeout", f"killed at the per-cell limit of {cell.timeout:g} s", wall, started_at), False
+        try:
+            _, payload = worker.conn.recv()
+        except (EOFError, OSError):
+            worker.process.join(5)
+            wall = time.perf_counter() - start
+            return failed_record(cell, "crashed", _exit_description(worker.process.exitcode), wall, started_at), False
+        return CellRecord(**payload), True
+
+
+@hookimpl
+def rankbench_register_executors(register):
+    register(SubprocessExecutor)

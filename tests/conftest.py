@@ -1,0 +1,54 @@
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+GOOD_PLUGINS = TESTS / "plugin_files" / "good"
+BROKEN_PLUGINS = TESTS / "plugin_files" / "broken"
+
+
+def run_bench(*args, cwd=None, env=None, timeout=600):
+    """Run the CLI in a fresh interpreter, exactly as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "rankbench.cli", *map(str, args)],
+        capture_output=True, text=True, cwd=cwd, env=full_env, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def bench():
+    return run_bench
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the CLI in this process (fast); returns (exit code, stdout, stderr)."""
+    from rankbench.cli import main
+
+    def call(*args):
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+    return call
+
+
+@pytest.fixture
+def write_suite(tmp_path):
+    def write(text: str, name: str = "suite.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text))
+        return path
+
+    return write
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANKBENCH_CACHE", str(tmp_path / "cache"))

@@ -1,0 +1,100 @@
+"""The plugin host: entry points, --plugins-dir, restriction, failure isolation, third-party distributions."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import BROKEN_PLUGINS, GOOD_PLUGINS, ROOT
+from rankbench.plugins import load_plugins
+
+BUILTIN = {
+    "task": {"matrix-recovery"},
+    "selector": {"uniform", "energy", "effective-rank", "oht", "evbmf", "ard"},
+    "factorization": {"gd", "gd-sym", "scaledgd", "subgradient-l1", "altmin", "bcpf"},
+    "executor": {"inprocess", "subprocess"},
+}
+
+
+def test_builtins_load_through_entry_points():
+    registry = load_plugins()
+    assert registry.failures == []
+    for kind, names in BUILTIN.items():
+        assert names <= set(registry.names(kind)), kind
+        for name in names:
+            info = registry.get(kind, name)
+            assert info.distribution == "rankbench"
+            assert info.source.startswith(f"{name} = rankbench_plugins.")
+
+
+def test_broken_plugins_are_reported_and_skipped():
+    registry = load_plugins(BROKEN_PLUGINS)
+    failures = {f.plugin: f.error for f in registry.failures}
+    assert "ModuleNotFoundError" in failures["import_error.py"]
+    assert "hook without a spec" in failures["typo_hook"]
+    assert "boom at registration" in failures["raising_hook"]
+    assert "not a subclass of rankbench.Selector" in failures["not_a_plugin"]
+    # the good plugin in the same folder and every built-in still load
+    assert "toy" in registry.names("task")
+    assert BUILTIN["selector"] <= set(registry.names("selector"))
+
+
+def test_plugins_command_lists_failures(bench):
+    result = bench("plugins", "--plugins-dir", BROKEN_PLUGINS)
+    assert result.returncode == 0, result.stderr
+    assert "toy" in result.stdout and "(plugins-dir)" in result.stdout
+    assert "failed to load" in result.stdout and "boom at registration" in result.stdout
+    for column in ("name", "kind", "distribution", "dist version"):
+        assert column in result.stdout
+
+
+def test_environment_variable_restricts_plugins(monkeypatch):
+    monkeypatch.setenv("RANKBENCH_LOAD_PLUGINS", "uniform,toy")
+    registry = load_plugins(GOOD_PLUGINS)
+    assert registry.names("selector") == ["uniform"]
+    assert registry.names("task") == ["toy"]
+    monkeypatch.setenv("RANKBENCH_LOAD_PLUGINS", "")
+    registry = load_plugins(GOOD_PLUGINS)
+    assert registry.all() == []
+
+
+def test_duplicate_names_are_refused(tmp_path):
+    (tmp_path / "dup.py").write_text(textwrap.dedent('''
+        from rankbench import Selector, hookimpl
+        class Uniform2(Selector):
+            name = "uniform"
+        @hookimpl
+        def rankbench_register_selectors(register):
+            register(Uniform2)
+    '''))
+    registry = load_plugins(tmp_path)
+    assert any("already registered" in f.error for f in registry.failures)
+    assert registry.get("selector", "uniform").distribution == "rankbench"
+
+
+def test_third_party_distribution_is_discovered(tmp_path):
+    """A package installed with its own entry point in group `rankbench` shows up in `bench plugins` and runs."""
+    target = tmp_path / "site"
+    example = ROOT / "examples" / "rankbench-stable-rank"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(example)],
+        check=True, capture_output=True, timeout=300,
+    )
+    env = {"PYTHONPATH": str(target)}
+    from conftest import run_bench
+
+    listing = run_bench("plugins", env=env)
+    assert listing.returncode == 0, listing.stderr
+    row = next(line for line in listing.stdout.splitlines() if line.startswith("stable-rank"))
+    assert "selector" in row and "rankbench-stable-rank" in row and "0.1.0" in row
+    suite = tmp_path / "s.yaml"
+    suite.write_text(textwrap.dedent("""
+        name: third-party
+        tasks: [{matrix-recovery: {problem: completion, shape: [60, 50], rank: 3, max_iters: 50}}]
+        selectors: [stable-rank]
+        factorizations: [altmin]
+        seeds: [0]
+    """))
+    run = run_bench("run", suite, "--out", tmp_path / "out", "--executor", "inprocess", env=env)
+    assert run.returncode == 0, run.stderr
