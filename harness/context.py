@@ -18,8 +18,9 @@ class CellContext:
     Attributes a task reads: ``seed`` (this cell's seed, for method randomness), ``task_seed`` (the same for every
     cell of one task configuration and suite seed: use it to generate data, so all methods see the same instance),
     ``device`` (``"cpu"`` or ``"cuda"``), ``budget`` and ``budget_kind``, ``shared`` (a dict that lives as long as the
-    process and is keyed per task configuration: memoise models and statistics there), ``cache_dir`` (a folder per
-    task configuration for on-disk caches).
+    worker process, one per task configuration and device: memoise models and statistics there; it is shared by
+    all suite seeds, so key seed-dependent data by ``task_seed``), ``cache_dir`` (a folder per task for on-disk
+    caches that outlive the process).
     """
 
     def __init__(

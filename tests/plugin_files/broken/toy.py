@@ -26,23 +26,25 @@ class ToyTask(Task):
         work_s: float = 0.0  # seconds of pretend work per cell
 
     def setup(self, ctx):
-        if "weights" not in ctx.shared:
+        key = ("weights", ctx.task_seed)  # ctx.shared lives per task configuration: key seed-dependent data
+        if key not in ctx.shared:
             rng = np.random.default_rng(ctx.task_seed)
             n = self.params.size
-            ctx.shared["weights"] = {f"layer{i}": rng.standard_normal((n, n // (i + 1))) for i in range(2)}
+            ctx.shared[key] = {f"layer{i}": rng.standard_normal((n, n // (i + 1))) for i in range(2)}
             GENERATED.append(self.params.size)
+        self.weights = ctx.shared[key]
 
     def _record_params(self, ctx, params):
-        dense = sum(w.size for w in ctx.shared["weights"].values())
+        dense = sum(w.size for w in self.weights.values())
         ctx.metric("params", params)
         ctx.metric("param_ratio", params / dense)
 
     def run_reference(self, ctx):
         ctx.metric("rel_error", 0.0, higher_is_better=False)
-        self._record_params(ctx, sum(w.size for w in ctx.shared["weights"].values()))
+        self._record_params(ctx, sum(w.size for w in self.weights.values()))
 
     def run(self, ctx, selector, factorization):
-        weights = ctx.shared["weights"]
+        weights = self.weights
         sites = [Site(name, w.shape, np.linalg.svd(w, compute_uv=False)) for name, w in weights.items()]
         with ctx.phase("select"):
             ranks = selector.select(RankProblem(sites, ctx.budget, ctx.budget_kind, ctx.seed))

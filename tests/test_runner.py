@@ -1,0 +1,175 @@
+"""The runner: statuses, failure isolation, hard timeouts, resume after SIGKILL, --force, tidy Parquet."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from conftest import GOOD_PLUGINS
+from rankbench import results
+
+REQUIRED_METRIC_COLUMNS = [
+    "cell_id", "suite", "task", "selector", "factorization", "task_params", "selector_params",
+    "factorization_params", "budget", "budget_kind", "seed", "status", "metric", "value", "unit",
+    "higher_is_better", "started_at", "git_sha", "device",
+]
+
+TOY = """
+name: toy
+tasks: [{toy: {size: 24}}]
+selectors: [uniform, oht]
+factorizations: [toy-svd]
+budgets: [0.5, 0.25]
+seeds: [0, 1]
+timeout: 30
+"""
+
+
+def test_inprocess_run_writes_tidy_tables_and_shares_setup(cli, write_suite, tmp_path):
+    out = tmp_path / "out"
+    result = cli("run", write_suite(TOY), "--out", out, "--plugins-dir", GOOD_PLUGINS, "--executor", "inprocess")
+    assert result.returncode == 0, result.stderr
+    metrics = pd.read_parquet(out / "metrics")
+    assert set(REQUIRED_METRIC_COLUMNS) <= set(metrics.columns)
+    assert set(metrics["status"]) == {"ok"}
+    cells = results.read_table(out, "cells")
+    assert len(cells) == 2 * (1 + 2 + 1)  # per seed: reference, uniform x 2 budgets, oht
+    for name in ("params", "param_ratio", "time_total_s", "time_setup_s", "peak_rss_mb", "rel_error"):
+        assert (metrics.groupby("cell_id")["metric"].apply(set).map(lambda s: name in s)).all(), name
+    # the expensive set-up ran once per task configuration and seed, not once per cell
+    setups = metrics[metrics["metric"] == "setups_in_process"]["value"]
+    assert setups.max() <= 2
+    # uniform at 0.5 keeps at most half the parameters; the reference keeps all
+    ratio = metrics[metrics["metric"] == "param_ratio"].set_index("cell_id")["value"]
+    for _, cell in cells.iterrows():
+        if cell["selector"] == "uniform":
+            assert ratio[cell["cell_id"]] <= cell["budget"]
+        if cell["selector"] == "none":
+            assert ratio[cell["cell_id"]] == 1.0
+    ranks = pd.read_parquet(out / "ranks")
+    assert set(ranks.columns) >= {"cell_id", "site", "rank", "params"}
+    assert set(ranks["site"]) == {"layer0", "layer1"}
+    assert list((out / "runs").glob("*.json"))
+    env = json.loads(next((out / "runs").glob("*.json")).read_text())["environment"]
+    assert {"python", "cpu", "torch_threads", "device", "packages", "git_sha"} <= set(env)
+
+
+def test_cpu_runs_repeat_exactly(cli, write_suite, tmp_path):
+    path = write_suite(TOY)
+    for name in ("a", "b"):
+        assert cli("run", path, "--out", tmp_path / name, "--plugins-dir", GOOD_PLUGINS, "--executor", "inprocess").returncode == 0
+    a, b = (pd.read_parquet(tmp_path / n / "metrics") for n in "ab")
+    key = ["cell_id", "metric"]
+    quality = lambda df: df[df["metric"] == "rel_error"].sort_values(key).reset_index(drop=True)[key + ["value"]]
+    pd.testing.assert_frame_equal(quality(a), quality(b))
+    seeds = quality(a).merge(results.read_table(tmp_path / "a", "cells")[["cell_id", "selector", "budget", "seed"]])
+    per_seed = seeds[seeds["selector"] == "uniform"].groupby("seed")["value"].apply(tuple)
+    assert per_seed[0] != per_seed[1]  # different seeds see different problem instances
+
+
+def test_misbehaving_plugins_become_failed_cells(cli, write_suite, tmp_path):
+    suite = write_suite("""
+    name: misbehave
+    tasks: [{toy: {size: 12}}]
+    selectors: [uniform]
+    factorizations:
+      - {misbehave: {mode: raise}}
+      - {misbehave: {mode: hang}}
+      - {misbehave: {mode: exit}}
+      - {misbehave: {mode: kill}}
+      - {misbehave: {mode: nan}}
+      - {misbehave: {mode: diverge}}
+      - {misbehave: {mode: oom}}
+      - toy-svd
+    budgets: [0.5]
+    timeout: 4
+    """)
+    out = tmp_path / "out"
+    result = cli("run", suite, "--out", out, "--plugins-dir", GOOD_PLUGINS)
+    assert result.returncode == 1
+    cells = results.read_table(out, "cells")
+    status = {json.loads(p).get("mode", "ok"): s for p, s in zip(cells["factorization_params"], cells["status"])}
+    assert status == {
+        "raise": "error", "hang": "timeout", "exit": "crashed", "kill": "crashed",
+        "nan": "diverged", "diverge": "diverged", "oom": "oom", "ok": "ok",
+    }
+    reasons = dict(zip(cells["status"] + ":" + cells["factorization_params"], cells["reason"]))
+    assert any("exited with code 3" in r for r in reasons.values())
+    assert any("SIGKILL" in r for r in reasons.values())
+    tracebacks = cells[cells["status"] == "error"]["traceback"].iloc[0]
+    assert "ValueError: this factorization always fails" in tracebacks
+    # a timed-out cell is killed at its limit, not when it chooses to stop
+    wall = cells[cells["status"] == "timeout"]["wall_s"].iloc[0]
+    assert 4 <= wall < 15
+
+
+def test_inprocess_timeout_interrupts_python_code(cli, write_suite, tmp_path):
+    suite = write_suite("""
+    name: hang
+    tasks: [toy]
+    selectors: [uniform]
+    factorizations: [{misbehave: {mode: hang}}]
+    budgets: [0.5]
+    timeout: 1
+    """)
+    out = tmp_path / "out"
+    assert cli("run", suite, "--out", out, "--plugins-dir", GOOD_PLUGINS, "--executor", "inprocess").returncode == 1
+    cells = results.read_table(out, "cells")
+    assert cells.set_index("selector").loc["uniform", "status"] == "timeout"
+
+
+def test_resume_retries_failures_and_force_reruns(cli, write_suite, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    path = write_suite(TOY)
+    args = ("run", path, "--out", out, "--plugins-dir", GOOD_PLUGINS, "--executor", "inprocess")
+    assert cli(*args).returncode == 0
+    first = results.read_table(out, "cells").set_index("cell_id")["started_at"]
+    # pretend one cell failed last time: the next run retries exactly that one
+    failed_id = first.index[1]
+    table = results.read_table(out, "cells")
+    row = table[table["cell_id"] == failed_id].assign(status="error")
+    import pyarrow as pa
+
+    results._write_atomic(pa.Table.from_pandas(row, schema=results.SCHEMAS["cells"], preserve_index=False), out / "cells", failed_id)
+    result = cli(*args)
+    assert "resuming: 7 of 8" in result.stderr
+    second = results.read_table(out, "cells").set_index("cell_id")["started_at"]
+    changed = [cid for cid in first.index if first[cid] != second[cid]]
+    assert changed == [failed_id]
+    assert cli(*args, "--force").returncode == 0
+    third = results.read_table(out, "cells").set_index("cell_id")["started_at"]
+    assert all(third[cid] != second[cid] for cid in first.index)
+
+
+def test_sigkill_mid_run_then_resume_gives_each_cell_exactly_once(write_suite, tmp_path):
+    suite = write_suite("""
+    name: killme
+    tasks: [{toy: {size: 10, work_s: 0.25}}]
+    selectors: [uniform]
+    factorizations: [toy-svd]
+    budgets: [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
+    seeds: [0, 1]
+    """)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "rankbench.cli", "run", str(suite), "--out", str(out), "--plugins-dir", str(GOOD_PLUGINS)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "cells").glob("part-*.parquet"))) < 5:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(results.cell_statuses(out))
+    assert 5 <= done_before < 18
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert f"resuming: {done_before} of 18" in finished.stderr
+    cells = results.read_table(out, "cells")
+    assert len(cells) == 18 and cells["cell_id"].is_unique and set(cells["status"]) == {"ok"}
+    metrics = pd.read_parquet(out / "metrics")
+    assert metrics.groupby(["cell_id", "metric"]).size().max() == 1
+    assert metrics["cell_id"].nunique() == 18
