@@ -181,7 +181,7 @@ class Clock:
 def iterate(
     step: Callable[[int], None], error: Callable[[], float], *, max_iters: int, tol: float, clock: Clock
 ) -> tuple[list[float], list[float], int, bool]:
-    """Run ``step(t)`` for t = 0, 1, ... and record ``error()`` after each; returns (errors, times, iterations, converged)."""
+    """Run ``step(t)`` for t = 0, 1, ... recording ``error()`` after each: (errors, times, iterations, converged)."""
     errors, times = [error()], [clock()]
     converged = errors[0] < tol
     iterations = 0

@@ -11,12 +11,19 @@ Two papers, two initialisations:
 
   with sigma1 the top singular value of the spectral initialisation (``init: spectral``, the default).
 * Xiong, Ding & Du, "How over-parameterization slows down gradient descent in matrix sensing" (ICLR 2024), the
-  asymmetric over-parameterised case: the same update from a small random initialisation L0, R0 = alpha
-  sqrt(sigma1 / n) B (``init: small``, alpha = ``init_scale``), fitting k = rank x ``rank_multiplier`` columns;
-  the paper proves a linear rate exp(-Omega(alpha^2 T)) for k > r.
+  asymmetric over-parameterised case: the same update from a small random initialisation L0 = alpha
+  sqrt(sigma1 / n1) B1, R0 = beta alpha sqrt(sigma1 / n2) B2 (``init: small``, alpha = ``init_scale``,
+  beta = ``init_imbalance``), fitting k = rank x ``rank_multiplier`` columns; the paper proves a linear rate
+  exp(-Omega(alpha^2 T)) for k > r and stresses that the imbalance between the factors drives it. With beta = 1 the
+  imbalance L^T L - R^T R is a difference of two nearly equal Wishart matrices and the rate varies a lot from seed
+  to seed; beta = 1/3 (our default, an unverified reading of the paper's setup) makes it reliable.
 
 The losses f per problem type (sensing, completion, robust via Tong-Ma-Chi's outlier thresholding, ratings as
 completion) are in ``_factored.Objective``.
+
+On MovieLens ratings the observations are far from uniform (some rows and columns are 10x denser than p), so the
+default step diverges there; ``step: 0.05`` converges (measured RMSE after 200 iterations at rank 3: GD 1.07,
+ScaledGD 0.94).
 """
 
 from __future__ import annotations

