@@ -74,7 +74,7 @@ class Task(Plugin):
     kind: ClassVar[str] = "task"
     problem_kind: ClassVar[str]
     budget_kind: ClassVar[str | None]  # how the suite's budgets are read for this task (None: budget-free task)
-    primary_metric: ClassVar[str]  # the quality metric the report puts first
+    primary_metric: str  # the quality metric the report puts first (a property where it depends on parameters)
 
     def skip(self, selector: Selector, factorization: Factorization) -> str | None:
         """Reason why this task cannot run the pair, or None."""
@@ -136,6 +136,7 @@ class RankProblem:
     budget_kind: str | None
     seed: int
     statistics: Callable[[str, str], Any] | None = None  # statistics(name, site) -> value, provided by the task
+    device: str = "cpu"  # where a selector that computes (e.g. ARD's variational fit) should run
 
     def statistic(self, name: str, site: str) -> Any:
         if self.statistics is None:
@@ -187,6 +188,7 @@ class CellRecord:
     curves: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     started_at: str = ""
     wall_s: float = 0.0
+    primary_metric: str = ""
 
 
 class Executor(Plugin):

@@ -12,6 +12,7 @@ Plots (PNG, in ``DIR/report/``):
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -87,40 +88,90 @@ def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _primary_with_ratio(metrics: pd.DataFrame) -> pd.DataFrame:
+    ok = metrics[metrics["status"] == "ok"]
+    columns = ["cell_id", "task_config", "method", "selector", "factorization", "budget", "seed", "value", "primary_metric"]
+    primary = ok[ok["metric"] == ok["primary_metric"]][columns]
+    ratio = ok[ok["metric"] == "param_ratio"][["cell_id", "value"]].rename(columns={"value": "param_ratio"})
+    return primary.merge(ratio, on="cell_id", how="left")
+
+
+def _title(text: str) -> str:
+    return textwrap.fill(text, 70)
+
+
+def _grid(n: int, width: float = 6.5, height: float = 4.5):
+    import matplotlib.pyplot as plt
+
+    cols = min(2, n)
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
 def _plot_quality(metrics: pd.DataFrame, path: Path) -> bool:
+    """Median (over seeds) of the primary metric against the median parameter ratio kept, per method and budget:
+    colour = factorization, marker = selector, lines join the budgets of one method."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    ok = metrics[metrics["status"] == "ok"]
-    primary = ok[ok["metric"] == ok["primary_metric"]][["cell_id", "task_config", "method", "value", "primary_metric"]]
-    ratio = ok[ok["metric"] == "param_ratio"][["cell_id", "value"]].rename(columns={"value": "param_ratio"})
-    data = primary.merge(ratio, on="cell_id")
+    data = _primary_with_ratio(metrics)
     if data.empty:
         return False
-    configs = sorted(data["task_config"].unique())
-    cols = min(3, len(configs))
-    rows = int(np.ceil(len(configs) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.5 * rows), squeeze=False)
+    points = (
+        data.groupby(["task_config", "selector", "factorization", "budget"], dropna=False)[["value", "param_ratio"]]
+        .median()
+        .reset_index()
+    )
+    configs = sorted(points["task_config"].unique())
+    fig, axes = _grid(len(configs), 7.5, 4.8)
     for ax, config in zip(axes.flat, configs):
-        sub = data[data["task_config"] == config]
-        dense = sub[sub["method"] == "none + dense"]
-        methods = sub[sub["method"] != "none + dense"]
+        sub = points[points["task_config"] == config]
+        dense = sub[sub["factorization"] == "dense"]
+        methods = sub[sub["factorization"] != "dense"].sort_values("param_ratio")
         if not methods.empty:
-            sns.lineplot(data=methods, x="param_ratio", y="value", hue="method", style="method", markers=True,
-                         dashes=False, errorbar=("pi", 100), estimator="median", ax=ax)
+            sns.lineplot(data=methods, x="param_ratio", y="value", hue="factorization", style="selector",
+                         units="selector", estimator=None, markers=True, dashes=False, markersize=8, ax=ax)
         if not dense.empty:
             ax.axhline(dense["value"].median(), color="black", linestyle="--", linewidth=1, label="dense reference")
         values = sub["value"][sub["value"] > 0]
         if len(values) and values.max() / values.min() > 100:
             ax.set_yscale("log")
-        ax.set_title(config, fontsize=9)
-        ax.set_xlabel("parameter ratio kept")
-        ax.set_ylabel(sub["primary_metric"].iloc[0])
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(configs):]:
-        ax.set_visible(False)
+        ax.set_title(_title(config), fontsize=8)
+        ax.set_xlabel("parameter ratio kept (median over seeds)")
+        ax.set_ylabel(f"{data[data['task_config'] == config]['primary_metric'].iloc[0]} (median over seeds)")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def _plot_quality_table(metrics: pd.DataFrame, path: Path) -> bool:
+    """Heatmap of the median primary metric: rows selector (and budget), columns factorization, per task config."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    data = _primary_with_ratio(metrics)
+    data = data[data["factorization"] != "dense"]
+    if data.empty:
+        return False
+    data = data.assign(row=data["selector"] + data["budget"].map(lambda b: "" if pd.isna(b) else f" @{b:g}"))
+    configs = sorted(data["task_config"].unique())
+    fig, axes = _grid(len(configs), 6.5, 1.2 + 0.4 * data["row"].nunique())
+    for ax, config in zip(axes.flat, configs):
+        table = data[data["task_config"] == config].pivot_table(index="row", columns="factorization", values="value", aggfunc="median")
+        positive = table[table > 0]
+        log = positive.notna().all().all() and positive.max().max() / positive.min().min() > 100
+        sns.heatmap(np.log10(table) if log else table, annot=table.map(lambda v: f"{v:.2g}"), fmt="", cmap="viridis_r",
+                    ax=ax, cbar_kws={"label": ("log10 " if log else "") + data["primary_metric"].iloc[0]})
+        ax.set_title(_title(config), fontsize=8)
+        ax.set_ylabel("")
+        ax.set_xlabel("")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 
@@ -140,8 +191,8 @@ def _plot_time(metrics: pd.DataFrame, path: Path) -> bool:
     ax.set_xscale("log")
     ax.set_xlabel("seconds per cell (median over cells; log scale)")
     ax.set_ylabel("")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 
@@ -157,13 +208,12 @@ def _plot_ranks(cells: pd.DataFrame, ranks: pd.DataFrame, folder: Path) -> list[
         table = sub.pivot_table(index="row", columns="site", values="rank", aggfunc="median")
         if table.empty:
             continue
-        fig, ax = plt.subplots(figsize=(min(24, 2 + 0.45 * table.shape[1]), 1.5 + 0.35 * table.shape[0]))
+        fig, ax = plt.subplots(figsize=(min(24, 4 + 0.45 * table.shape[1]), 1.5 + 0.35 * table.shape[0]))
         sns.heatmap(table, annot=table.shape[1] <= 24, fmt=".0f", cmap="viridis", ax=ax, cbar_kws={"label": "rank"})
-        ax.set_title(f"ranks per site: {config}", fontsize=9)
+        ax.set_title(_title(f"ranks per site: {config}"), fontsize=8)
         ax.set_ylabel("")
-        fig.tight_layout()
         path = folder / f"ranks_{i}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
     return paths
@@ -178,21 +228,18 @@ def _plot_curves(cells: pd.DataFrame, curves: pd.DataFrame, path: Path) -> bool:
     if data.empty:
         return False
     groups = sorted(data.groupby(["task_config", "curve"]), key=lambda kv: kv[0])
-    cols = min(3, len(groups))
-    rows = int(np.ceil(len(groups) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.5 * rows), squeeze=False)
+    fig, axes = _grid(len(groups), 7.5, 4.8)
     for ax, ((config, curve), sub) in zip(axes.flat, groups):
-        sns.lineplot(data=sub, x="step", y="value", hue="method", units="cell_id", estimator=None,
-                     linewidth=0.8, alpha=0.8, ax=ax)
+        sub = sub.merge(cells[["cell_id", "selector", "factorization"]], on="cell_id")
+        sns.lineplot(data=sub, x="step", y="value", hue="factorization", style="selector", units="cell_id",
+                     estimator=None, linewidth=0.9, alpha=0.8, ax=ax)
         ax.set_yscale("log")
-        ax.set_title(config, fontsize=9)
+        ax.set_title(_title(config), fontsize=8)
         ax.set_xlabel("iteration")
         ax.set_ylabel(curve)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(groups):]:
-        ax.set_visible(False)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 
@@ -222,6 +269,8 @@ def make_report(out: Path) -> Path:
     figures = []
     if _plot_quality(metrics, folder / "quality_vs_params.png"):
         figures.append(("Quality against the parameter ratio kept", "quality_vs_params.png"))
+    if _plot_quality_table(metrics, folder / "quality_table.png"):
+        figures.append(("Quality per selector and factorization (median over seeds)", "quality_table.png"))
     if _plot_time(metrics, folder / "time_per_method.png"):
         figures.append(("Time per cell by phase", "time_per_method.png"))
     for path in _plot_ranks(cells, results.read_table(out, "ranks"), folder):

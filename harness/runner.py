@@ -160,6 +160,7 @@ def execute_cell(cell: Cell, runtime: Runtime, alarm: bool = False) -> CellRecor
         curves=ctx.curve_rows,
         started_at=started_at,
         wall_s=wall,
+        primary_metric=str(getattr(runtime.tasks.get(cell.task_key), "primary_metric", "")),
     )
 
 
@@ -226,8 +227,11 @@ def run_cells(
     if done:
         console.print(f"resuming: {len(cells) - len(pending)} of {len(cells)} cells already finished in {out}")
 
-    def primary(cell: Cell) -> str:
-        return getattr(runtime.registry.get("task", cell.task).cls, "primary_metric", "")
+    def primary(cell: Cell, record=None) -> str:
+        if record is not None and record.primary_metric:
+            return record.primary_metric
+        value = getattr(runtime.registry.get("task", cell.task).cls, "primary_metric", "")
+        return value if isinstance(value, str) else ""  # a property: only the instance knows
 
     for cell in to_skip:
         results.write_cell(out, cell, failed_record(cell, "skipped", cell.skip_reason), run_info, primary(cell))
@@ -239,7 +243,7 @@ def run_cells(
         bar = progress.add_task("cells", total=len(to_run))
         for record in executor.run(to_run, runtime):
             cell = by_id[record.cell_id]
-            results.write_cell(out, cell, record, run_info, primary(cell))
+            results.write_cell(out, cell, record, run_info, primary(cell, record))
             if record.status != "ok":
                 progress.console.print(f"[yellow]{record.status}[/]: {cell.label}: {record.reason.splitlines()[0] if record.reason else ''}")
             progress.update(bar, advance=1, description=cell.label[:60])

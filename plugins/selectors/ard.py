@@ -39,12 +39,11 @@ class ARDSelector(Selector):
         max_iters: int = Field(100, ge=1)
         tol: float = Field(1e-5, gt=0.0, description="relative change of the lower bound at which BCPF stops")
         prune_tol: float = Field(1e-9, gt=0.0, lt=1.0, description="relative power below which a component is dropped")
-        device: str = Field("cpu", description="torch device BCPF runs on")
 
     def uses_budget(self, budget_kind: str | None) -> bool:
         return False
 
-    def site_rank(self, site: Site, seed: int = 0) -> int:
+    def site_rank(self, site: Site, seed: int = 0, device: str = "cpu") -> int:
         """The number of components BCPF keeps on ``site.data`` (at least 1)."""
         if site.data is None:
             raise ValueError(
@@ -64,14 +63,14 @@ class ARDSelector(Selector):
             tol=self.params.tol,
             prune_tol=self.params.prune_tol,
             seed=seed,
-            device=self.params.device,
+            device=device,
         )
         return max(int(result.rank), 1)
 
     def select(self, problem: RankProblem) -> Ranks:
         ranks: dict[str, int | tuple[int, ...]] = {}
         for site in problem.sites:
-            k = self.site_rank(site, seed=problem.seed)
+            k = self.site_rank(site, seed=problem.seed, device=problem.device)
             ndim = np.ndim(site.data)
             ranks[site.name] = k if ndim == 2 else (k,) * ndim
         return ranks

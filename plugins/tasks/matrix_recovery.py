@@ -265,7 +265,10 @@ class MatrixRecovery(Task):
     description = "Low-rank matrix sensing, completion, robust PCA, CP tensor completion, and MovieLens-100k ratings"
     problem_kind = RECOVERY
     budget_kind = RANK_CAP
-    primary_metric = "rel_error"
+
+    @property
+    def primary_metric(self) -> str:
+        return "rmse" if self.params.data else "rel_error"
     Params = MatrixRecoveryParams
 
     def _instance(self, ctx) -> tuple[RecoveryProblem, Site]:
@@ -291,7 +294,7 @@ class MatrixRecovery(Task):
         problem, site = self._instance(ctx)
         p = self.params
         with ctx.phase("select"):
-            ranks = selector.select(RankProblem([site], ctx.budget, ctx.budget_kind, ctx.seed))
+            ranks = selector.select(RankProblem([site], ctx.budget, ctx.budget_kind, ctx.seed, device=ctx.device))
         if site.name not in ranks:
             raise CellFailure(f"selector {selector.name} gave no rank for site {site.name!r} (got {sorted(ranks)})")
         chosen = ranks[site.name]
@@ -309,7 +312,7 @@ class MatrixRecovery(Task):
         first = errors[0] if errors else float("nan")
         final = errors[-1] if errors else problem.error(result.estimate)
         if not math.isfinite(final) or (math.isfinite(first) and final > BLOWUP * max(first, 1e-300)):
-            raise Diverged(f"{solver.name}: {name} went from {first:.3g} at the start to {final:.3g}")
+            raise Diverged(f"{solver.name} at rank {rank}: {name} went from {first:.3g} at the start to {final:.3g}")
 
         final_rank = result.rank if result.rank is not None else chosen
         scalar_rank = int(max(final_rank)) if isinstance(final_rank, (tuple, list)) else int(final_rank)

@@ -1,0 +1,33 @@
+"""End to end, as a user runs it: the shipped suites validate, and suites/smoke.yaml runs every task family."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import ROOT
+
+SUITES = sorted((ROOT / "suites").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("suite", SUITES, ids=[s.stem for s in SUITES])
+def test_shipped_suites_are_valid(cli, suite):
+    result = cli("check", suite)
+    assert result.returncode == 0, result.stderr
+    assert "is valid" in result.stdout
+
+
+def test_smoke_suite_runs_every_task_and_reports(bench, tmp_path):
+    out = tmp_path / "smoke"
+    run = bench("run", ROOT / "suites" / "smoke.yaml", "--out", out)
+    assert run.returncode == 0, run.stderr
+    metrics = pd.read_parquet(out / "metrics")
+    tasks = {next(iter(t)) if isinstance(t, dict) else t for t in yaml.safe_load((ROOT / "suites" / "smoke.yaml").read_text())["tasks"]}
+    assert tasks <= set(metrics.loc[metrics["status"] == "ok", "task"])
+    # a second run resumes: nothing left to do
+    again = bench("run", ROOT / "suites" / "smoke.yaml", "--out", out)
+    assert again.returncode == 0 and "resuming:" in again.stderr
+    report = bench("report", out)
+    assert report.returncode == 0, report.stderr
+    assert (out / "report" / "report.md").exists() and (out / "report" / "quality_vs_params.png").exists()
