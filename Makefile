@@ -44,10 +44,11 @@ test-all: $(STAMP)
 benchmark: $(STAMP)
 	$(PY) -m pytest benchmarks/pytest -m "slow or not slow" --benchmark-only --benchmark-columns=min,median,mean,stddev,rounds
 
-# Regression tracking over commits with asv, in this venv (no per-commit environments).
+# Regression tracking with asv, in this venv (no per-commit environments): results are stored under the current
+# commit, so a nightly job that runs `make asv` after each pull builds the history; `asv publish` draws it.
 asv: $(STAMP)
 	$(VENV)/bin/asv machine --yes
-	$(VENV)/bin/asv run --python=same --quick --show-stderr
+	$(VENV)/bin/asv run --python=same --set-commit-hash $$(git rev-parse HEAD) --show-stderr
 
 clean:
 	rm -rf $(VENV) .asv .benchmarks

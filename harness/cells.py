@@ -97,7 +97,9 @@ class Cell:
         return cls(**json.loads(text))
 
 
-def make_cell(suite, task, selector, factorization, budget, budget_kind, seed, device, timeout, skip_reason=None) -> Cell:
+def make_cell(
+    suite, task, selector, factorization, budget, budget_kind, seed, device, timeout, skip_reason=None
+) -> Cell:
     """Build a cell from resolved ``PluginSpec``s; selector and factorization None make the dense reference cell."""
     versions = {f"task:{task.name}": task.version}
     if selector is not None:

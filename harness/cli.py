@@ -114,7 +114,9 @@ def cmd_run(args) -> int:
     write_run_info(out, env, suite.path, {k: v for k, v in vars(args).items() if k != "func"})
     executor = registry.get("executor", executor_name).cls()
     runtime = Runtime(registry=registry, device=device, timeout=timeout, plugins_dir=plugins_dir)
-    counts = run_cells(cells, out, runtime, executor, {"git_sha": env["git_sha"], "device": device}, args.force, console)
+    counts = run_cells(
+        cells, out, runtime, executor, {"git_sha": env["git_sha"], "device": device}, args.force, console
+    )
     print(tabulate(sorted(counts.items()), headers=["status", "cells"]))
     print(f"results: {out}")
     failed = sum(n for status, n in counts.items() if status not in ("ok", "skipped"))
@@ -134,7 +136,12 @@ def cmd_plugins(args) -> int:
     print(tabulate(rows, headers=["name", "kind", "distribution", "dist version", "plugin version", "description"]))
     if registry.failures:
         print("\nfailed to load:")
-        print(tabulate([[f.plugin, f.distribution, f.error] for f in registry.failures], headers=["plugin", "distribution", "error"]))
+        print(
+            tabulate(
+                [[f.plugin, f.distribution, f.error] for f in registry.failures],
+                headers=["plugin", "distribution", "error"],
+            )
+        )
     return EXIT_OK
 
 

@@ -53,9 +53,7 @@ class CellContext:
         return self.timer.phase(name)
 
     def metric(self, name: str, value: float, unit: str = "", higher_is_better: bool | None = None) -> None:
-        self.metrics.append(
-            {"metric": name, "value": float(value), "unit": unit, "higher_is_better": higher_is_better}
-        )
+        self.metrics.append({"metric": name, "value": float(value), "unit": unit, "higher_is_better": higher_is_better})
 
     def ranks(self, site: str, rank: int | Sequence[int], params: int) -> None:
         """Record the rank a site ended with (a tensor site's per-mode ranks are joined as ``r1x r2x ...``)."""

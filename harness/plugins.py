@@ -67,9 +67,7 @@ class LoadFailure:
 
 @dataclasses.dataclass
 class Registry:
-    plugins: dict[str, dict[str, PluginInfo]] = dataclasses.field(
-        default_factory=lambda: {kind: {} for kind in KINDS}
-    )
+    plugins: dict[str, dict[str, PluginInfo]] = dataclasses.field(default_factory=lambda: {kind: {} for kind in KINDS})
     failures: list[LoadFailure] = dataclasses.field(default_factory=list)
     plugins_dir: str | None = None
     hook: object = None  # pluggy's hook relay, for hooks the host calls directly (environment info)
@@ -182,7 +180,9 @@ class _Loader:
                 if isinstance(exc, KeyboardInterrupt):
                     raise
                 sys.modules.pop(module_name, None)
-                self.registry.failures.append(LoadFailure(path.name, "(plugins-dir)", f"import failed: {_describe(exc)}"))
+                self.registry.failures.append(
+                    LoadFailure(path.name, "(plugins-dir)", f"import failed: {_describe(exc)}")
+                )
                 continue
             self.add_module(path.stem, module, "(plugins-dir)", file_hash(str(path)), str(path))
 
@@ -191,7 +191,9 @@ class _Loader:
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                 distribution, dist_version, source = self.origin[impl.plugin_name]
 
-                def register(cls, *, _kind=kind, _base=base, _impl=impl, _dist=distribution, _ver=dist_version, _src=source):
+                def register(
+                    cls, *, _kind=kind, _base=base, _impl=impl, _dist=distribution, _ver=dist_version, _src=source
+                ):
                     self._register_class(_kind, _base, cls, _impl.plugin_name, _dist, _ver, _src)
 
                 try:

@@ -66,9 +66,7 @@ def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
     time, each as median [min, max] over seeds."""
     ok = metrics[metrics["status"] == "ok"]
     rows = []
-    for (config, selector, factorization, budget), group in ok.groupby(
-        METHOD_COLUMNS, dropna=False, sort=True
-    ):
+    for (config, selector, factorization, budget), group in ok.groupby(METHOD_COLUMNS, dropna=False, sort=True):
         primary = group["primary_metric"].iloc[0]
         by_metric = {name: g["value"] for name, g in group.groupby("metric")}
         rows.append(
@@ -90,7 +88,17 @@ def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
 
 def _primary_with_ratio(metrics: pd.DataFrame) -> pd.DataFrame:
     ok = metrics[metrics["status"] == "ok"]
-    columns = ["cell_id", "task_config", "method", "selector", "factorization", "budget", "seed", "value", "primary_metric"]
+    columns = [
+        "cell_id",
+        "task_config",
+        "method",
+        "selector",
+        "factorization",
+        "budget",
+        "seed",
+        "value",
+        "primary_metric",
+    ]
     primary = ok[ok["metric"] == ok["primary_metric"]][columns]
     ratio = ok[ok["metric"] == "param_ratio"][["cell_id", "value"]].rename(columns={"value": "param_ratio"})
     return primary.merge(ratio, on="cell_id", how="left")
@@ -132,8 +140,19 @@ def _plot_quality(metrics: pd.DataFrame, path: Path) -> bool:
         dense = sub[sub["factorization"] == "dense"]
         methods = sub[sub["factorization"] != "dense"].sort_values("param_ratio")
         if not methods.empty:
-            sns.lineplot(data=methods, x="param_ratio", y="value", hue="factorization", style="selector",
-                         units="selector", estimator=None, markers=True, dashes=False, markersize=8, ax=ax)
+            sns.lineplot(
+                data=methods,
+                x="param_ratio",
+                y="value",
+                hue="factorization",
+                style="selector",
+                units="selector",
+                estimator=None,
+                markers=True,
+                dashes=False,
+                markersize=8,
+                ax=ax,
+            )
         if not dense.empty:
             ax.axhline(dense["value"].median(), color="black", linestyle="--", linewidth=1, label="dense reference")
         values = sub["value"][sub["value"] > 0]
@@ -162,11 +181,19 @@ def _plot_quality_table(metrics: pd.DataFrame, path: Path) -> bool:
     configs = sorted(data["task_config"].unique())
     fig, axes = _grid(len(configs), 6.5, 1.2 + 0.4 * data["row"].nunique())
     for ax, config in zip(axes.flat, configs):
-        table = data[data["task_config"] == config].pivot_table(index="row", columns="factorization", values="value", aggfunc="median")
+        table = data[data["task_config"] == config].pivot_table(
+            index="row", columns="factorization", values="value", aggfunc="median"
+        )
         positive = table[table > 0]
         log = positive.notna().all().all() and positive.max().max() / positive.min().min() > 100
-        sns.heatmap(np.log10(table) if log else table, annot=table.map(lambda v: f"{v:.2g}"), fmt="", cmap="viridis_r",
-                    ax=ax, cbar_kws={"label": ("log10 " if log else "") + data["primary_metric"].iloc[0]})
+        sns.heatmap(
+            np.log10(table) if log else table,
+            annot=table.map(lambda v: f"{v:.2g}"),
+            fmt="",
+            cmap="viridis_r",
+            ax=ax,
+            cbar_kws={"label": ("log10 " if log else "") + data["primary_metric"].iloc[0]},
+        )
         ax.set_title(_title(config), fontsize=8)
         ax.set_ylabel("")
         ax.set_xlabel("")
@@ -202,7 +229,9 @@ def _plot_ranks(cells: pd.DataFrame, ranks: pd.DataFrame, folder: Path) -> list[
     import seaborn as sns
 
     paths = []
-    data = ranks.merge(cells[cells["status"] == "ok"][["cell_id", "task_config", "method", "budget", "seed"]], on="cell_id")
+    data = ranks.merge(
+        cells[cells["status"] == "ok"][["cell_id", "task_config", "method", "budget", "seed"]], on="cell_id"
+    )
     for i, (config, sub) in enumerate(sorted(data.groupby("task_config"), key=lambda kv: kv[0])):
         sub = sub.assign(row=sub["method"] + sub["budget"].map(lambda b: "" if pd.isna(b) else f" @{b:g}"))
         table = sub.pivot_table(index="row", columns="site", values="rank", aggfunc="median")
@@ -231,8 +260,18 @@ def _plot_curves(cells: pd.DataFrame, curves: pd.DataFrame, path: Path) -> bool:
     fig, axes = _grid(len(groups), 7.5, 4.8)
     for ax, ((config, curve), sub) in zip(axes.flat, groups):
         sub = sub.merge(cells[["cell_id", "selector", "factorization"]], on="cell_id")
-        sns.lineplot(data=sub, x="step", y="value", hue="factorization", style="selector", units="cell_id",
-                     estimator=None, linewidth=0.9, alpha=0.8, ax=ax)
+        sns.lineplot(
+            data=sub,
+            x="step",
+            y="value",
+            hue="factorization",
+            style="selector",
+            units="cell_id",
+            estimator=None,
+            linewidth=0.9,
+            alpha=0.8,
+            ax=ax,
+        )
         ax.set_yscale("log")
         ax.set_title(_title(config), fontsize=8)
         ax.set_xlabel("iteration")
@@ -263,9 +302,21 @@ def make_report(out: Path) -> Path:
     if len(failures):
         print(f"\n{len(failures)} failed cells (reasons in {folder / 'report.md'})")
 
-    lines = [f"# rankbench report: `{out}`", "", "## Cells", "", tabulate(list(status_counts.items()), headers=["status", "cells"], tablefmt="github"), ""]
+    lines = [
+        f"# rankbench report: `{out}`",
+        "",
+        "## Cells",
+        "",
+        tabulate(list(status_counts.items()), headers=["status", "cells"], tablefmt="github"),
+        "",
+    ]
     if not summary.empty:
-        lines += ["## Summary (median [min, max] over seeds)", "", tabulate(summary, headers="keys", showindex=False, tablefmt="github"), ""]
+        lines += [
+            "## Summary (median [min, max] over seeds)",
+            "",
+            tabulate(summary, headers="keys", showindex=False, tablefmt="github"),
+            "",
+        ]
     figures = []
     if _plot_quality(metrics, folder / "quality_vs_params.png"):
         figures.append(("Quality against the parameter ratio kept", "quality_vs_params.png"))

@@ -54,8 +54,13 @@ SCHEMAS = {
         + RUN_COLUMNS
     ),
     "ranks": pa.schema(
-        [("cell_id", pa.string()), ("site", pa.string()), ("rank", pa.int64()),
-         ("rank_per_mode", pa.string()), ("params", pa.int64())]
+        [
+            ("cell_id", pa.string()),
+            ("site", pa.string()),
+            ("rank", pa.int64()),
+            ("rank_per_mode", pa.string()),
+            ("params", pa.int64()),
+        ]
     ),
     "curves": pa.schema(
         [("cell_id", pa.string()), ("curve", pa.string()), ("step", pa.float64()), ("value", pa.float64())]
@@ -108,9 +113,20 @@ def write_cell(out: Path, cell: Cell, record: CellRecord, run: dict, primary_met
     """Write one finished cell: metrics, ranks, curves, then the ``cells`` marker."""
     out = Path(out)
     base = _cell_fields(cell, record.status)
-    run_fields = {"started_at": record.started_at, "git_sha": run.get("git_sha", ""), "device": run.get("device", cell.device)}
+    run_fields = {
+        "started_at": record.started_at,
+        "git_sha": run.get("git_sha", ""),
+        "device": run.get("device", cell.device),
+    }
     metrics = [
-        {**base, **m, "unit": m.get("unit", ""), "higher_is_better": m.get("higher_is_better"), "reason": record.reason, **run_fields}
+        {
+            **base,
+            **m,
+            "unit": m.get("unit", ""),
+            "higher_is_better": m.get("higher_is_better"),
+            "reason": record.reason,
+            **run_fields,
+        }
         for m in record.metrics
     ]
     rows = {

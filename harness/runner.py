@@ -148,7 +148,12 @@ def execute_cell(cell: Cell, runtime: Runtime, alarm: bool = False) -> CellRecor
         reason = (reason + "; " if reason else "") + "peak_rss_mb is the process lifetime peak"
     if ctx.timer.cuda_peak_mb:
         measured.append(
-            {"metric": "peak_cuda_mb", "value": max(ctx.timer.cuda_peak_mb.values()), "unit": "MiB", "higher_is_better": False}
+            {
+                "metric": "peak_cuda_mb",
+                "value": max(ctx.timer.cuda_peak_mb.values()),
+                "unit": "MiB",
+                "higher_is_better": False,
+            }
         )
     return CellRecord(
         cell_id=cell.cell_id,
@@ -216,7 +221,14 @@ def run_cells(
     """Resume-aware loop: skip finished cells (unless ``force``), write skipped cells directly, hand the rest to the
     executor and write each record the moment it arrives. Returns the status counts of the whole suite."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = console or Console(stderr=True)
     done = set() if force else results.finished_cell_ids(out)
@@ -236,8 +248,12 @@ def run_cells(
     for cell in to_skip:
         results.write_cell(out, cell, failed_record(cell, "skipped", cell.skip_reason), run_info, primary(cell))
     columns = (
-        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task("cells", total=len(to_run))
@@ -245,6 +261,8 @@ def run_cells(
             cell = by_id[record.cell_id]
             results.write_cell(out, cell, record, run_info, primary(cell, record))
             if record.status != "ok":
-                progress.console.print(f"[yellow]{record.status}[/]: {cell.label}: {record.reason.splitlines()[0] if record.reason else ''}")
+                progress.console.print(
+                    f"[yellow]{record.status}[/]: {cell.label}: {record.reason.splitlines()[0] if record.reason else ''}"
+                )
             progress.update(bar, advance=1, description=cell.label[:60])
     return summarize(out, cells)

@@ -8,7 +8,6 @@ seeds and a per-cell timeout. Every problem in the file is reported as ``FILE: K
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -113,7 +112,11 @@ def load_suite(path: str | Path) -> Suite:
     for axis in ("tasks", "selectors", "factorizations"):
         for i, ref in enumerate(getattr(spec, axis)):
             if isinstance(ref, dict) and len(ref) != 1:
-                raise SuiteError(file, f"{axis}[{i}]", f"expected a plugin name or {{name: {{param: value}}}} with one name (got {ref!r})")
+                raise SuiteError(
+                    file,
+                    f"{axis}[{i}]",
+                    f"expected a plugin name or {{name: {{param: value}}}} with one name (got {ref!r})",
+                )
     return Suite(file, spec)
 
 
@@ -131,7 +134,9 @@ def resolve_ref(registry: Registry, kind: str, ref: PluginRef, file: str, key: s
         params = info.cls.Params.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise SuiteError(file, f"{key}.{name}.{_key(err['loc'])}" if err["loc"] else f"{key}.{name}", _pydantic_message(err)) from None
+        raise SuiteError(
+            file, f"{key}.{name}.{_key(err['loc'])}" if err["loc"] else f"{key}.{name}", _pydantic_message(err)
+        ) from None
     try:
         instance = info.cls(params)
     except Exception as exc:
@@ -141,7 +146,9 @@ def resolve_ref(registry: Registry, kind: str, ref: PluginRef, file: str, key: s
 
 def _check_budget(value: float, kind: str | None, file: str, key: str) -> float:
     if kind == PARAM_RATIO and not 0.0 < value <= 1.0:
-        raise SuiteError(file, key, f"expected a kept-parameter fraction in (0, 1] for budget kind param_ratio (got {value})")
+        raise SuiteError(
+            file, key, f"expected a kept-parameter fraction in (0, 1] for budget kind param_ratio (got {value})"
+        )
     if kind in (RANK_CAP, RANK_TOTAL) and (value < 1 or value != int(value)):
         raise SuiteError(file, key, f"expected a positive integer rank for budget kind {kind} (got {value})")
     return value
@@ -169,7 +176,8 @@ def expand(suite: Suite, registry: Registry, device: str, timeout: float | None)
     tasks = [resolve_ref(registry, "task", r, file, f"tasks[{i}]") for i, r in enumerate(spec.tasks)]
     selectors = [resolve_ref(registry, "selector", r, file, f"selectors[{i}]") for i, r in enumerate(spec.selectors)]
     factorizations = [
-        resolve_ref(registry, "factorization", r, file, f"factorizations[{i}]") for i, r in enumerate(spec.factorizations)
+        resolve_ref(registry, "factorization", r, file, f"factorizations[{i}]")
+        for i, r in enumerate(spec.factorizations)
     ]
     cells: list[Cell] = []
     seen: set[str] = set()
@@ -198,12 +206,16 @@ def expand(suite: Suite, registry: Registry, device: str, timeout: float | None)
                     for budget in budgets if uses_budget else [None]:
                         add(
                             make_cell(
-                                suite.name, task, selector, factorization, budget,
-                                budget_kind if budget is not None else None, seed, device, timeout, reason,
+                                suite.name,
+                                task,
+                                selector,
+                                factorization,
+                                budget,
+                                budget_kind if budget is not None else None,
+                                seed,
+                                device,
+                                timeout,
+                                reason,
                             )
                         )
     return cells
-
-
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))

@@ -1,6 +1,5 @@
 """End to end, as a user runs it: the shipped suites validate, and suites/smoke.yaml runs every task family."""
 
-from pathlib import Path
 
 import pandas as pd
 import pytest

@@ -8,7 +8,6 @@ import sys
 import time
 
 import pandas as pd
-import pytest
 
 from conftest import GOOD_PLUGINS
 from rankbench import results
@@ -39,8 +38,9 @@ def test_inprocess_run_writes_tidy_tables_and_shares_setup(cli, write_suite, tmp
     assert set(metrics["status"]) == {"ok"}
     cells = results.read_table(out, "cells")
     assert len(cells) == 2 * (1 + 2 + 1)  # per seed: reference, uniform x 2 budgets, oht
+    recorded = metrics.groupby("cell_id")["metric"].apply(set)
     for name in ("params", "param_ratio", "time_total_s", "time_setup_s", "peak_rss_mb", "rel_error"):
-        assert (metrics.groupby("cell_id")["metric"].apply(set).map(lambda s: name in s)).all(), name
+        assert all(name in names for names in recorded), name
     # the expensive set-up ran once per task configuration and seed, not once per cell
     setups = metrics[metrics["metric"] == "setups_in_process"]["value"]
     assert setups.max() <= 2

@@ -109,7 +109,9 @@ class SubprocessExecutor(Executor):
         if not worker.conn.poll(cell.timeout):  # None: wait forever
             worker.kill()
             wall = time.perf_counter() - start
-            return failed_record(cell, "timeout", f"killed at the per-cell limit of {cell.timeout:g} s", wall, started_at), False
+            return failed_record(
+                cell, "timeout", f"killed at the per-cell limit of {cell.timeout:g} s", wall, started_at
+            ), False
         try:
             _, payload = worker.conn.recv()
         except (EOFError, OSError):

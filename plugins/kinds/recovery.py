@@ -116,7 +116,9 @@ class RecoverySolver(Factorization):
         if getattr(task.params, "data", None):
             problem = "ratings"
         if problem is not None and problem not in self.problems:
-            return f"solver {self.name} does not solve {problem} problems (it solves: {', '.join(sorted(self.problems))})"
+            return (
+                f"solver {self.name} does not solve {problem} problems (it solves: {', '.join(sorted(self.problems))})"
+            )
         return None
 
     def solve(
