@@ -83,6 +83,10 @@ def execute_cell(cell: Cell, runtime: Runtime, alarm: bool = False) -> CellRecor
     """Run one cell in this process and turn whatever happens into a ``CellRecord`` (never raises, except
     KeyboardInterrupt). With ``alarm`` the per-cell limit is enforced by SIGALRM (main thread only)."""
     registry = runtime.registry
+    if cell.task_key not in runtime.shared:
+        # Cells arrive grouped by task configuration: free the previous configuration's models and statistics.
+        runtime.shared.clear()
+        runtime.tasks.clear()
     ctx = CellContext(
         cell_id=cell.cell_id,
         seed=cell.cell_seed,
