@@ -212,9 +212,11 @@ def _plot_time(metrics: pd.DataFrame, path: Path) -> bool:
     if ok.empty:
         return False
     ok = ok.assign(phase=ok["metric"].str.slice(5, -2))
+    total = metrics[(metrics["status"] == "ok") & (metrics["metric"] == "time_total_s")]
+    order = total.groupby("method")["value"].median().sort_values(ascending=False).index.tolist()
     height = max(3.0, 0.3 * ok["method"].nunique() + 1.5)
     fig, ax = plt.subplots(figsize=(9, height))
-    sns.barplot(data=ok, y="method", x="value", hue="phase", estimator="median", errorbar=None, ax=ax)
+    sns.barplot(data=ok, y="method", x="value", hue="phase", order=order, estimator="median", errorbar=None, ax=ax)
     ax.set_xscale("log")
     ax.set_xlabel("seconds per cell (median over cells; log scale)")
     ax.set_ylabel("")

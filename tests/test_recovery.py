@@ -337,7 +337,7 @@ def test_task_cell_end_to_end(tmp_path):
     assert m["rank_selected"] == 3 and m["rank_true"] == 3
     assert m["params"] == 3 * 140 and m["param_ratio"] == pytest.approx(420 / 4800)
     assert 0 < m["iterations_to_tol"] == m["iterations"]
-    assert 0 <= m["time_to_tol_s"] <= ctx.timer.seconds["solve"]
+    assert 0 <= m["seconds_to_tol"] <= ctx.timer.seconds["solve"]
     assert {"select", "solve"} <= set(ctx.timer.seconds)
     assert ctx.ranks_rows == [{"site": "X", "rank": 3, "rank_per_mode": "3", "params": 420}]
     curve = [row for row in ctx.curve_rows if row["curve"] == "rel_error"]
@@ -357,13 +357,13 @@ def test_task_cell_end_to_end(tmp_path):
     assert ref["rel_error"] == pytest.approx(problem.error(problem.backprojection()))
 
 
-def test_task_records_no_time_to_tol_when_not_converged(tmp_path):
+def test_task_records_no_seconds_to_tol_when_not_converged(tmp_path):
     task = MatrixRecovery(Params(problem="sensing", shape=[20, 20], rank=2, psd=True, max_iters=50))
     ctx = context(tmp_path)
     task.run(ctx, FixedRank(2), GDSym(GDSym.Params(rank_multiplier=2)))
     m = metrics_of(ctx)
     assert m["converged"] == 0.0 and m["iterations"] == 50 and m["rank_selected"] == 4
-    assert "iterations_to_tol" not in m and "time_to_tol_s" not in m
+    assert "iterations_to_tol" not in m and "seconds_to_tol" not in m
     assert m["params"] == 4 * 20  # gd-sym stores one 20 x 4 factor
 
 
@@ -409,7 +409,7 @@ def test_task_tensor_site_uses_the_largest_mode_rank_and_estimated_time(tmp_path
     m = metrics_of(ctx)
     assert m["rank_selected"] == 3 and m["params"] == 3 * 27 and m["iterations_to_tol"] == 2
     # without per-iteration times, time to tolerance is the solve time scaled by iterations_to_tol / iterations
-    assert m["time_to_tol_s"] == pytest.approx(ctx.timer.seconds["solve"] * 2 / 3)
+    assert m["seconds_to_tol"] == pytest.approx(ctx.timer.seconds["solve"] * 2 / 3)
     assert ctx.ranks_rows == [{"site": "X", "rank": 3, "rank_per_mode": "2x3x2", "params": 81}]
 
     ctx = context(tmp_path)

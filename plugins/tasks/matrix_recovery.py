@@ -24,7 +24,7 @@ Observations (``noise`` is the std of additive Gaussian noise relative to the RM
 
 Metrics of a cell: the error (``rel_error`` = ||X - X*||_F / ||X*||_F, or ``rmse`` on ratings), ``rank_selected``
 (the rank of the final model), ``rank_true``, ``iterations``, ``converged`` (error < ``tol``), and when converged
-``iterations_to_tol`` and ``time_to_tol_s``. ``time_to_tol_s`` is the solver's own clock at the first iteration below
+``iterations_to_tol`` and ``seconds_to_tol``. ``seconds_to_tol`` is the solver's own clock at the first iteration below
 ``tol`` when the solver reports per-iteration times (``times`` on its result, as the built-in solvers do); otherwise
 it is estimated as (solve-phase seconds) x iterations_to_tol / iterations.
 """
@@ -333,7 +333,7 @@ class MatrixRecovery(Task):
             else:
                 to_tol = solve_s * hit / max(result.iterations, 1)
             ctx.metric("iterations_to_tol", hit, "", False)
-            ctx.metric("time_to_tol_s", to_tol, "s", False)
+            ctx.metric("seconds_to_tol", to_tol, "s", False)
         ctx.metric("params", params, "", None)
         ctx.metric("param_ratio", params / entries, "", None)
         ctx.ranks(site.name, final_rank if isinstance(final_rank, (tuple, list)) else scalar_rank, params)
