@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--executor", help="executor plugin (default: the suite's, else subprocess)")
     run.add_argument("--plugins-dir", help="also load every *.py plugin file in this folder")
     run.add_argument("--timeout", type=float, help="seconds per cell (overrides the suite); 0 disables the limit")
+    run.add_argument("--threads", type=int, help="torch CPU threads in the process that runs cells (default: torch's)")
 
     check = sub.add_parser("check", help="validate a suite without running it; print cells per task")
     check.add_argument("suite")
@@ -106,14 +107,20 @@ def cmd_run(args) -> int:
     from rankbench.envinfo import environment
     from rankbench.runner import Runtime, run_cells, write_run_info
 
+    if args.threads is not None and args.threads < 1:
+        raise BadInput(f"--threads: expected a positive integer (got {args.threads})")
     console = Console(stderr=True)
     for failure in registry.failures:
         console.print(f"[yellow]warning[/]: plugin {failure.plugin} failed to load: {failure.error}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # in-process cells; the subprocess worker applies it itself
     env = environment(device, registry)
     out.mkdir(parents=True, exist_ok=True)
     write_run_info(out, env, suite.path, {k: v for k, v in vars(args).items() if k != "func"})
     executor = registry.get("executor", executor_name).cls()
-    runtime = Runtime(registry=registry, device=device, timeout=timeout, plugins_dir=plugins_dir)
+    runtime = Runtime(registry=registry, device=device, timeout=timeout, plugins_dir=plugins_dir, threads=args.threads)
     counts = run_cells(
         cells, out, runtime, executor, {"git_sha": env["git_sha"], "device": device}, args.force, console
     )

@@ -72,6 +72,7 @@ class Runtime:
     device: str
     timeout: float | None
     plugins_dir: str | None = None
+    threads: int | None = None  # torch CPU threads of the process that runs cells
     shared: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # task_key -> shared store
     tasks: dict[str, Any] = dataclasses.field(default_factory=dict)  # task_key -> task instance
 

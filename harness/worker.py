@@ -21,13 +21,19 @@ def _die_with_parent() -> None:
             pass
 
 
-def worker_main(conn, plugins_dir: str | None, device: str, timeout: float | None) -> None:
+def worker_main(conn, plugins_dir: str | None, device: str, timeout: float | None, threads: int | None = None) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     from rankbench.plugins import load_plugins
     from rankbench.runner import Runtime
 
-    runtime = Runtime(registry=load_plugins(plugins_dir), device=device, timeout=timeout, plugins_dir=plugins_dir)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    runtime = Runtime(
+        registry=load_plugins(plugins_dir), device=device, timeout=timeout, plugins_dir=plugins_dir, threads=threads
+    )
     conn.send(("ready", os.getpid()))
     while True:
         try:

@@ -39,7 +39,7 @@ class _Worker:
         self.conn, child = context.Pipe()
         self.process = context.Process(
             target=worker_main,
-            args=(child, runtime.plugins_dir, runtime.device, runtime.timeout),
+            args=(child, runtime.plugins_dir, runtime.device, runtime.timeout, runtime.threads),
             daemon=True,
             name="rankbench-worker",
         )
