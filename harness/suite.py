@@ -37,7 +37,10 @@ class SuiteFile(BaseModel):
     tasks: list[PluginRef] = Field(min_length=1)
     selectors: list[PluginRef] = Field(min_length=1)
     factorizations: list[PluginRef] = Field(min_length=1)
-    budgets: list[float] = Field(default_factory=list)
+    # one list for every task, or a list per budget kind when a suite mixes tasks of different kinds
+    budgets: list[float] | dict[Literal["param_ratio", "rank_total", "rank_cap"], list[float]] = Field(
+        default_factory=list
+    )
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     timeout: float | None = Field(default=900.0, gt=0)  # seconds per cell; null disables the limit
     executor: str | None = None
@@ -66,12 +69,16 @@ class Suite:
 def _key(loc: tuple) -> str:
     out = ""
     for part in loc:
+        if isinstance(part, str) and ("[" in part or part in ("float", "int", "str")):
+            continue  # pydantic's tag of a union member (e.g. "list[float]"), not a key of the file
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
 
 def _pydantic_message(err: dict) -> str:
     msg = err["msg"]
+    if err["loc"] and err["loc"][0] == "budgets" and len(err["loc"]) <= 2 and err["type"] in ("list_type", "dict_type"):
+        return "expected a list of numbers, or a mapping from budget kind (param_ratio, rank_total, rank_cap) to one"
     if err["type"] == "extra_forbidden":
         return "unknown key"
     if err["type"] == "missing":
@@ -100,7 +107,10 @@ def load_suite(path: str | Path) -> Suite:
     try:
         spec = SuiteFile.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        errors = exc.errors()
+        err = errors[0]
+        if err["loc"][0] == "budgets" and isinstance(data.get("budgets"), dict):  # report the mapping branch
+            err = next((e for e in errors if len(e["loc"]) > 1 and str(e["loc"][1]).startswith("dict[")), err)
         loc = err["loc"]
         # For PluginRef unions pydantic reports every branch; keep the path up to the item.
         if len(loc) >= 2 and loc[0] in ("tasks", "selectors", "factorizations") and isinstance(loc[1], int):
@@ -189,7 +199,11 @@ def expand(suite: Suite, registry: Registry, device: str, timeout: float | None)
 
     for task in tasks:
         budget_kind = task.instance.budget_kind
-        budgets = [_check_budget(b, budget_kind, file, f"budgets[{i}]") for i, b in enumerate(spec.budgets)]
+        if isinstance(spec.budgets, dict):
+            raw, key = spec.budgets.get(budget_kind, []), f"budgets.{budget_kind}"
+        else:
+            raw, key = spec.budgets, "budgets"
+        budgets = [_check_budget(b, budget_kind, file, f"{key}[{i}]") for i, b in enumerate(raw)]
         for seed in spec.seeds:
             add(make_cell(suite.name, task, None, None, None, None, seed, device, timeout))
             for factorization in factorizations:
@@ -199,7 +213,7 @@ def expand(suite: Suite, registry: Registry, device: str, timeout: float | None)
                     if uses_budget and not budgets and reason is None:
                         raise SuiteError(
                             file,
-                            "budgets",
+                            key,
                             f"expected at least one budget: selector {selector.name} needs one for task "
                             f"{task.name} (budget kind {budget_kind})",
                         )

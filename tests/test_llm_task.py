@@ -17,7 +17,7 @@ from torch import nn
 
 from rankbench.api import CellFailure, Diverged, Selector
 from rankbench.context import CellContext
-from rankbench_plugins.kinds.compression import Decomposition, LowRankFactorization, LowRankLinear, swapped
+from rankbench_plugins.kinds.compression import Decomposition, LowRankFactorization, LowRankLinear
 from rankbench_plugins.tasks import _llm_assets as assets
 from rankbench_plugins.tasks.llm_perplexity import LLMPerplexity, LLMPerplexityParams
 
@@ -483,6 +483,33 @@ def test_end_to_end_full_rank_equals_dense(tiny_dir, text_file, llm_cache):
     assert math.isfinite(got_half["ppl_token"]) and got_half["ppl_token"] != pytest.approx(dense["ppl_token"])
     assert got_half["param_ratio"] < 1.0 and got_half["model_params"] < dense["model_params"]
     assert shared["counters"]["decompositions"] == 14  # decomposed once, reused by the second selector
+    # another suite seed reuses the loaded model and the decompositions
+    model = task.model(ref)
+    other_seed = make_ctx(llm_cache, shared, seed=5, task_seed=99)
+    task.run(other_seed, HalfRank(), svd_factorization())
+    assert task.model(other_seed) is model and shared["counters"]["decompositions"] == 14
+    assert metrics(other_seed)["ppl_token"] == got_half["ppl_token"]
+
+
+@pytest.mark.parametrize("module, cls", [("asvd", "ASVD"), ("fwsvd", "FWSVD"), ("svd_llm", "SVDLLM")])
+def test_data_aware_factorizations_at_full_rank(tiny_dir, calib_file, llm_cache, module, cls):
+    """Calibration statistics (input means, per-batch Fisher through calibration_loss's backward, XᵀX) flow from
+    this task's batches into the factorizations; at full rank the model is the dense one again."""
+    import importlib
+
+    try:
+        factorization = getattr(importlib.import_module(f"rankbench_plugins.factorizations.{module}"), cls)()
+    except (ImportError, AttributeError):  # pragma: no cover - while the factorizations are being written
+        pytest.skip(f"rankbench_plugins.factorizations.{module} is not available")
+    task = make_task(model=str(tiny_dir), corpus=str(calib_file), calib_corpus=str(calib_file), seq_len=SEQ,
+                     max_eval_tokens=4 * SEQ, calib_samples=6, lm_eval=False)
+    shared: dict = {}
+    ref = make_ctx(llm_cache, shared)
+    task.run_reference(ref)
+    full = make_ctx(llm_cache, shared)
+    task.run(full, FullRank(), factorization)
+    assert metrics(full)["ppl_token"] == pytest.approx(metrics(ref)["ppl_token"], rel=1e-4)
+    assert shared["counters"]["calibration_passes"] == 1
 
 
 def test_bench_run_on_a_tiny_model(tiny_dir, text_file, tmp_path, write_suite, cli):

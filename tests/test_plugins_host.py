@@ -9,9 +9,9 @@ from conftest import BROKEN_PLUGINS, GOOD_PLUGINS, ROOT
 from rankbench.plugins import load_plugins
 
 BUILTIN = {
-    "task": {"matrix-recovery"},
-    "selector": {"uniform", "energy", "effective-rank", "oht", "evbmf", "ard"},
-    "factorization": {"gd", "gd-sym", "scaledgd", "subgradient-l1", "altmin", "bcpf"},
+    "task": {"matrix-recovery", "llm-perplexity"},
+    "selector": {"uniform", "energy", "effective-rank", "oht", "evbmf", "ard", "welore", "sensitivity", "adalora", "sublora"},
+    "factorization": {"gd", "gd-sym", "scaledgd", "subgradient-l1", "altmin", "bcpf", "svd", "asvd", "fwsvd", "svd-llm"},
     "executor": {"inprocess", "subprocess"},
 }
 

@@ -275,7 +275,7 @@ class FakeStatistics:
             return self.loss
         raise KeyError(name)
 
-    def loss(self, ranks):
+    def loss(self, ranks, max_batches=None):
         ((site, k),) = ranks.items()
         self.calls += 1
         return self.table[(site, k)]

@@ -34,6 +34,9 @@ seeds: [0, 1]
         ("name: x\ntasks: [toy]\nselectors: [uniform]\nfactorizations: [toy-svd]\nseeds: [a]\n", "seeds[0]", "valid integer"),
         ("name: x\ntasks: [toy\n", "line", "invalid YAML"),
         ("- just\n- a list\n", "", "expected a mapping"),
+        ("name: x\ntasks: [toy]\nselectors: [uniform]\nfactorizations: [toy-svd]\nbudgets: {param_ratio: [0.5, x]}\n", "budgets.param_ratio[1]", "valid number"),
+        ("name: x\ntasks: [toy]\nselectors: [uniform]\nfactorizations: [toy-svd]\nbudgets: {ratio: [0.5]}\n", "budgets.ratio", "'param_ratio'"),
+        ("name: x\ntasks: [toy]\nselectors: [uniform]\nfactorizations: [toy-svd]\nbudgets: {rank_cap: [5]}\n", "budgets.param_ratio", "at least one budget"),
     ],
 )
 def test_malformed_suites_exit_2_with_one_message(cli, write_suite, tmp_path, text, key, expected):
@@ -134,3 +137,17 @@ def test_suite_error_names_file_and_key(write_suite):
     with pytest.raises(SuiteError) as info:
         load_suite(write_suite("name: x\ntasks: []\nselectors: [a]\nfactorizations: [b]\n"))
     assert info.value.key == "tasks"
+
+
+def test_budgets_per_budget_kind_serve_mixed_suites(write_suite):
+    cells = _cells(write_suite("""
+    name: mixed
+    tasks: [{toy: {size: 12}}, {matrix-recovery: {shape: [30, 20], rank: 2}}]
+    selectors: [uniform]
+    factorizations: [toy-svd, altmin]
+    budgets: {param_ratio: [0.5, 0.25], rank_cap: [3]}
+    """))
+    run = [c for c in cells if not c.is_reference and not c.skip_reason]
+    assert sorted((c.task, c.budget_kind, c.budget) for c in run) == [
+        ("matrix-recovery", "rank_cap", 3.0), ("toy", "param_ratio", 0.25), ("toy", "param_ratio", 0.5)
+    ]

@@ -30,6 +30,7 @@ Counters of the expensive work are kept in ``ctx.shared["counters"]``: ``calibra
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Hashable, Iterable, Iterator
 from typing import Any, ClassVar
 
@@ -363,7 +364,7 @@ class CompressionStatistics:
             raise KeyError(f"unknown sites {sorted(unknown)}")
         return {name: linear for name, linear in sites.items() if name in set(names)}
 
-    def sigma_loss(self, sigmas: dict[str, torch.Tensor]) -> torch.Tensor:
+    def sigma_loss(self, sigmas: dict[str, torch.Tensor], max_batches: int | None = None) -> torch.Tensor:
         task, ctx = self.task, self.ctx
         model = task.model(ctx)
         sites = self._sites(sigmas)
@@ -375,7 +376,7 @@ class CompressionStatistics:
                 p.requires_grad_(False)
             for name, linear in sites.items():
                 _set_submodule(model, name, SigmaLinear(decompositions[name], sigmas[name], linear))
-            losses = [task.calibration_loss(model, batch) for batch in task.calibration_batches(ctx)]
+            losses = [task.calibration_loss(model, batch) for batch in _first(task.calibration_batches(ctx), max_batches)]
         finally:
             for name, linear in sites.items():
                 _set_submodule(model, name, linear)
@@ -385,14 +386,14 @@ class CompressionStatistics:
             raise ValueError("the task yielded no calibration batches")
         return torch.stack(losses).mean()
 
-    def calibration_loss(self, ranks: dict[str, int]) -> float:
+    def calibration_loss(self, ranks: dict[str, int], max_batches: int | None = None) -> float:
         task, ctx = self.task, self.ctx
         model = task.model(ctx)
         sites = self._sites(ranks)
         decompositions = {name: task.decomposition(ctx, self.factorization, name) for name in sites}
         _count(ctx, "calibration_evaluations")
         with swapped(model, sites, self.factorization, decompositions, ranks), torch.no_grad():
-            losses = [float(task.calibration_loss(model, batch)) for batch in task.calibration_batches(ctx)]
+            losses = [float(task.calibration_loss(model, batch)) for batch in _first(task.calibration_batches(ctx), max_batches)]
         if not losses:
             raise ValueError("the task yielded no calibration batches")
         return sum(losses) / len(losses)
@@ -434,6 +435,12 @@ class swapped:
     def __exit__(self, *exc) -> None:
         for name, linear in self.sites.items():
             _set_submodule(self.model, name, linear)
+
+
+def _first(batches: Iterable[Any], max_batches: int | None) -> Iterable[Any]:
+    """The first ``max_batches`` calibration batches (all of them for None): cheaper estimates for selectors that
+    evaluate the loss many times (ASVD's sensitivity table, SubLoRA's Hessian)."""
+    return batches if max_batches is None else itertools.islice(batches, max_batches)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

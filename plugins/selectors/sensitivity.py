@@ -49,6 +49,9 @@ class SensitivitySelector(Selector):
 
     class Params(PluginParams):
         ratios: tuple[float, ...] = Field(DEFAULT_RATIOS, description="parameter ratios tried per site")
+        calib_batches: int | None = Field(
+            None, ge=1, description="calibration batches per evaluation (None: all; fewer makes the table cheaper)"
+        )
 
         @field_validator("ratios")
         @classmethod
@@ -62,7 +65,7 @@ class SensitivitySelector(Selector):
 
     def table(self, problem: RankProblem) -> list[tuple[int, float, float]]:
         """(site index, ratio, perplexity) for every site and ratio, from the memoised (site, rank) losses."""
-        losses: dict[tuple[str, int], float] = memo(problem, ("sensitivity-losses",), dict)
+        losses: dict[tuple[str, int], float] = memo(problem, ("sensitivity-losses", self.params.calib_batches), dict)
         evaluate = None
         rows = []
         for index, site in enumerate(problem.sites):
@@ -71,7 +74,7 @@ class SensitivitySelector(Selector):
                 if (site.name, k) not in losses:
                     if evaluate is None:
                         evaluate = problem.statistic("calibration_loss", site.name)
-                    losses[(site.name, k)] = float(evaluate({site.name: k}))
+                    losses[(site.name, k)] = float(evaluate({site.name: k}, self.params.calib_batches))
                 rows.append((index, ratio, _perplexity(losses[(site.name, k)])))
         return rows
 

@@ -113,6 +113,9 @@ class SubLoraSelector(Selector):
         )
         components: Literal["free", "prefix"] = Field("free", description="any components (rank = count) or prefixes")
         fill: bool = Field(True, description="keep adding components with non-positive gain until the budget is full")
+        calib_batches: int | None = Field(
+            None, ge=1, description="calibration batches for g and H (None: all; fewer makes derivatives cheaper)"
+        )
 
     def uses_budget(self, budget_kind: str | None) -> bool:
         return True
@@ -129,11 +132,15 @@ class SubLoraSelector(Selector):
 
     def derivatives(self, problem: RankProblem, structure: str, k: int):
         """(sigma per site, g per site, blocks) with blocks = [(global component indices, H block)]; memoised."""
-        key = ("sublora-derivatives", structure, k)
+        key = ("sublora-derivatives", structure, k, self.params.calib_batches)
         return memo(problem, key, lambda: self._derivatives(problem, structure, k))
 
     def _derivatives(self, problem: RankProblem, structure: str, k: int):
-        loss = problem.statistic("sigma_loss", problem.sites[0].name)
+        sigma_loss = problem.statistic("sigma_loss", problem.sites[0].name)
+
+        def loss(sigmas):
+            return sigma_loss(sigmas, self.params.calib_batches)
+
         names = [site.name for site in problem.sites]
         decs = [problem.statistic("decomposition", name) for name in names]
         sigmas = [dec.s.detach() for dec in decs]

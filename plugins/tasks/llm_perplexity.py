@@ -15,7 +15,7 @@ Model (``model``; loading in ``_llm_assets``)
 Text (``corpus``, ``calib_corpus``)
     ``enwiki`` (default): the Wikipedia dump excerpt that ships in gensim's test data, extracted to plain text (106
     articles, 3.04M characters) and split by article: the 21 articles with the smallest sha256(title) are the test
-    split (694k characters, 107,347 words; ~170k SmolLM2 tokens), the other 85 the train split (2.35M characters).
+    split (694k characters, 107,347 words; 161,438 SmolLM2 tokens), the other 85 the train split (2.35M characters).
     A path to a UTF-8 ``.txt`` file is one document used whole as the test text. Calibration text: the built-in
     corpus's train split unless ``calib_corpus`` names a ``.txt`` file (or ``enwiki``).
 
@@ -158,6 +158,12 @@ class LLMPerplexity(CompressionTask):
             raise CellFailure(f"seq_len {p.seq_len} exceeds the model's max_position_embeddings ({max_positions})")
         return loaded.model
 
+    def model_key(self, ctx) -> str:
+        return "pretrained"  # the checkpoint does not depend on the seed: every suite seed shares it
+
+    def calibration_key(self, ctx) -> str:
+        return "fixed"  # calibration windows come from the task configuration, never the seed
+
     def _loaded(self, ctx) -> assets.LoadedModel:
         self.model(ctx)
         loaded = ctx.shared["llm_loaded"]
@@ -223,7 +229,8 @@ class LLMPerplexity(CompressionTask):
         return ctx.shared["llm_calib_windows"]
 
     def setup(self, ctx) -> None:
-        self.model(ctx)
+        _quiet_library_progress_bars()
+        super().setup(ctx)  # loads the model (timed as phase setup)
         self.test_ids(ctx)
 
     # -- the compression protocol -------------------------------------------------------------------------------
@@ -305,6 +312,16 @@ def token_nll(model: nn.Module, ids: torch.Tensor, seq_len: int, max_windows: in
             )
             total += nll.double().sum().cpu()
     return float(total), windows * (seq_len - 1), windows
+
+
+def _quiet_library_progress_bars() -> None:
+    """transformers' and datasets' per-call progress bars would interleave with the host's own progress bar."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 @hookimpl
