@@ -224,6 +224,3 @@ class SkipCell(CellFailure):
 STATUSES = ("ok", "skipped", "error", "timeout", "crashed", "diverged", "oom")
 FINAL_STATUSES = frozenset({"ok", "skipped"})  # not re-run on resume; the others are retried
 
-
-def describe_params(params: PluginParams) -> dict[str, Any]:
-    return params.model_dump(mode="json")
