@@ -561,3 +561,20 @@ def test_smollm2_dense_on_enwiki(tmp_path, text_file):
     small.evaluate(small_ctx, small.model(small_ctx))
     values = metrics(small_ctx)
     assert 1.0 < values["byte_perplexity"] < 5.0 and values["lm_eval_docs"] == 1
+
+
+def test_second_derivatives_through_attention(tiny_dir, calib_file, llm_cache):
+    """SubLoRA needs Hessian-vector products of the calibration loss w.r.t. singular values, through attention:
+    the fused CPU attention kernel has no double backward, so sigma_loss must run on the math kernel."""
+    from rankbench_plugins.factorizations.svd import SVD
+    from rankbench_plugins.kinds.compression import CompressionStatistics
+
+    task = make_task(model=str(tiny_dir), corpus=str(calib_file), calib_samples=4, lm_eval=False)
+    ctx = make_ctx(llm_cache)
+    task.setup(ctx)
+    name = next(iter(task.target_sites(task.model(ctx))))
+    stats = CompressionStatistics(task, ctx, SVD())
+    sigma = stats.get("decomposition", name).s[:4].clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(stats.sigma_loss({name: sigma}), sigma, create_graph=True)
+    (hvp,) = torch.autograd.grad(grad[0], sigma)
+    assert torch.isfinite(hvp).all() and hvp.abs().sum() > 0

@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import skip_init
 
 from rankbench.api import COMPRESSION, PARAM_RATIO, Factorization, RankProblem, Selector, Site, Task
@@ -376,7 +377,11 @@ class CompressionStatistics:
                 p.requires_grad_(False)
             for name, linear in sites.items():
                 _set_submodule(model, name, SigmaLinear(decompositions[name], sigmas[name], linear))
-            losses = [task.calibration_loss(model, batch) for batch in _first(task.calibration_batches(ctx), max_batches)]
+            # Fused attention kernels (flash / memory-efficient SDPA) have no double backward; the math kernel
+            # does, so Hessian-vector products through attention models work.
+            with sdpa_kernel(SDPBackend.MATH):
+                batches = _first(task.calibration_batches(ctx), max_batches)
+                losses = [task.calibration_loss(model, batch) for batch in batches]
         finally:
             for name, linear in sites.items():
                 _set_submodule(model, name, linear)
