@@ -188,22 +188,21 @@ class LLMPerplexity(CompressionTask):
         self.corpus_sha = test.sha256
         return test, calib
 
-    def test_ids(self, ctx) -> torch.Tensor:
-        """The whole test text (documents joined with blank lines) tokenized once, as ``tokenizer(text)`` does."""
-        if "llm_test_ids" not in ctx.shared:
-            test, _ = self._corpora(ctx)
+    def _token_ids(self, ctx, key: str, docs) -> torch.Tensor:
+        """Documents joined with blank lines and tokenized once (as ``tokenizer(text)`` does), memoised by ``key``."""
+        if key not in ctx.shared:
             tokenizer = self._loaded(ctx).tokenizer
-            text = "\n\n".join(d.page for d in test.test)
-            ctx.shared["llm_test_ids"] = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-        return ctx.shared["llm_test_ids"]
+            text = "\n\n".join(d.page for d in docs)
+            ctx.shared[key] = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+        return ctx.shared[key]
+
+    def test_ids(self, ctx) -> torch.Tensor:
+        """The whole test text, tokenized once."""
+        return self._token_ids(ctx, "llm_test_ids", self._corpora(ctx)[0].test)
 
     def calibration_ids(self, ctx) -> torch.Tensor:
-        if "llm_calib_ids" not in ctx.shared:
-            _, calib = self._corpora(ctx)
-            tokenizer = self._loaded(ctx).tokenizer
-            text = "\n\n".join(d.page for d in calib.train)
-            ctx.shared["llm_calib_ids"] = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-        return ctx.shared["llm_calib_ids"]
+        """The whole calibration text, tokenized once."""
+        return self._token_ids(ctx, "llm_calib_ids", self._corpora(ctx)[1].train)
 
     def calibration_seed(self) -> int:
         p = self.params
