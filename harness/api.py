@@ -189,6 +189,7 @@ class CellRecord:
     started_at: str = ""
     wall_s: float = 0.0
     primary_metric: str = ""
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class Executor(Plugin):

@@ -47,6 +47,7 @@ class CellContext:
         self.metrics: list[dict[str, Any]] = []
         self.ranks_rows: list[dict[str, Any]] = []
         self.curve_rows: list[dict[str, Any]] = []
+        self.notes: dict[str, str] = {}
 
     def phase(self, name: str):
         """Context manager timing one phase (``time_<name>_s``); device-synchronised on CUDA."""
@@ -68,6 +69,10 @@ class CellContext:
         steps = range(len(values)) if steps is None else steps
         for step, value in zip(steps, values):
             self.curve_rows.append({"curve": name, "step": float(step), "value": float(value)})
+
+    def note(self, key: str, text: str) -> None:
+        """Record a fact that is text, not a number (a checksum, a fallback a method took); ``cells.notes``."""
+        self.notes[str(key)] = str(text)
 
     def quality_is_finite(self) -> bool:
         return all(math.isfinite(m["value"]) for m in self.metrics)

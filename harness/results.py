@@ -3,7 +3,8 @@
 ``DIR/metrics/``  one row per (cell, metric) -- the columns of CONTRACT.md plus ``reason``.
 ``DIR/ranks/``    one row per (cell, site): ``cell_id, site, rank, rank_per_mode, params``.
 ``DIR/curves/``   one row per (cell, curve, step): e.g. the error against iteration of a recovery solver.
-``DIR/cells/``    one row per cell: its full configuration, status, reason and traceback. Written *last*: a cell
+``DIR/cells/``    one row per cell: its full configuration, status, reason, traceback and ``notes`` (a JSON object of text
+                  facts such as checksums and fallbacks a method took). Written *last*: a cell
                   counts as finished only when its ``cells`` part exists (HELM's rule), so a crash between files
                   leaves an unfinished cell that the next run redoes.
 
@@ -74,6 +75,7 @@ SCHEMAS = {
             ("reason", pa.string()),
             ("traceback", pa.string()),
             ("wall_s", pa.float64()),
+            ("notes", pa.string()),  # JSON object of text facts (CellContext.note)
         ]
         + RUN_COLUMNS
     ),
@@ -148,6 +150,7 @@ def write_cell(out: Path, cell: Cell, record: CellRecord, run: dict, primary_met
         "reason": record.reason,
         "traceback": record.traceback,
         "wall_s": record.wall_s,
+        "notes": json.dumps(record.notes, sort_keys=True),
         **run_fields,
     }
     _write_atomic(pa.Table.from_pylist([marker], schema=SCHEMAS["cells"]), out / "cells", cell.cell_id)

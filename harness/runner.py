@@ -168,6 +168,7 @@ def execute_cell(cell: Cell, runtime: Runtime, alarm: bool = False) -> CellRecor
         metrics=ctx.metrics + measured,
         ranks=ctx.ranks_rows,
         curves=ctx.curve_rows,
+        notes=ctx.notes,
         started_at=started_at,
         wall_s=wall,
         primary_metric=str(getattr(runtime.tasks.get(cell.task_key), "primary_metric", "")),

@@ -1,5 +1,6 @@
 """End to end, as a user runs it: the shipped suites validate, and suites/smoke.yaml runs every task family."""
 
+import json
 
 import pandas as pd
 import pytest
@@ -24,6 +25,10 @@ def test_smoke_suite_runs_every_task_and_reports(bench, tmp_path):
     metrics = pd.read_parquet(out / "metrics")
     tasks = {next(iter(t)) if isinstance(t, dict) else t for t in yaml.safe_load((ROOT / "suites" / "smoke.yaml").read_text())["tasks"]}
     assert tasks <= set(metrics.loc[metrics["status"] == "ok", "task"])
+    # text facts travel through the worker into cells.notes (the LLM cells record their model's checksum)
+    cells = pd.read_parquet(out / "cells")
+    llm_notes = cells.loc[cells["task"] == "llm-perplexity", "notes"].map(json.loads)
+    assert len(llm_notes) and all(len(n["model_sha256"]) == 64 for n in llm_notes)
     # a second run resumes: nothing left to do
     again = bench("run", ROOT / "suites" / "smoke.yaml", "--out", out)
     assert again.returncode == 0 and "resuming:" in again.stderr

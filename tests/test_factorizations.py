@@ -146,6 +146,8 @@ def test_svd_llm_fallback_on_a_rank_deficient_gram():
     # an all-zero Gram (a site no input reaches) falls back to plain SVD
     zero = SVDLLM().decompose(W, SiteStatistics(gram=torch.zeros(8, 8, dtype=torch.float64)))
     torch.testing.assert_close(rank_k(zero, 2), best_rank_k(W, 2))
+    assert zero.note.startswith("zero Gram") and d.note.startswith("Gram not positive definite")
+    assert scaled.note and SVDLLM().decompose(W, SiteStatistics(gram=G + torch.eye(8, dtype=torch.float64))).note == ""
 
 
 def test_svd_llm_whitening_needs_no_shift_for_a_positive_definite_gram():
@@ -212,6 +214,7 @@ def test_fwsvd_guards_zero_fisher_rows():
     # no gradient at all: plain SVD
     none = FWSVD().decompose(W, SiteStatistics(fisher_rows=torch.zeros(OUT, dtype=torch.float64)))
     torch.testing.assert_close(rank_k(none, 2), best_rank_k(W, 2))
+    assert none.note.startswith("zero Fisher") and d.note == ""
 
 
 def test_asvd_minimises_the_activation_scaled_error():

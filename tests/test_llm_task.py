@@ -5,6 +5,7 @@ SmolLM2-135M are marked slow."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import time
@@ -282,7 +283,8 @@ def test_ppl_token_equals_an_independent_computation(tiny_dir, text_file, llm_ca
     assert got["eval_windows"] == windows and got["eval_tokens"] == tokens and got["seq_len"] == SEQ
     assert got["ppl_token"] == pytest.approx(ppl, rel=1e-6)
     assert got["model_params"] == sum(p.numel() for p in model.parameters())
-    assert got["model_sha_prefix"] == int(task.model_sha[:12], 16)
+    assert ctx.notes["model_sha256"] == task.model_sha and len(task.model_sha) == 64
+    assert ctx.notes["corpus_sha256"] == hashlib.sha256(text_file.read_bytes()).hexdigest()
     assert "word_perplexity" not in got
 
 
@@ -347,19 +349,28 @@ def test_lm_eval_metrics_equal_hflm_rolling(tiny_dir, text_file, llm_cache):
 
 
 def test_lm_eval_aggregates_documents_and_caps_them(tiny_dir, enwiki, tmp_path):
-    """Several documents (pieces of the enwiki test articles), the first two of three given to lm-eval."""
+    """Several documents (pieces of the enwiki test articles): all three, then the first two, scored by lm-eval."""
     docs = [assets.Document(d.title, d.page[: 1500 + 700 * i]) for i, d in enumerate(enwiki.test[:3])]
-    folder = tmp_path / "corpora" / "three"
-    assets.write_jsonl(docs, folder / "test.jsonl")
-    corpus = assets.Corpus("three", docs, docs, "0" * 64, folder)
     loaded = assets.load_causal_lm(str(tiny_dir), tmp_path)
-    got = assets.lm_eval_perplexities(loaded.model, loaded.tokenizer, corpus, tmp_path, SEQ, 4, limit=2)
+    two = assets.lm_eval_documents(docs, 2, None)
+    got = assets.lm_eval_perplexities(loaded.model, loaded.tokenizer, two, tmp_path, SEQ, 4)
     want = expected_lm_eval(loaded.model, loaded.tokenizer, [d.page for d in docs[:2]], SEQ)
     assert got["docs"] == 2 and got["words"] == want["lm_eval_words"] and got["bytes"] == want["lm_eval_bytes"]
     for name in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
         assert got[name] == pytest.approx(want[name], rel=1e-6), name
-    every = assets.lm_eval_perplexities(loaded.model, loaded.tokenizer, corpus, tmp_path, SEQ, 4, limit=None)
+    every = assets.lm_eval_perplexities(loaded.model, loaded.tokenizer, docs, tmp_path, SEQ, 4)
     assert every["docs"] == 3 and every["word_perplexity"] != pytest.approx(got["word_perplexity"])
+
+
+def test_lm_eval_word_cap_cuts_at_a_paragraph_break():
+    docs = [assets.Document("a", "one two three\n\nfour five"), assets.Document("b", "six seven\n\neight nine ten")]
+    assert assets.lm_eval_documents(docs, None, None) == docs
+    assert assets.lm_eval_documents(docs, 1, None) == docs[:1]
+    # 5 words fit whole, then "six seven" (2 words) fits a cap of 8 but "eight nine ten" does not.
+    assert assets.lm_eval_documents(docs, None, 8) == [docs[0], assets.Document("b", "six seven")]
+    # A first paragraph longer than the cap is cut at a word boundary.
+    assert assets.lm_eval_documents(docs, None, 2) == [assets.Document("a", "one two")]
+    assert assets.lm_eval_documents(docs, None, 5) == docs[:1]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

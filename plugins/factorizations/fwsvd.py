@@ -61,7 +61,9 @@ class FWSVD(LowRankFactorization):
     def decompose(self, weight: torch.Tensor, stats: SiteStatistics) -> Decomposition:
         w = self.row_weights(stats, weight)
         U, s, Vh = torch.linalg.svd(w[:, None] * weight, full_matrices=False)
-        return Decomposition(left=U / w[:, None], s=s, right=Vh)
+        zero = stats.fisher_rows is not None and not bool(stats.fisher_rows.max() > 0)
+        note = "zero Fisher (no calibration gradient reached the site): plain SVD" if zero else ""
+        return Decomposition(left=U / w[:, None], s=s, right=Vh, note=note)
 
 
 @hookimpl

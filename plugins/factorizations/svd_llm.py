@@ -86,10 +86,16 @@ class SVDLLM(LowRankFactorization):
         n = weight.shape[1]
         if gram.shape != (n, n):
             raise ValueError(f"gram has shape {tuple(gram.shape)}, expected ({n}, {n})")
-        S, _ = whitening_factor(gram, self.params.jitter)
+        S, shift = whitening_factor(gram, self.params.jitter)
         U, d, Vh = torch.linalg.svd(weight @ S, full_matrices=False)
         right = torch.linalg.solve_triangular(S, Vh, upper=False, left=False)  # Vᵀ S⁻¹
-        return Decomposition(left=U, s=d, right=right)
+        note = ""
+        if shift:
+            zero = not bool(gram.abs().max() > 0)
+            note = "zero Gram (no calibration input reached the site): plain SVD" if zero else (
+                f"Gram not positive definite: Cholesky of G + {shift:.3g} I"
+            )
+        return Decomposition(left=U, s=d, right=right, note=note)
 
 
 @hookimpl

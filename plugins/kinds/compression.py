@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 from collections.abc import Hashable, Iterable, Iterator
 from typing import Any, ClassVar
 
@@ -59,6 +60,7 @@ class Decomposition:
     left: torch.Tensor  # out x p
     s: torch.Tensor  # p, descending, >= 0
     right: torch.Tensor  # p x in
+    note: str = ""  # a fallback the factorization took for this weight (recorded in the cell's notes)
 
     @property
     def rank(self) -> int:
@@ -292,6 +294,9 @@ class CompressionTask(Task):
             self.statistics(ctx, factorization.needs)
         with ctx.phase("decompose"):
             decompositions = {name: self.decomposition(ctx, factorization, name) for name in sites}
+        fallbacks = {name: d.note for name, d in decompositions.items() if d.note}
+        if fallbacks:
+            ctx.note(f"{factorization.name}_fallbacks", json.dumps(fallbacks, sort_keys=True))
         problem = RankProblem(
             sites=[
                 Site(

@@ -41,8 +41,8 @@ components selected, while ``components: prefix`` only lets component i in after
 Hessian restriction (deviation). n = sum_l min(m_l, n_l) is far too large for a dense Hessian on an LLM.
 ``structure: full`` computes the exact Hessian over the leading ``top_k`` components of every site, cross-site
 terms included; ``structure: block`` computes exact per-site blocks over each site's leading ``top_k`` components
-(top_k Hessian-vector products per site, each a double backward over the calibration set) and sets cross-site terms
-to zero. Components beyond top_k are scored first order only (no M terms). ``structure: auto`` (default) takes the
+(top_k Hessian-vector products per site, each a double backward through one retained graph of the calibration
+loss over all sites) and sets cross-site terms to zero. Components beyond top_k are scored first order only (no M terms). ``structure: auto`` (default) takes the
 exact full Hessian over all n components when n <= ``full_max`` (small models, tests), else ``block``. g is exact
 for every component. All derivatives are memoised per task configuration and factorization (``_allocation.memo``).
 """
@@ -68,25 +68,27 @@ from rankbench_plugins.selectors._allocation import (
 )
 
 
-def gradient_and_hessian(loss_fn, x: torch.Tensor, rows) -> tuple[np.ndarray, np.ndarray | None]:
-    """g = dL/dx (all entries) and the Hessian block H[rows][:, rows] by Hessian-vector products (None if no rows)."""
+def gradient_and_hessian(loss_fn, x: torch.Tensor, blocks) -> tuple[np.ndarray, list[np.ndarray]]:
+    """g = dL/dx (all entries, one backward) and, for every block (a list of indices of x), the Hessian block
+    H[block][:, block]: one Hessian-vector product (a double backward through the same graph) per index."""
     x = x.detach().clone().requires_grad_(True)
-    rows = list(rows)
+    blocks = [list(b) for b in blocks]
     with torch.enable_grad():
         loss = loss_fn(x)
-        (g,) = torch.autograd.grad(loss, x, create_graph=bool(rows), allow_unused=True)
+        (g,) = torch.autograd.grad(loss, x, create_graph=any(blocks), allow_unused=True)
         if g is None:
             g = torch.zeros_like(x)
-        H = None
-        if rows:
+        out = []
+        for rows in blocks:
             H = np.zeros((len(rows), len(rows)))
-            if g.requires_grad:
+            if rows and g.requires_grad:
                 index = torch.as_tensor(rows, device=x.device)
                 for a, j in enumerate(rows):
                     (row,) = torch.autograd.grad(g[j], x, retain_graph=True, allow_unused=True)
                     if row is not None:
                         H[a] = row[index].detach().to(torch.float64).cpu().numpy()
-    return g.detach().to(torch.float64).cpu().numpy(), H
+            out.append(H)
+    return g.detach().to(torch.float64).cpu().numpy(), out
 
 
 class SubLoraSelector(Selector):
@@ -146,24 +148,20 @@ class SubLoraSelector(Selector):
         sigmas = [dec.s.detach() for dec in decs]
         sizes = [len(s) for s in sigmas]
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-        blocks = []
-        if structure in ("none", "full"):
-            rows = [int(offsets[g] + i) for g in range(len(names)) for i in range(min(k, sizes[g]))]
+        per_site = [[int(offsets[g] + i) for i in range(min(k, sizes[g]))] for g in range(len(names))]
+        if structure == "full":
+            rows = [[j for site_rows in per_site for j in site_rows]]
+        elif structure == "block":
+            rows = per_site
+        else:  # "none": first order only
+            rows = []
 
-            def joint(x):
-                return loss({name: x[offsets[g] : offsets[g + 1]] for g, name in enumerate(names)})
+        def joint(x):
+            return loss({name: x[offsets[g] : offsets[g + 1]] for g, name in enumerate(names)})
 
-            g_all, H = gradient_and_hessian(joint, torch.cat(sigmas), rows)
-            grads = [g_all[offsets[g] : offsets[g + 1]] for g in range(len(names))]
-            if rows:
-                blocks.append((np.asarray(rows), H))
-        else:
-            grads = []
-            for g, name in enumerate(names):
-                rows = list(range(min(k, sizes[g])))
-                grad, H = gradient_and_hessian(lambda x, name=name: loss({name: x}), sigmas[g], rows)
-                grads.append(grad)
-                blocks.append((offsets[g] + np.asarray(rows), H))
+        g_all, hessians = gradient_and_hessian(joint, torch.cat(sigmas), rows)
+        grads = [g_all[offsets[g] : offsets[g + 1]] for g in range(len(names))]
+        blocks = [(np.asarray(r, dtype=int), H) for r, H in zip(rows, hessians) if r]
         sigma_np = [s.to(torch.float64).cpu().numpy() for s in sigmas]
         return sigma_np, grads, offsets, blocks
 

@@ -455,15 +455,19 @@ def process_results(doc, results):
 '''
 
 
-def lm_eval_task_dir(corpus: Corpus, cache_dir: Path) -> Path:
-    """A folder with a task YAML (``rankbench_ppl``) reading ``corpus.test_jsonl`` through datasets' json loader."""
-    folder = Path(cache_dir) / "lm_eval" / corpus.folder.name
+def lm_eval_task_dir(docs: list[Document], cache_dir: Path) -> Path:
+    """A folder with a task YAML (``rankbench_ppl``) reading ``docs`` (written once to a JSONL file named by the
+    sha256 of its content) through datasets' json loader."""
+    text = "".join(json.dumps({"title": d.title, "page": d.page}, ensure_ascii=False) + "\n" for d in docs)
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    folder = Path(cache_dir) / "lm_eval" / digest
+    data = folder / "test.jsonl"
     yaml_text = "\n".join([
         f"task: {LM_EVAL_TASK}",
         "dataset_path: json",
         "dataset_name: null",
         "dataset_kwargs:",
-        f"  data_files: {{test: {json.dumps(str(corpus.test_jsonl.resolve()))}}}",
+        f"  data_files: {{test: {json.dumps(str(data.resolve()))}}}",
         f"  cache_dir: {json.dumps(str((Path(cache_dir) / 'hf_datasets').resolve()))}",
         "output_type: loglikelihood_rolling",
         "test_split: test",
@@ -479,11 +483,39 @@ def lm_eval_task_dir(corpus: Corpus, cache_dir: Path) -> Path:
         "  version: 1.0",
         "",
     ])
-    for name, text in ((f"{LM_EVAL_TASK}.yaml", yaml_text), ("rankbench_ppl_utils.py", _UTILS)):
+    for name, content in (("test.jsonl", text), (f"{LM_EVAL_TASK}.yaml", yaml_text), ("rankbench_ppl_utils.py", _UTILS)):
         target = folder / name
-        if not target.is_file() or target.read_text(encoding="utf-8") != text:
-            _atomic_write_text(target, text)
+        if not target.is_file() or target.read_text(encoding="utf-8") != content:
+            _atomic_write_text(target, content)
     return folder
+
+
+def lm_eval_documents(docs: list[Document], max_docs: int | None, max_words: int | None) -> list[Document]:
+    """The documents lm-eval scores: the first ``max_docs`` of ``docs``, and at most ``max_words`` words (counted as
+    ``doc_counts`` does) in all, the document that crosses the cap cut at its last paragraph break (blank line) that
+    fits -- or at a word boundary when its first paragraph alone does not fit; documents after it are dropped."""
+    chosen = list(docs if max_docs is None else docs[:max_docs])
+    if max_words is None:
+        return chosen
+    out, left = [], max_words
+    for doc in chosen:
+        words = doc_counts(doc.page)[0]
+        if words <= left:
+            out.append(doc)
+            left -= words
+            continue
+        kept = ""
+        for paragraph in doc.page.split("\n\n"):
+            candidate = f"{kept}\n\n{paragraph}" if kept else paragraph
+            if doc_counts(candidate)[0] > left:
+                break
+            kept = candidate
+        if not kept:
+            kept = " ".join(doc.page.split()[:left])
+        if kept:
+            out.append(Document(doc.title, kept))
+        break
+    return out
 
 
 def doc_counts(page: str) -> tuple[int, int]:
@@ -506,10 +538,10 @@ def _quiet_hflm_class(hflm: type) -> type:
     return _QUIET[hflm]
 
 
-def lm_eval_perplexities(model, tokenizer, corpus: Corpus, cache_dir: Path, max_length: int, batch_size: int,
-                         limit: int | None) -> dict[str, float]:
-    """word_perplexity, byte_perplexity, bits_per_byte computed by lm-eval (HFLM on the in-memory model, the
-    evaluator's request building, process_results and aggregation); plus docs/words/bytes counted."""
+def lm_eval_perplexities(model, tokenizer, docs: list[Document], cache_dir: Path, max_length: int,
+                         batch_size: int) -> dict[str, float]:
+    """word_perplexity, byte_perplexity, bits_per_byte of ``docs`` computed by lm-eval (HFLM on the in-memory model,
+    the evaluator's request building, process_results and aggregation); plus docs/words/bytes counted."""
     set_offline(hub=False)
     import logging
 
@@ -517,7 +549,7 @@ def lm_eval_perplexities(model, tokenizer, corpus: Corpus, cache_dir: Path, max_
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    task_dir = lm_eval_task_dir(corpus, cache_dir)
+    task_dir = lm_eval_task_dir(docs, cache_dir)
     quiet = [logging.getLogger(n) for n in ("lm_eval", "lm-eval")]
     levels = [lg.level for lg in quiet]
     for lg in quiet:
@@ -527,13 +559,12 @@ def lm_eval_perplexities(model, tokenizer, corpus: Corpus, cache_dir: Path, max_
                                      batch_size=batch_size, device=str(model.device))
         manager = TaskManager(include_path=str(task_dir), include_defaults=False)
         loaded = manager.load([LM_EVAL_TASK])
-        out = evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=False,
+        out = evaluator.evaluate(lm=lm, task_dict=loaded, limit=None, bootstrap_iters=0, log_samples=False,
                                  verbosity="ERROR")
     finally:
         for lg, level in zip(quiet, levels):
             lg.setLevel(level)
     res = out["results"][LM_EVAL_TASK]
-    docs = corpus.test if limit is None else corpus.test[: int(limit)]
     counts = [doc_counts(d.page) for d in docs]
     return {
         "word_perplexity": float(res["word_perplexity,none"]),

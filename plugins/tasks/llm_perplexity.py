@@ -28,16 +28,18 @@ Metrics (ALGORITHMS.md §2.4; CONTRACT.md)
         ``HFLM`` around the in-memory model (``max_length = seq_len``), a local task over the test documents with
         ``loglikelihood_rolling`` requests and the ``process_results`` of lm-eval's ``wikitext`` task (words
         ``len(re.split(r"\\s+", doc))`` and UTF-8 bytes of the original document, no detokenization), and lm-eval's
-        aggregations. ``max_eval_docs`` caps the documents (the first ones). Skipped with ``lm_eval: false``.
+        aggregations. ``max_eval_docs`` caps the documents (the first ones) and ``max_eval_words`` their words (the
+        document crossing the cap is cut at a paragraph break, ``_llm_assets.lm_eval_documents``). Skipped with
+        ``lm_eval: false``.
     Also: ``seq_len``, ``eval_windows``, ``eval_tokens`` (predicted tokens), ``lm_eval_docs``, ``lm_eval_words``,
-        ``lm_eval_bytes``, ``model_params`` (parameters of the evaluated, possibly compressed, model),
-        ``model_sha_prefix`` and ``corpus_sha_prefix`` (the first 12 hex digits of the model's and the test text's
-        sha256 as an integer; the full model checksum is ``LLMPerplexity.model_sha``).
+        ``lm_eval_bytes``, ``model_params`` (parameters of the evaluated, possibly compressed, model); and as cell
+        notes (``cells.notes``) ``model_sha256`` and ``corpus_sha256``, the checksums of the model and the test text.
 
 Calibration: ``calib_samples`` windows of ``seq_len`` tokens of the calibration text (tokenized once), chosen by a
 generator seeded from the task configuration (not the cell seed, so every cell shares the statistics): distinct
-non-overlapping windows when the text holds enough of them, random offsets otherwise; batches of 4 windows; the
-calibration loss is the mean next-token NLL.
+non-overlapping windows when the text holds enough of them, random offsets otherwise; batches of
+``calib_batch_size`` windows (per-batch statistics -- FWSVD's Fisher -- and the selectors' ``calib_batches`` count
+these batches); the calibration loss is the mean next-token NLL.
 """
 
 from __future__ import annotations
@@ -57,7 +59,6 @@ from rankbench.api import CellFailure, Diverged, PluginParams, hookimpl
 from rankbench_plugins.kinds.compression import CompressionTask, LowRankLinear, SigmaLinear, iter_named_linears
 from rankbench_plugins.tasks import _llm_assets as assets
 
-CALIB_BATCH = 4  # windows per calibration batch (fixed: per-batch statistics such as fisher_rows depend on it)
 EXCLUDED = ("embed", "lm_head")  # never sites, whatever ``sites`` says
 
 
@@ -82,8 +83,12 @@ class LLMPerplexityParams(PluginParams):
     seq_len: int = Field(512, ge=2, description="tokens per window (ppl_token, calibration, lm-eval max_length)")
     max_eval_tokens: int = Field(20000, ge=2, description="ppl_token uses the first max_eval_tokens // seq_len windows")
     calib_samples: int = Field(32, ge=1, description="calibration windows of seq_len tokens")
+    calib_batch_size: int = Field(
+        4, ge=1, description="calibration windows per batch (per-batch Fisher; what selectors' calib_batches count)"
+    )
     lm_eval: bool = Field(True, description="compute word/byte perplexity and bits per byte through lm-eval")
     max_eval_docs: int | None = Field(None, ge=1, description="cap on the test documents given to lm-eval")
+    max_eval_words: int | None = Field(None, ge=1, description="cap on the words given to lm-eval (cut at a paragraph)")
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     sites: list[str] = Field(default_factory=lambda: ["self_attn", "mlp"], min_length=1)
     eval_batch_size: int = Field(4, ge=1, description="windows per forward pass in evaluation (speed only)")
@@ -247,9 +252,9 @@ class LLMPerplexity(CompressionTask):
 
     def calibration_batches(self, ctx) -> list[torch.Tensor]:
         if "llm_calib_batches" not in ctx.shared:
-            windows = self.calibration_windows(ctx)
+            windows, size = self.calibration_windows(ctx), self.params.calib_batch_size
             ctx.shared["llm_calib_batches"] = [
-                windows[i : i + CALIB_BATCH].to(ctx.device) for i in range(0, windows.shape[0], CALIB_BATCH)
+                windows[i : i + size].to(ctx.device) for i in range(0, windows.shape[0], size)
             ]
         return ctx.shared["llm_calib_batches"]
 
@@ -270,8 +275,9 @@ class LLMPerplexity(CompressionTask):
         ctx.metric("eval_tokens", tokens, "tokens", None)
         if p.lm_eval:
             with ctx.phase("lm_eval"):
+                docs = assets.lm_eval_documents(test.test, p.max_eval_docs, p.max_eval_words)
                 out = assets.lm_eval_perplexities(
-                    model, loaded.tokenizer, test, Path(ctx.cache_dir), p.seq_len, p.eval_batch_size, p.max_eval_docs
+                    model, loaded.tokenizer, docs, Path(ctx.cache_dir), p.seq_len, p.eval_batch_size
                 )
             ctx.metric("word_perplexity", out["word_perplexity"], "", False)
             ctx.metric("byte_perplexity", out["byte_perplexity"], "", False)
@@ -280,8 +286,8 @@ class LLMPerplexity(CompressionTask):
             ctx.metric("lm_eval_words", out["words"], "", None)
             ctx.metric("lm_eval_bytes", out["bytes"], "bytes", None)
         ctx.metric("model_params", sum(t.numel() for t in model.parameters()), "", None)
-        ctx.metric("model_sha_prefix", int(loaded.sha256[:12], 16), "", None)
-        ctx.metric("corpus_sha_prefix", int(test.sha256[:12], 16), "", None)
+        ctx.note("model_sha256", loaded.sha256)
+        ctx.note("corpus_sha256", test.sha256)
 
 
 def token_nll(model: nn.Module, ids: torch.Tensor, seq_len: int, max_windows: int | None, batch_size: int,
