@@ -153,7 +153,8 @@ Ranks = Mapping[str, int | tuple[int, ...]]
 
 class Selector(Plugin):
     kind: ClassVar[str] = "selector"
-    problem_kinds: ClassVar[frozenset[str]] = frozenset({COMPRESSION, RECOVERY})
+    # By default a selector reads only ``Site.singular_values`` (and shapes, costs), which every kind provides.
+    problem_kinds: ClassVar[frozenset[str]] = frozenset({COMPRESSION, RECOVERY, ADAPTATION})
     budget_kinds: ClassVar[frozenset[str | None]] = frozenset({PARAM_RATIO, RANK_CAP, RANK_TOTAL, None})
 
     def uses_budget(self, budget_kind: str | None) -> bool:

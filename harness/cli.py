@@ -109,18 +109,19 @@ def cmd_run(args) -> int:
 
     if args.threads is not None and args.threads < 1:
         raise BadInput(f"--threads: expected a positive integer (got {args.threads})")
+    threads = args.threads or suite.spec.threads
     console = Console(stderr=True)
     for failure in registry.failures:
         console.print(f"[yellow]warning[/]: plugin {failure.plugin} failed to load: {failure.error}")
-    if args.threads:
+    if threads:
         import torch
 
-        torch.set_num_threads(args.threads)  # in-process cells; the subprocess worker applies it itself
+        torch.set_num_threads(threads)  # in-process cells; the subprocess worker applies it itself
     env = environment(device, registry)
     out.mkdir(parents=True, exist_ok=True)
     write_run_info(out, env, suite.path, {k: v for k, v in vars(args).items() if k != "func"})
     executor = registry.get("executor", executor_name).cls()
-    runtime = Runtime(registry=registry, device=device, timeout=timeout, plugins_dir=plugins_dir, threads=args.threads)
+    runtime = Runtime(registry=registry, device=device, timeout=timeout, plugins_dir=plugins_dir, threads=threads)
     counts = run_cells(
         cells, out, runtime, executor, {"git_sha": env["git_sha"], "device": device}, args.force, console
     )

@@ -45,6 +45,7 @@ class SuiteFile(BaseModel):
     timeout: float | None = Field(default=900.0, gt=0)  # seconds per cell; null disables the limit
     executor: str | None = None
     device: Literal["auto", "cpu", "cuda"] | None = None
+    threads: int | None = Field(default=None, ge=1)  # torch CPU threads for the cells (bench run --threads wins)
 
 
 @dataclasses.dataclass

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from scipy import optimize
 from torch import nn
 
-from rankbench.api import PARAM_RATIO, PluginParams, RankProblem, Selector, Site
+from rankbench.api import PARAM_RATIO, RANK_TOTAL, PluginParams, RankProblem, Selector, Site
 from rankbench.context import CellContext
 from rankbench_plugins.kinds.compression import CompressionTask, Decomposition, LowRankFactorization
 from rankbench_plugins.selectors import adalora, sensitivity, sublora, welore
@@ -156,7 +156,10 @@ def test_registered_class_contract(name):
     assert issubclass(cls, Selector) and cls.name == name and cls.version == "1"
     assert cls.description and "\n" not in cls.description
     assert issubclass(cls.Params, PluginParams) and cls.Params is not PluginParams
-    assert cls.problem_kinds == {"compression"} and cls.budget_kinds == {PARAM_RATIO}
+    if name in ("adalora", "sublora"):  # also rank allocators for LoRA fine-tuning
+        assert cls.problem_kinds == {"compression", "adaptation"} and cls.budget_kinds == {PARAM_RATIO, RANK_TOTAL}
+    else:
+        assert cls.problem_kinds == {"compression"} and cls.budget_kinds == {PARAM_RATIO}
     assert cls().uses_budget(PARAM_RATIO)
     with pytest.raises(ValidationError):
         cls.Params(not_a_parameter=1)

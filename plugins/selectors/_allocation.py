@@ -11,6 +11,10 @@ Contents
 ``strs_search``        ASVD's sensitivity-based truncation rank search (STRS) over a (site, ratio, ppl) table.
 ``ratio_rank``         the rank that a parameter ratio gives a site (largest k with params_at_rank(k) <= ratio*dense).
 ``memo``               a selector-side memo shared by all cells that see the same decompositions (see its doc).
+``rank_total_limit``   the component budget (floor of the total rank) of a ``rank_total`` problem (adaptation).
+``budget_schedule``    AdaLoRA's cubic budget schedule b(t) (PEFT's ``RankAllocator.budget_schedule``).
+``schedule_steps``     (tinit, tfinal, last determination step) of that schedule from fractions of the total steps.
+``kind_budget_skip``   skip reason for a task whose (problem kind, budget kind) pair a two-kind selector cannot read.
 
 Rank semantics. The compression protocol keeps the *leading* k components of a site's decomposition. A greedy
 that selects arbitrary components ("free" mode) therefore answers with the *count* of components it kept per
@@ -21,13 +25,14 @@ is the set the task keeps.
 from __future__ import annotations
 
 import heapq
+import math
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import numpy as np
 
-from rankbench.api import PARAM_RATIO, RankProblem, Site
+from rankbench.api import ADAPTATION, COMPRESSION, PARAM_RATIO, RANK_TOTAL, RankProblem, Site
 from rankbench_plugins.selectors._spectral import largest_fitting
 
 # --------------------------------------------------------------------------------------------------------------
@@ -39,6 +44,56 @@ def param_limit(problem: RankProblem, who: str) -> float:
     if problem.budget_kind != PARAM_RATIO or problem.budget is None:
         raise ValueError(f"{who} needs a budget of kind {PARAM_RATIO!r}, got {problem.budget_kind!r}")
     return float(problem.budget) * problem.dense_params
+
+
+def rank_total_limit(problem: RankProblem, who: str) -> int:
+    """floor(budget) components in total; raises unless the problem has a ``rank_total`` budget."""
+    if problem.budget_kind != RANK_TOTAL or problem.budget is None:
+        raise ValueError(f"{who} needs a budget of kind {RANK_TOTAL!r} for adaptation, got {problem.budget_kind!r}")
+    return max(0, int(math.floor(float(problem.budget))))
+
+
+#: the budget kind each problem kind is read with by the selectors that handle both kinds (adalora, sublora)
+KIND_BUDGETS = {COMPRESSION: PARAM_RATIO, ADAPTATION: RANK_TOTAL}
+
+
+def kind_budget_skip(selector, task) -> str | None:
+    """Skip reason for a task whose (problem kind, budget kind) pair is not one of ``KIND_BUDGETS``, else None."""
+    kind, budget_kind = getattr(task, "problem_kind", None), getattr(task, "budget_kind", None)
+    expected = KIND_BUDGETS.get(kind)
+    if expected is not None and budget_kind != expected:
+        return f"selector {selector.name} reads {kind} problems with budget kind {expected}, not {budget_kind}"
+    return None
+
+
+def budget_schedule(
+    step: int, total_steps: int, init_budget: int, target_budget: int, tinit: int, tfinal: int
+) -> int:
+    """AdaLoRA's budget b(t) (Zhang et al. 2023, Eq. 12; PEFT's ``RankAllocator.budget_schedule``):
+
+        b(t) = init_budget                                                        t <= tinit
+             = target_budget                                                      t >  T - tfinal
+             = int((init_budget - target_budget) (1 - (t - tinit) / (T - tfinal - tinit))^3 + target_budget)  else
+
+    with T = ``total_steps``. The middle branch is only reached when tinit < t <= T - tfinal (so its denominator is
+    positive), and it gives exactly ``target_budget`` at t = T - tfinal."""
+    if step <= tinit:
+        return int(init_budget)
+    if step > total_steps - tfinal:
+        return int(target_budget)
+    mul = 1.0 - (step - tinit) / (total_steps - tfinal - tinit)
+    return int((init_budget - target_budget) * mul**3 + target_budget)
+
+
+def schedule_steps(total_steps: int, tinit_fraction: float, tfinal_fraction: float) -> tuple[int, int, int]:
+    """(tinit, tfinal, t_end) in steps: tinit = round(tinit_fraction T), tfinal = round(tfinal_fraction T) (halves
+    rounded up), and t_end = T - tfinal clipped to [1, T] (0 when T = 0): the step of the final rank determination,
+    after which the masks stay fixed for the remaining T - t_end steps."""
+    T = max(0, int(total_steps))
+    tinit = int(math.floor(tinit_fraction * T + 0.5))
+    tfinal = int(math.floor(tfinal_fraction * T + 0.5))
+    t_end = min(T, max(1, T - tfinal)) if T else 0
+    return tinit, tfinal, t_end
 
 
 def site_params(site: Site, k: int) -> int:

@@ -19,10 +19,12 @@ fallback to another rule: the task has to hand the matrix or tensor to fit as ``
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 from pydantic import Field
 
-from rankbench.api import PluginParams, RankProblem, Ranks, Selector, Site, hookimpl
+from rankbench.api import ADAPTATION, RECOVERY, PluginParams, RankProblem, Ranks, Selector, Site, hookimpl
 from rankbench_plugins.solvers.bcpf import bcpf
 
 
@@ -33,6 +35,9 @@ class ARDSelector(Selector):
         "Bayesian ARD (BCPF, Zhao et al. TPAMI 2015): fits a CP / matrix factorisation with one shared precision per "
         "component to the site's (observed) data and returns the number of components that survive."
     )
+
+    # Tasks of these kinds pass ``Site.data`` (the observations; an adapter's learned update); compression does not.
+    problem_kinds: ClassVar[frozenset[str]] = frozenset({RECOVERY, ADAPTATION})
 
     class Params(PluginParams):
         max_rank: int | None = Field(None, ge=1, description="initial number of components (None: min(site.shape))")

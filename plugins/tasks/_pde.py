@@ -47,6 +47,7 @@ l1re = mean|u - u_ref| / mean|u_ref|, maxe = max|u - u_ref|, mse = mean (u - u_r
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -331,9 +332,7 @@ def burgers_cole_hopf(x: Tensor, t: Tensor, nu: float, n_nodes: int = BURGERS_HE
     x, t = torch.broadcast_tensors(torch.as_tensor(x, dtype=DTYPE), torch.as_tensor(t, dtype=DTYPE))
     if bool((t < 0).any()):
         raise ValueError("burgers: the reference solution is defined for t >= 0 only")
-    nodes_np, weights_np = np.polynomial.hermite.hermgauss(n_nodes)
-    nodes = torch.as_tensor(nodes_np, dtype=DTYPE, device=x.device)
-    log_weights = torch.as_tensor(np.log(weights_np), dtype=DTYPE, device=x.device)
+    nodes, log_weights = (tensor.to(x.device) for tensor in _hermite_rule(n_nodes))
 
     blocks = []
     for start in range(0, x.shape[0], _BURGERS_CHUNK):
@@ -346,6 +345,17 @@ def burgers_cole_hopf(x: Tensor, t: Tensor, nu: float, n_nodes: int = BURGERS_HE
     if not blocks:
         return torch.zeros(0, dtype=DTYPE, device=x.device)
     return torch.cat(blocks)
+
+
+@functools.lru_cache(maxsize=8)
+def _hermite_rule(n_nodes: int) -> tuple[Tensor, Tensor]:
+    """Nodes z_j and log weights log w_j of the n-point Gauss-Hermite rule (weight exp(-z^2)), float64 on the CPU.
+    Cached and shared: do not modify."""
+    nodes, weights = np.polynomial.hermite.hermgauss(n_nodes)
+    log_weights = np.log(weights)
+    if not np.isfinite(log_weights).all():
+        raise ValueError(f"the {n_nodes}-point Gauss-Hermite rule underflows in float64")
+    return torch.tensor(nodes, dtype=DTYPE), torch.tensor(log_weights, dtype=DTYPE)
 
 
 # ---------------------------------------------------------------------------------------------------------------

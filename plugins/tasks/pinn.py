@@ -1,0 +1,307 @@
+"""Task ``pinn``: a physics-informed neural network pretrained on one PDE parameter, then adapted or compressed.
+
+The PDE families, their reference solutions and the error metrics are in ``_pde`` (Burgers with a Cole-Hopf
+reference, convection, Helmholtz 2D, Poisson 2D). The network is PINNacle's (Hao et al., NeurIPS 2024): a tanh MLP
+of ``depth`` hidden layers of ``width`` units, Glorot-normal weights, zero biases, inputs mapped affinely from the
+PDE's box to [-1, 1]^d; every Linear is a site (``layers.0`` ... ``layers.{depth}``).
+
+Loss (the plain PINN loss, equal weights as PINNacle's vanilla PINN): on fixed collocation points drawn once per
+task configuration and seed -- ``n_interior`` uniform interior points, ``n_boundary`` points on the Dirichlet /
+initial faces, and for periodic families ``n_boundary`` matched pairs --
+
+    L(u) = mean_i r(x_i)^2 + mean_j (u(b_j) - g(b_j))^2 + mean_k (u(p_k) - u(p'_k))^2        (r the PDE residual).
+
+Pretraining: Adam (lr ``lr``) for ``pretrain_steps`` steps on the ``source`` parameter, from a seed derived from the
+task seed; the weights are cached on disk per configuration and seed (``$RANKBENCH_CACHE/pinn/``).
+
+Problem kinds (``problem``)
+    ``adaptation`` (default; budget kind ``rank_total``): fine-tune on the ``target`` parameter for ``steps`` Adam
+        steps with LoRA adapters on every site (``rankbench_plugins.kinds.adaptation``); post-hoc selectors see the
+        learned updates after ``steps - retrain_steps`` steps, and training continues ``retrain_steps`` steps at the
+        chosen ranks. Adam with ``adapter_lr`` (LoRA is usually trained with a larger rate than full fine-tuning:
+        at 1e-3 the adapters barely move from E = 0 in a few hundred steps). The dense reference fine-tunes all
+        weights for ``steps`` steps with ``lr``. Metrics on the target PDE.
+    ``compression`` (budget kind ``param_ratio``): post-training compression of the pretrained network's own
+        weights (``rankbench_plugins.kinds.compression``), calibration loss = the PINN loss on the source problem;
+        metrics on the source PDE.
+
+Metrics (PINNacle): ``l2re`` (primary), ``l1re``, ``maxe``, ``mse`` of the network against the reference on a regular
+test grid of ``test_grid`` points per axis; ``l2re_pretrained`` (the pretrained network on the evaluated problem,
+i.e. before any fine-tuning or compression) and ``final_loss`` (the PINN loss of the evaluated network).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from rankbench.api import ADAPTATION, COMPRESSION, PARAM_RATIO, RANK_TOTAL, Factorization, PluginParams, Selector
+from rankbench.api import hookimpl
+from rankbench_plugins.kinds.adaptation import (
+    AdaptationSettings,
+    AdaptationTask,
+    AdapterFactorization,
+    run_adaptation,
+    run_adaptation_reference,
+)
+from rankbench_plugins.kinds.compression import CompressionTask, LowRankFactorization
+from rankbench_plugins.tasks import _pde
+
+CACHE_VERSION = 1
+
+
+class PINNParams(PluginParams):
+    pde: Literal["burgers", "convection", "helmholtz", "poisson"] = "convection"
+    source: float | None = Field(None, description="PDE parameter of pretraining (None: the family's default)")
+    target: float | None = Field(None, description="PDE parameter to fine-tune on (adaptation; None: the source)")
+    problem: Literal["adaptation", "compression"] = "adaptation"
+    width: int = Field(50, ge=1, description="units per hidden layer")
+    depth: int = Field(4, ge=1, description="hidden layers")
+    pretrain_steps: int = Field(3000, ge=0, description="Adam steps on the source parameter (cached)")
+    steps: int = Field(1000, ge=1, description="fine-tuning steps per adaptation cell")
+    retrain_steps: int = Field(300, ge=0, description="steps after a post-hoc rank selection (part of steps)")
+    lr: float = Field(1e-3, gt=0.0, description="Adam learning rate of pretraining and of full fine-tuning (reference)")
+    adapter_lr: float = Field(1e-2, gt=0.0, description="Adam learning rate of the adapters")
+    n_interior: int = Field(1000, ge=1, description="interior collocation points")
+    n_boundary: int = Field(200, ge=1, description="boundary / initial points (and periodic pairs)")
+    test_grid: int = Field(64, ge=2, description="test points per axis")
+
+    @model_validator(mode="after")
+    def _check(self) -> PINNParams:
+        if self.retrain_steps >= self.steps:
+            raise ValueError(f"retrain_steps ({self.retrain_steps}) must be smaller than steps ({self.steps})")
+        for key in ("source", "target"):
+            value = getattr(self, key)
+            if value is not None:
+                try:
+                    _pde.make_problem(self.pde, value)
+                except ValueError as exc:
+                    raise ValueError(f"{key}: {exc}") from None
+        return self
+
+
+@dataclass
+class Collocation:
+    interior: torch.Tensor
+    boundary: torch.Tensor
+    boundary_values: torch.Tensor
+    periodic: tuple[torch.Tensor, torch.Tensor] | None
+
+
+class TanhMLP(nn.Module):
+    """u(x) = layers[depth](tanh(... tanh(layers[0](a * x + c)))) with x mapped from the PDE box to [-1, 1]^d."""
+
+    def __init__(self, lower, upper, width: int, depth: int, generator: torch.Generator):
+        super().__init__()
+        lower = torch.tensor(lower, dtype=_pde.DTYPE)
+        upper = torch.tensor(upper, dtype=_pde.DTYPE)
+        self.register_buffer("scale", 2.0 / (upper - lower))
+        self.register_buffer("shift", -(upper + lower) / (upper - lower))
+        sizes = [len(lower)] + [width] * depth + [1]
+        self.layers = nn.ModuleList(nn.Linear(a, b, dtype=_pde.DTYPE) for a, b in zip(sizes[:-1], sizes[1:]))
+        with torch.no_grad():
+            for layer in self.layers:  # Glorot (Xavier) normal, zero bias
+                std = math.sqrt(2.0 / sum(layer.weight.shape))
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator, dtype=_pde.DTYPE) * std)
+                layer.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x * self.scale + self.shift
+        for layer in self.layers[:-1]:
+            h = torch.tanh(layer(h))
+        return self.layers[-1](h).squeeze(-1)
+
+
+class PINN(CompressionTask, AdaptationTask):
+    name = "pinn"
+    version = "1"
+    description = "PINN (tanh MLP) pretrained on one PDE parameter: LoRA adaptation to another, or compression"
+    Params = PINNParams
+    primary_metric = "l2re"
+
+    @property
+    def problem_kind(self) -> str:  # type: ignore[override]
+        return ADAPTATION if self.params.problem == "adaptation" else COMPRESSION
+
+    @property
+    def budget_kind(self) -> str:  # type: ignore[override]
+        return RANK_TOTAL if self.params.problem == "adaptation" else PARAM_RATIO
+
+    def skip(self, selector: Selector, factorization: Factorization) -> str | None:
+        if self.params.problem == "adaptation":
+            if not isinstance(factorization, AdapterFactorization):
+                return f"factorization {factorization.name} builds no adapters"
+            return None
+        if not isinstance(factorization, LowRankFactorization):
+            return f"factorization {factorization.name} cannot compress Linear weights"
+        return None
+
+    # -- problems and points --------------------------------------------------------------------------------------
+    def source_problem(self) -> _pde.PDEProblem:
+        return _pde.make_problem(self.params.pde, self.params.source)
+
+    def target_problem(self) -> _pde.PDEProblem:
+        p = self.params
+        return _pde.make_problem(p.pde, p.target if p.target is not None else p.source)
+
+    def evaluated_problem(self) -> _pde.PDEProblem:
+        return self.target_problem() if self.params.problem == "adaptation" else self.source_problem()
+
+    def collocation(self, ctx, problem: _pde.PDEProblem) -> Collocation:
+        """Fixed points for ``problem``, drawn once per task seed and parameter value."""
+        key = ("pinn_points", problem.family, problem.param, ctx.task_seed)
+        if key not in ctx.shared:
+            p = self.params
+            generator = torch.Generator().manual_seed(_seed(ctx.task_seed, "points", problem.param))
+            boundary = problem.boundary_points(p.n_boundary, generator)
+            ctx.shared[key] = Collocation(
+                interior=problem.interior_points(p.n_interior, generator).to(ctx.device),
+                boundary=boundary.to(ctx.device),
+                boundary_values=problem.boundary_values(boundary).to(ctx.device),
+                periodic=_to(problem.periodic_pairs(p.n_boundary, generator), ctx.device),
+            )
+        return ctx.shared[key]
+
+    def pinn_loss(self, model: nn.Module, problem: _pde.PDEProblem, points: Collocation) -> torch.Tensor:
+        with torch.enable_grad():
+            loss = problem.residual(model, points.interior).pow(2).mean()
+            loss = loss + (model(points.boundary) - points.boundary_values).pow(2).mean()
+            if points.periodic is not None:
+                left, right = points.periodic
+                loss = loss + (model(left) - model(right)).pow(2).mean()
+        return loss
+
+    # -- the pretrained network (CompressionTask.load_model, memoised by model_key) ----------------------------------
+    def model_key(self, ctx):
+        return ctx.task_seed
+
+    def calibration_key(self, ctx):
+        return ctx.task_seed
+
+    def load_model(self, ctx) -> nn.Module:
+        p = self.params
+        problem = self.source_problem()
+        config = {
+            "version": CACHE_VERSION, "pde": p.pde, "source": problem.param, "width": p.width, "depth": p.depth,
+            "steps": p.pretrain_steps, "lr": p.lr, "n_interior": p.n_interior, "n_boundary": p.n_boundary,
+            "seed": ctx.task_seed,
+        }
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+        path = Path(ctx.cache_dir) / f"pretrained-{p.pde}-{digest}.pt"
+        model = TanhMLP(problem.lower, problem.upper, p.width, p.depth,
+                        torch.Generator().manual_seed(_seed(ctx.task_seed, "init")))
+        if path.is_file():
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        else:
+            self.pretrain(ctx, model, problem)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            torch.save(model.state_dict(), tmp)
+            os.replace(tmp, path)
+        return model.to(ctx.device).eval()
+
+    def pretrain(self, ctx, model: nn.Module, problem: _pde.PDEProblem) -> None:
+        points = self.collocation(ctx, problem)
+        model.to(ctx.device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.params.lr)
+        for _ in range(self.params.pretrain_steps):
+            optimizer.zero_grad(set_to_none=True)
+            self.pinn_loss(model, problem, points).backward()
+            optimizer.step()
+        model.cpu()
+
+    def target_sites(self, model: nn.Module) -> dict[str, nn.Linear]:
+        return {f"layers.{i}": layer for i, layer in enumerate(model.layers)}
+
+    # -- compression hooks ----------------------------------------------------------------------------------------
+    def calibration_batches(self, ctx) -> list[Collocation]:
+        return [self.collocation(ctx, self.source_problem())]
+
+    def calibration_loss(self, model: nn.Module, batch: Collocation) -> torch.Tensor:
+        return self.pinn_loss(model, self.source_problem(), batch)
+
+    def evaluate(self, ctx, model: nn.Module) -> None:
+        problem = self.evaluated_problem()
+        grid, reference = self._test_set(ctx, problem)
+        with torch.no_grad():
+            errors = _pde.relative_errors(model(grid), reference)
+        for name, value in errors.items():
+            ctx.metric(name, value, "", False)
+        ctx.metric("final_loss", float(self.pinn_loss(model, problem, self.collocation(ctx, problem)).detach()), "",
+                   False)
+        ctx.metric("l2re_pretrained", self._pretrained_l2re(ctx), "", False)
+
+    def setup(self, ctx) -> None:
+        super().setup(ctx)
+        self._pretrained_l2re(ctx)  # while the memoised network is dense (compression cells swap its sites)
+
+    def _pretrained_l2re(self, ctx) -> float:
+        problem = self.evaluated_problem()
+        key = ("pinn_pretrained_l2re", problem.family, problem.param, ctx.task_seed, self.params.test_grid)
+        if key not in ctx.shared:
+            grid, reference = self._test_set(ctx, problem)
+            with torch.no_grad():
+                ctx.shared[key] = _pde.relative_errors(self.model(ctx)(grid), reference)["l2re"]
+        return ctx.shared[key]
+
+    def _test_set(self, ctx, problem: _pde.PDEProblem) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("pinn_test", problem.family, problem.param, self.params.test_grid)
+        if key not in ctx.shared:
+            grid = problem.test_grid(self.params.test_grid)
+            ctx.shared[key] = (grid.to(ctx.device), problem.reference(grid).to(ctx.device))
+        return ctx.shared[key]
+
+    # -- adaptation hooks -----------------------------------------------------------------------------------------
+    def pretrained_model(self, ctx) -> nn.Module:
+        return self.model(ctx)
+
+    def adaptation_sites(self, model: nn.Module) -> list[str]:
+        return list(self.target_sites(model))
+
+    def training_loss(self, ctx, model: nn.Module) -> torch.Tensor:
+        problem = self.target_problem()
+        return self.pinn_loss(model, problem, self.collocation(ctx, problem))
+
+    def evaluate_adapted(self, ctx, model: nn.Module) -> None:
+        self.evaluate(ctx, model)
+
+    def adaptation_settings(self) -> AdaptationSettings:
+        p = self.params
+        return AdaptationSettings(steps=p.steps, retrain_steps=p.retrain_steps, lr=p.adapter_lr, reference_lr=p.lr)
+
+    # -- cells ----------------------------------------------------------------------------------------------------
+    def run_reference(self, ctx) -> None:
+        if self.params.problem == "adaptation":
+            run_adaptation_reference(self, ctx)
+        else:
+            super().run_reference(ctx)
+
+    def run(self, ctx, selector: Selector, factorization: Factorization) -> None:
+        if self.params.problem == "adaptation":
+            run_adaptation(self, ctx, selector, factorization)
+        else:
+            super().run(ctx, selector, factorization)
+
+
+def _seed(task_seed: int, *parts) -> int:
+    text = json.dumps([int(task_seed), *[str(p) for p in parts]])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def _to(pair, device):
+    return None if pair is None else (pair[0].to(device), pair[1].to(device))
+
+
+@hookimpl
+def rankbench_register_tasks(register):
+    register(PINN)

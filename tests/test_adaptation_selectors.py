@@ -1,0 +1,477 @@
+"""The adaptation mode of ``adalora`` and ``sublora``: AdaLoRA's budget schedule and EMA scores, SubLoRA's
+post-hoc and joint determinations, budgets through ``run_adaptation``, and a planted low-rank update.
+
+The toy task: a pretrained 5 -> 8 -> 3 tanh MLP (float64) and a target that is the same network with a planted
+rank-2 update on one of its two Linears (``"0"`` or ``"2"``); the training loss is the mean squared error to the
+target network's outputs on 64 fixed inputs. Only the planted site needs adapter rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rankbench.api import ADAPTATION, COMPRESSION, PARAM_RATIO, RANK_TOTAL, RankProblem
+from rankbench.context import CellContext
+from rankbench_plugins.factorizations.lora import LoRA
+from rankbench_plugins.kinds.adaptation import (
+    AdaptationSettings,
+    AdapterTrainer,
+    AdaptationTask,
+    SVDAdapter,
+    adapter_site,
+    mask_components,
+    run_adaptation,
+)
+from rankbench_plugins.selectors import adalora, sublora
+from rankbench_plugins.selectors._allocation import (
+    budget_schedule,
+    kind_budget_skip,
+    project_submodular,
+    schedule_steps,
+    submodular_value,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
+
+INIT_RANK = 3
+SITES = ("0", "2")
+N = INIT_RANK * len(SITES)  # components in all
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class PlantedTask(AdaptationTask):
+    """Pretrained MLP; the target adds 0.5 u v^T (rank ``planted``) to the weight of Linear ``site``."""
+
+    def __init__(self, site: int = 0, planted: int = 2, steps: int = 120, retrain: int = 30, lr: float = 0.05):
+        self.steps, self.retrain, self.lr = steps, retrain, lr
+        gen = torch.Generator().manual_seed(0)
+        self.model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.copy_(0.7 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+        self.x = torch.randn(64, 5, generator=gen, dtype=torch.float64)
+        target = copy.deepcopy(self.model)
+        with torch.no_grad():
+            W = target[site].weight
+            u = torch.randn(W.shape[0], planted, generator=gen, dtype=torch.float64)
+            v = torch.randn(planted, W.shape[1], generator=gen, dtype=torch.float64)
+            W += 0.5 * u @ v
+            self.y = target(self.x)
+        self.adapted = None
+
+    def pretrained_model(self, ctx):
+        return self.model
+
+    def adaptation_sites(self, model):
+        return list(SITES)
+
+    def training_loss(self, ctx, model):
+        return ((model(self.x) - self.y) ** 2).mean()
+
+    def evaluate_adapted(self, ctx, model):
+        self.adapted = model
+        with torch.no_grad():
+            ctx.metric("mse", float(self.training_loss(ctx, model)))
+
+    def adaptation_settings(self):
+        return AdaptationSettings(steps=self.steps, retrain_steps=self.retrain, lr=self.lr, reference_lr=self.lr)
+
+
+def make_ctx(budget, seed: int = 0) -> CellContext:
+    return CellContext(
+        cell_id="t", seed=seed, task_seed=0, device="cpu", budget=budget, budget_kind=RANK_TOTAL, shared={},
+        cache_dir=Path("."),
+    )
+
+
+def lora() -> LoRA:
+    return LoRA(LoRA.Params(init_rank=INIT_RANK))
+
+
+def make(module, **params):
+    registered = []
+    module.rankbench_register_selectors(registered.append)
+    (cls,) = registered
+    return cls(cls.Params(**params))
+
+
+def run_cell(selector, budget, task=None, seed: int = 0):
+    task = task or PlantedTask()
+    ctx = make_ctx(budget, seed)
+    run_adaptation(task, ctx, selector, lora())
+    ranks = {row["site"]: row["rank"] for row in ctx.ranks_rows}
+    metrics = {m["metric"]: m["value"] for m in ctx.metrics}
+    return ranks, metrics, task
+
+
+def manual_cell(task, budget, seed: int = 0):
+    """What ``run_adaptation`` builds before it hands over to a selector: (problem, trainer)."""
+    ctx = make_ctx(budget, seed)
+    model = copy.deepcopy(task.pretrained_model(ctx))
+    factorization = lora()
+    adapters = factorization.attach(model, task.adaptation_sites(model), seed=seed)
+    trainer = AdapterTrainer(task, ctx, model, adapters, task.adaptation_settings(), factorization.params.orth_reg)
+    problem = RankProblem(
+        sites=[adapter_site(name, a) for name, a in adapters.items()], budget=budget, budget_kind=RANK_TOTAL, seed=seed
+    )
+    return problem, trainer
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Registration, parameters, pairing
+
+
+@pytest.mark.parametrize("module", [adalora, sublora])
+def test_both_kinds_declared_and_mismatched_budgets_skipped(module):
+    selector = make(module)
+    assert type(selector).problem_kinds == {COMPRESSION, ADAPTATION}
+    assert type(selector).budget_kinds == {PARAM_RATIO, RANK_TOTAL}
+    for kind, budget_kind, skipped in [
+        (ADAPTATION, RANK_TOTAL, False),
+        (ADAPTATION, PARAM_RATIO, True),
+        (COMPRESSION, PARAM_RATIO, False),
+        (COMPRESSION, RANK_TOTAL, True),
+    ]:
+        task = SimpleNamespace(problem_kind=kind, budget_kind=budget_kind)
+        assert bool(selector.skip(task, None)) == skipped
+        assert bool(kind_budget_skip(selector, task)) == skipped
+    with pytest.raises(ValueError, match="tinit_fraction"):
+        type(selector).Params(tinit_fraction=0.8, tfinal_fraction=0.3)
+    problem, trainer = manual_cell(PlantedTask(steps=4), 2)
+    problem.budget_kind = PARAM_RATIO
+    with pytest.raises(ValueError, match="rank_total"):
+        selector.adapt(problem, trainer)
+    assert trainer.step_count == 0
+
+
+def test_new_parameter_defaults():
+    a = adalora.AdaLoraSelector.Params()
+    assert (a.beta1, a.beta2, a.tinit_fraction, a.tfinal_fraction, a.delta_t) == (0.85, 0.85, 0.1, 0.3, 10)
+    s = sublora.SubLoraSelector.Params()
+    assert (s.mode, s.retrain_fraction, s.tinit_fraction, s.tfinal_fraction, s.determinations) == (
+        "posthoc", None, 0.1, 0.3, 10)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# AdaLoRA: budget schedule and scores
+
+
+def test_budget_schedule_equals_the_cubic_formula():
+    T, b0, bT, tinit, tfinal = 100, 12, 4, 10, 30
+
+    def formula(t):  # written out by hand from the paper / PEFT
+        return int((b0 - bT) * (1 - (t - tinit) / (T - tfinal - tinit)) ** 3 + bT)
+
+    # Hand values: t=11: 8 (59/60)^3 + 4 = 11.606; t=20: 8 (5/6)^3 + 4 = 8.63; t=40: 8/8 + 4 = 5; t=70: 4.
+    expected = {0: 12, 5: 12, 10: 12, 11: 11, 20: 8, 40: 5, 69: 4, 70: 4, 71: 4, 100: 4}
+    for t, b in expected.items():
+        assert budget_schedule(t, T, b0, bT, tinit, tfinal) == b, t
+    for t in range(tinit + 1, T - tfinal + 1):
+        assert budget_schedule(t, T, b0, bT, tinit, tfinal) == formula(t), t
+    values = [budget_schedule(t, T, b0, bT, tinit, tfinal) for t in range(T + 1)]
+    assert values[0] == b0 and values[-1] == bT
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert adalora.budget_schedule is budget_schedule
+    # No division by zero when the middle phase is empty.
+    assert [budget_schedule(t, 10, 6, 2, 7, 3) for t in (7, 8)] == [6, 2]
+    # Steps from fractions: tinit, tfinal and the final determination's step T - tfinal, clipped to [1, T].
+    assert schedule_steps(100, 0.1, 0.3) == (10, 30, 70)
+    assert schedule_steps(5, 0.1, 1.0) == (1, 5, 1)
+    assert schedule_steps(0, 0.1, 0.3) == (0, 0, 0)
+
+
+def small_adapter(seed: int = 0) -> SVDAdapter:
+    base = nn.Linear(2, 3).double()
+    adapter = SVDAdapter(base, rank=2, alpha=2.0, init_std=0.5, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        adapter.E.copy_(torch.tensor([2.0, -1.0], dtype=torch.float64))
+    return adapter
+
+
+def set_grads(adapter, gE, gP, gQ):
+    adapter.E.grad = torch.tensor(gE, dtype=torch.float64)
+    adapter.P.grad = torch.tensor(gP, dtype=torch.float64)
+    adapter.Q.grad = torch.tensor(gQ, dtype=torch.float64)
+
+
+def allocator_for(adapters, score="triplet", beta1=0.85, beta2=0.85, **kw):
+    args = dict(target=1, total_steps=100, tinit=50, tfinal=10, t_end=90, delta_t=1)
+    args.update(kw)
+    return adalora.RankAllocator(adapters, beta1=beta1, beta2=beta2, score=score, **args)
+
+
+def test_ema_scores_after_two_callbacks_by_hand():
+    # Singular score, worked by hand (beta1 = beta2 = 0.85): E = (2, -1); grads (0.5, 1) then (1, 0).
+    # I1 = (1, 1); Ibar1 = .15 I1 = (.15, .15); Ubar1 = .15 * .85 = .1275.
+    # I2 = (2, 0); Ibar2 = (.1275 + .3, .1275) = (.4275, .1275); Ubar2 = (.108375 + .15 * 1.5725, .108375 + .15 * .1275)
+    # = (.34425, .1275); s = Ibar2 * Ubar2 = (.147166875, .01625625).
+    adapter = small_adapter()
+    allocator = allocator_for({"a": adapter}, score="singular")
+    zeros_P, zeros_Q = np.zeros((3, 2)), np.zeros((2, 2))
+    for step, gE in [(1, [0.5, 1.0]), (2, [1.0, 0.0])]:
+        set_grads(adapter, gE, zeros_P, zeros_Q)
+        allocator(SimpleNamespace(step_count=step))
+    np.testing.assert_allclose(allocator.scores().numpy(), [0.147166875, 0.01625625], rtol=1e-12)
+    assert adapter.E.tolist() == [2.0, -1.0] and adapter.rank == 2  # warm-up: nothing masked
+
+    # Triplet score with P and Q gradients and different betas, against the recursion written out in numpy.
+    b1, b2 = 0.8, 0.6
+    adapter = small_adapter(1)
+    allocator = allocator_for({"a": adapter}, beta1=b1, beta2=b2)
+    rng = np.random.default_rng(0)
+    grads = [(rng.normal(size=2), rng.normal(size=(3, 2)), rng.normal(size=(2, 2))) for _ in range(2)]
+    values = {k: getattr(adapter, k).detach().numpy().copy() for k in "EPQ"}
+    ibar = {k: np.zeros_like(v) for k, v in values.items()}
+    ubar = {k: np.zeros_like(v) for k, v in values.items()}
+    for step, (gE, gP, gQ) in enumerate(grads, start=1):
+        set_grads(adapter, gE, gP, gQ)
+        allocator(SimpleNamespace(step_count=step))
+        for k, g in zip("EPQ", (gE, gP, gQ)):
+            sens = np.abs(values[k] * g)
+            ibar[k] = b1 * ibar[k] + (1 - b1) * sens
+            ubar[k] = b2 * ubar[k] + (1 - b2) * np.abs(sens - ibar[k])
+    s = {k: ibar[k] * ubar[k] for k in "EPQ"}
+    expected = s["E"] + s["P"].mean(axis=0) + s["Q"].mean(axis=1)  # P's column i (out entries), Q's row i (in)
+    np.testing.assert_allclose(allocator.scores().numpy(), expected, rtol=1e-12)
+
+
+def test_masking_to_budget_and_final_mask():
+    adapters = {"a": small_adapter(0), "b": small_adapter(1)}
+    for a in adapters.values():
+        with torch.no_grad():
+            a.E.copy_(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    allocator = allocator_for(adapters, score="singular", target=1)
+    scores = {"a": [0.4, 0.1], "b": [0.3, 0.2]}
+    for name, values in scores.items():  # s(E) = Ibar * Ubar = values
+        allocator.ema.ibar[(name, "E")] = torch.tensor(values, dtype=torch.float64)
+        allocator.ema.ubar[(name, "E")] = torch.ones(2, dtype=torch.float64)
+    allocator.mask_to_budget(2)  # k = 4 - 2: thr = 0.2, E := 0 where S <= 0.2, masks untouched
+    assert adapters["a"].E.tolist() == [1.0, 0.0] and adapters["b"].E.tolist() == [1.0, 0.0]
+    assert adapters["a"].rank == adapters["b"].rank == 2
+    allocator.finalise()  # keep the single best triplet (a, 0) for good
+    assert adapters["a"].mask.tolist() == [1.0, 0.0] and adapters["b"].mask.tolist() == [0.0, 0.0]
+    assert adapters["b"].E.tolist() == [0.0, 0.0]
+
+
+def test_adalora_schedule_drives_training(monkeypatch):
+    made = []
+
+    class Spy(adalora.RankAllocator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(adalora, "RankAllocator", Spy)
+    T, budget = 60, 2
+    selector = make(adalora, delta_t=5)
+    problem, trainer = manual_cell(PlantedTask(steps=T), budget)
+    ranks = selector.adapt(problem, trainer)
+    (allocator,) = made
+    tinit, tfinal, t_end = 6, 18, 42
+    assert (allocator.tinit, allocator.tfinal, allocator.t_end) == (tinit, tfinal, t_end)
+    assert trainer.step_count == t_end and trainer.steps_left == tfinal
+    assert [t for t, _ in allocator.masked_at] == list(range(10, t_end, 5))
+    assert all(b == budget_schedule(t, T, N, budget, tinit, tfinal) for t, b in allocator.masked_at)
+    assert ranks == {name: a.rank for name, a in trainer.adapters.items()} and sum(ranks.values()) == budget
+    assert all(r == N for step, r in trainer.rank_curve if step < t_end)  # intermediate masking zeroes E only
+    trainer.train(trainer.steps_left)
+    assert {name: a.rank for name, a in trainer.adapters.items()} == ranks  # masks stay fixed
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Budgets through run_adaptation
+
+
+@pytest.mark.parametrize(
+    "module,params",
+    [
+        (adalora, {}),
+        (adalora, {"score": "singular", "delta_t": 1}),
+        (sublora, {}),
+        (sublora, {"mode": "joint"}),
+        (sublora, {"hessian": "none"}),
+        (sublora, {"structure": "block", "top_k": 2, "fill": False}),
+    ],
+)
+def test_total_rank_within_budget_through_run_adaptation(module, params):
+    selector = make(module, **params)
+    for budget in (1, 3, 5, N, N + 4):
+        task = PlantedTask(steps=40, retrain=10)
+        ranks, metrics, task = run_cell(selector, budget, task)  # run_adaptation checks answer == masks
+        assert set(ranks) == set(SITES)
+        assert sum(ranks.values()) == metrics["rank_total"] <= budget
+        if params.get("fill", True):
+            assert sum(ranks.values()) == min(budget, N)
+        for name, rank in ranks.items():
+            adapter = task.adapted.get_submodule(name)
+            assert adapter.rank == rank
+            assert metrics["adapter_params"] >= adapter.params_at_rank(rank)
+
+
+@pytest.mark.parametrize("module", [adalora, sublora])
+def test_zero_budget_gives_the_pretrained_model(module):
+    task = PlantedTask(steps=20, retrain=5)
+    ranks, metrics, task = run_cell(make(module), 0, task)
+    assert ranks == {"0": 0, "2": 0}
+    with torch.no_grad():
+        assert torch.equal(task.adapted(task.x), task.model(task.x))
+
+
+def test_zero_rank_adapter_leaves_the_pretrained_output():
+    task = PlantedTask()
+    _, trainer = manual_cell(task, 3)
+    trainer.train(15)
+    adapter = trainer.adapters["0"]
+    assert adapter.E.abs().min() > 0 and adapter.delta_weight().abs().max() > 0
+    with torch.no_grad():
+        x = torch.randn(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        base = adapter.base(x)
+        assert not torch.allclose(adapter(x), base)
+        mask_components(adapter, torch.zeros(INIT_RANK, dtype=torch.bool))
+        assert adapter.rank == 0
+        assert torch.equal(adapter(x), base) and torch.count_nonzero(adapter.delta_weight()) == 0
+        mask_components(trainer.adapters["2"], torch.zeros(INIT_RANK, dtype=torch.bool))
+        assert torch.equal(trainer.model(task.x), task.model(task.x))
+    trainer.train(5)  # no gradient revives a masked component
+    assert adapter.rank == 0 and torch.count_nonzero(adapter.delta_weight()) == 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SubLoRA
+
+
+@pytest.mark.parametrize("mode", ["posthoc", "joint"])
+@pytest.mark.parametrize("site", [0, 2])
+def test_sublora_gives_the_planted_site_the_ranks(site, mode):
+    for seed in (0, 1):
+        ranks, metrics, _ = run_cell(make(sublora, mode=mode), 2, PlantedTask(site=site), seed=seed)
+        assert ranks == {str(site): 2, str(2 - site): 0}, seed
+        assert metrics["mse"] < 0.2
+
+
+def finite_differences(f, x, h=1e-4):
+    n = len(x)
+    eye = torch.eye(n, dtype=torch.float64)
+    g = np.array([(f(x + h * eye[i]) - f(x - h * eye[i])) / (2 * h) for i in range(n)])
+    H = np.zeros((n, n))
+    for i, j in itertools.product(range(n), repeat=2):
+        a, b = h * eye[i], h * eye[j]
+        H[i, j] = (f(x + a + b) - f(x + a - b) - f(x - a + b) + f(x - a - b)) / (4 * h * h)
+    return g, H
+
+
+def naive_greedy(c, M, b):
+    chosen = []
+    for _ in range(b):
+        gains = [(submodular_value([*chosen, i], c, M) - submodular_value(chosen, c, M), -i)
+                 for i in range(len(c)) if i not in chosen]
+        chosen.append(-max(gains)[1])
+    return chosen
+
+
+def test_sublora_posthoc_uses_exact_derivatives_at_the_trained_E(monkeypatch):
+    task, budget = PlantedTask(steps=50, retrain=20), 2
+    selector = make(sublora, retrain_fraction=0.4)
+    problem, trainer = manual_cell(task, budget)
+    seen = []
+    original = sublora.SubLoraSelector.adaptation_derivatives
+
+    def recording(self, problem, trainer):
+        out = original(self, problem, trainer)
+        names = list(trainer.adapters)
+        E = torch.cat([trainer.adapters[n].E.detach().clone() for n in names])
+
+        def f(x):
+            with torch.no_grad():
+                return float(trainer.sigma_loss({n: x[INIT_RANK * g : INIT_RANK * (g + 1)] for g, n in enumerate(names)}))
+
+        seen.append((trainer.step_count, E, out, finite_differences(f, E)))
+        return out
+
+    monkeypatch.setattr(sublora.SubLoraSelector, "adaptation_derivatives", recording)
+    ranks = selector.adapt(problem, trainer)
+    ((step, E, (sigma, g, offsets, blocks), (g_fd, H_fd)),) = seen
+    assert step == 50 - 20 == trainer.step_count  # T - round(0.4 T) steps trained before the determination
+    np.testing.assert_array_equal(sigma, E.numpy())
+    assert list(offsets) == [0, 3, 6]
+    np.testing.assert_allclose(g, g_fd, rtol=1e-6, atol=1e-8)
+    ((idx, H),) = blocks  # n = 6 <= full_max: one exact full Hessian
+    assert list(idx) == list(range(N))
+    np.testing.assert_allclose(H, H_fd, rtol=1e-4, atol=1e-6)
+    # The kept set is the greedy on F with c = g E and M^ = projected diag(E) H diag(E), ...
+    c, M = g * sigma, project_submodular(sigma[:, None] * H * sigma[None, :])
+    kept = np.flatnonzero(np.concatenate([trainer.adapters[n].mask.numpy() for n in SITES]) > 0)
+    assert sorted(naive_greedy(c, M, budget)) == list(kept)
+    # ... here also the optimum over all sets of size b, and the masks/ranks match.
+    best = max(itertools.combinations(range(N), budget), key=lambda S: submodular_value(list(S), c, M))
+    assert submodular_value(list(kept), c, M) == pytest.approx(submodular_value(list(best), c, M), rel=1e-12)
+    assert ranks == {n: int(trainer.adapters[n].mask.sum()) for n in SITES} and sum(ranks.values()) == budget
+
+
+def test_sublora_retrain_steps_from_the_task_when_fraction_is_null():
+    problem, trainer = manual_cell(PlantedTask(steps=30, retrain=12), 2)
+    make(sublora, retrain_fraction=None).adapt(problem, trainer)
+    assert trainer.step_count == 18 and trainer.rank_total() == 2
+
+
+def test_sigma_zero_components_have_no_terms():
+    sigma = np.array([1.5, 0.0, -2.0])
+    g = np.array([0.3, 7.0, -0.2])
+    H = np.array([[1.0, -2.0, 0.5], [-2.0, 3.0, 4.0], [0.5, 4.0, 2.0]])
+    linear, ((idx, M),) = sublora.quadratic_model(sigma, g, [(np.arange(3), H)], "projected")
+    assert linear[1] == 0.0 and np.all(M[1] == 0) and np.all(M[:, 1] == 0)
+    # c = g sigma = (.45, 0, .4); M = diag(sigma) H diag(sigma): M_00 = 2.25, M_22 = 8, M_02 = -1.5 -> 0.
+    np.testing.assert_allclose(linear, [-0.45 + 1.125, 0.0, -0.4 + 4.0])
+    np.testing.assert_allclose(M, [[2.25, 0, 0], [0, 0, 0], [0, 0, 8.0]])
+
+
+def test_sublora_joint_alternates_on_adalora_schedule(monkeypatch):
+    T, budget = 60, 2
+    selector = make(sublora, mode="joint", determinations=4)
+    problem, trainer = manual_cell(PlantedTask(steps=T), budget)
+    calls = []
+    original = sublora.SubLoraSelector.determine
+
+    def recording(self, problem, trainer, b):
+        keep = original(self, problem, trainer, b)
+        calls.append((trainer.step_count, b, trainer.rank_total(), int(keep.sum())))
+        return keep
+
+    monkeypatch.setattr(sublora.SubLoraSelector, "determine", recording)
+    ranks = selector.adapt(problem, trainer)
+    tinit, tfinal, steps = selector.joint_steps(T)
+    assert (tinit, tfinal) == (6, 18) and steps == [15, 24, 33, 42]  # 6 + round(j * 36 / 4)
+    assert [c[0] for c in calls] == steps and trainer.step_count == 42
+    expected = [budget_schedule(t, T, N, budget, tinit, tfinal) for t in steps]
+    assert expected[-1] == budget and [c[1] for c in calls] == expected
+    assert all(rank == N for _, _, rank, _ in calls)  # intermediate determinations zero E, masks stay on
+    assert [c[3] for c in calls] == expected  # fill: exactly b(t) kept each time
+    assert trainer.rank_total() == budget == sum(ranks.values())
+
+
+def test_budget_at_least_the_components_keeps_everything_without_derivatives(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("no derivatives needed")
+
+    monkeypatch.setattr(sublora.SubLoraSelector, "adaptation_derivatives", fail)
+    for module in (adalora, sublora):
+        problem, trainer = manual_cell(PlantedTask(steps=10), N + 0.5)
+        assert make(module).adapt(problem, trainer) == {"0": INIT_RANK, "2": INIT_RANK}
+        assert trainer.step_count == 0  # the protocol trains all steps
+    assert math.floor(N + 0.5) == N
