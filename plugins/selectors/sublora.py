@@ -226,6 +226,8 @@ class SubLoraSelector(Selector):
         return True
 
     def skip(self, task, factorization) -> str | None:
+        if self.params.mode == "joint" and getattr(task, "problem_kind", None) == COMPRESSION:
+            return "sublora mode joint alternates with fine-tuning: adaptation problems only"
         return kind_budget_skip(self, task)
 
     # -- derivatives ---------------------------------------------------------------------------------------------

@@ -84,7 +84,8 @@ class PINNParams(PluginParams):
             value = getattr(self, key)
             if value is not None:
                 try:
-                    _pde.make_problem(self.pde, value)
+                    problem = _pde.make_problem(self.pde, value)
+                    problem.reference(problem.test_grid(2))  # the reference solver refuses what it cannot solve
                 except ValueError as exc:
                     raise ValueError(f"{key}: {exc}") from None
         return self
