@@ -137,3 +137,22 @@ def test_compression_cell_at_full_rank_reproduces_the_pretrained_errors(tmp_path
     task.run(ctx, FullRank(), SVD())
     got = metrics(ctx)
     assert got["l2re"] == pytest.approx(got["l2re_pretrained"], rel=1e-9)
+
+
+def test_zero_rank_adapters_leave_the_pretrained_network_unchanged(tmp_path):
+    """Adapters trained a few steps and then cut to rank 0 give exactly the pretrained PINN's outputs."""
+    from rankbench_plugins.kinds.adaptation import AdapterTrainer
+
+    task = make(pde="poisson", source=1.0, target=2.0)
+    ctx = make_ctx(tmp_path)
+    pretrained = task.pretrained_model(ctx)
+    model = copy.deepcopy(pretrained)
+    factorization = LoRA(LoRA.Params(init_rank=2))
+    adapters = factorization.attach(model, task.adaptation_sites(model), seed=0)
+    trainer = AdapterTrainer(task, ctx, model, adapters, task.adaptation_settings(), factorization.params.orth_reg)
+    trainer.train(5)
+    grid, _ = task._test_set(ctx, task.target_problem())
+    with torch.no_grad():
+        assert not torch.equal(model(grid), pretrained(grid))
+        trainer.truncate({name: 0 for name in adapters})
+        torch.testing.assert_close(model(grid), pretrained(grid), rtol=0, atol=0)
