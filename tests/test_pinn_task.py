@@ -107,8 +107,8 @@ def test_adaptation_cell_end_to_end(tmp_path):
     ranks = {row["site"]: row["rank"] for row in ctx.ranks_rows}
     assert sum(ranks.values()) == got["rank_total"] <= 3
     shapes = {"layers.0": (8, 2), "layers.1": (8, 8), "layers.2": (1, 8)}
-    assert got["adapter_params"] == sum(ranks[n] * (m + k + 1) for n, (m, k) in shapes.items())
-    assert got["param_ratio"] == pytest.approx(got["adapter_params"] / (16 + 64 + 8))
+    assert got["params"] == sum(ranks[n] * (m + k + 1) for n, (m, k) in shapes.items())
+    assert got["param_ratio"] == pytest.approx(got["params"] / (16 + 64 + 8))
     assert {"l2re", "l1re", "maxe", "mse", "final_loss", "l2re_pretrained"} <= set(got)
     for a, b in zip(before.values(), task.pretrained_model(ctx).state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -27,8 +27,9 @@ the target problem and its metrics; ``run_adaptation`` does the rest. A selector
 
 Every selector therefore gets the same number of optimiser steps on the same loss. Budget kind ``rank_total``: the
 total rank summed over sites must not exceed the budget. The dense reference cell fine-tunes every weight of the
-model (no adapters) for the same steps. Per cell the kind records ``adapter_params``, ``rank_total``, ``param_ratio``
-(adapter parameters over the sites' dense parameters) and the curves ``train_loss`` and ``rank_total``.
+model (no adapters) for the same steps. Per cell the kind records ``params`` (the adapters' parameters at the final
+ranks; the sites' dense parameters for the reference), ``rank_total``, ``param_ratio`` (params over the sites' dense
+parameters) and the curves ``train_loss`` and ``rank_total``.
 """
 
 from __future__ import annotations
@@ -272,7 +273,7 @@ def run_adaptation_reference(task: AdaptationTask, ctx) -> None:
     with ctx.phase("evaluate"):
         task.evaluate_adapted(ctx, model)
     names = task.adaptation_sites(model)
-    ctx.metric("adapter_params", dense_sites_params(model, names), "", None)
+    ctx.metric("params", dense_sites_params(model, names), "", None)
     ctx.metric("param_ratio", 1.0)
 
 
@@ -314,7 +315,7 @@ def run_adaptation(task: AdaptationTask, ctx, selector, factorization: AdapterFa
         params = adapter.params_at_rank(final[name])
         kept += params
         ctx.ranks(name, final[name], params)
-    ctx.metric("adapter_params", kept, "", None)
+    ctx.metric("params", kept, "", None)
     ctx.metric("rank_total", sum(final.values()), "", None)
     ctx.metric("param_ratio", kept / dense_sites_params(model, [n + ".base" for n in names]))
     if trainer.loss_curve:
