@@ -34,9 +34,9 @@ Formats, papers, equations
   a^(N)_r with factor matrices A_k (dim_k x R) of unit-norm columns and weights lambda (R). Fitted by CP-ALS (Kolda &
   Bader Fig. 3.3): for each mode n, A_n <- X_(n) (A_N (.) ... (.) A_1, skipping n) V^+ with V the Hadamard product of
   the A_j^T A_j (j != n) (Kolda & Bader unfold column-major; with this module's row-major unfoldings the Khatri-Rao
-  product runs A_1 (.) ... (.) A_N instead), then columns normalised into lambda. The MTTKRP X_(n) (...) is computed through a two-level
-  split of the modes (one GEMM of |T| R per half per sweep, shared by the modes of that half). Initialised with the leading R left
-  singular vectors of each unfolding X_(n) (deterministic; columns beyond rank(X_(n)) are filled with seeded Gaussian
+  product runs A_1 (.) ... (.) A_N instead), then columns normalised into lambda. The MTTKRP X_(n) (...) is
+  computed through a two-level split of the modes (one GEMM of |T| R per half per sweep, shared by the modes of that
+  half). Initialised with the leading R left singular vectors of each unfolding X_(n) (deterministic; columns beyond rank(X_(n)) are filled with seeded Gaussian
   noise) or fully at random (seeded). Stops when the relative error ||T - T_hat||_F / ||T||_F changes by less than
   ``tol`` between sweeps, the error computed without forming T_hat from ||T||^2 - 2 <T, T_hat> + ||T_hat||^2.
   Stored: R (sum_k dim_k + 1) numbers (lambda is kept as its own vector).
@@ -147,7 +147,9 @@ def _resolve_dims(W: torch.Tensor, out_dims: Dims | None, in_dims: Dims | None) 
     out_dims = factor_dims(out_features, 2) if out_dims is None else tuple(int(d) for d in out_dims)
     in_dims = factor_dims(in_features, 2) if in_dims is None else tuple(int(d) for d in in_dims)
     if math.prod(out_dims) != out_features or math.prod(in_dims) != in_features:
-        raise ValueError(f"out_dims {out_dims} / in_dims {in_dims} do not multiply to the weight shape {tuple(W.shape)}")
+        raise ValueError(
+            f"out_dims {out_dims} / in_dims {in_dims} do not multiply to the weight shape {tuple(W.shape)}"
+        )
     if min(out_dims + in_dims) < 1:
         raise ValueError("all dims must be >= 1")
     return out_dims, in_dims

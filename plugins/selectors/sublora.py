@@ -63,14 +63,15 @@ of largest |E_i|, as the adapters' components have no order). ``components`` and
 only. Components already masked stay masked and are not candidates. Two modes (``mode``):
 
 * ``posthoc`` (default): train T - R steps at the initial ranks, with R the task's retrain steps (the same as for
-  every post-hoc selector; round(``retrain_fraction`` T) when that is set), determine S once at the trained E, switch
-  the components outside S off for good (E := 0, mask := 0, ``mask_components``), and let the protocol train the last R steps with
-  the masks fixed (the greedy run once at the fine-tuned sigma, as ALGORITHMS.md §3.2's pseudo-code).
+  every post-hoc selector; round(``retrain_fraction`` T) when that is set), determine S once at the trained E,
+  switch the components outside S off for good (E := 0, mask := 0, ``mask_components``), and let the protocol
+  train the last R steps with the masks fixed (the greedy run once at the fine-tuned sigma, as ALGORITHMS.md
+  §3.2's pseudo-code).
 * ``joint``: the paper's joint variant, which "alternates LoRA updates with rank determination" (ALGORITHMS.md
-  §3.2's summary); the paper's schedule was not available, so this implementation borrows AdaLoRA's (``_allocation.budget_schedule``, with the same tinit and
-  tfinal defaults, so the two methods are comparable at equal steps): after tinit warm-up steps, ``determinations``
-  rank determinations D are evenly spaced over (tinit, T - tfinal] (t_j = tinit + round(j (T - tfinal - tinit) / D),
-  j = 1..D, duplicates dropped), and the adapters train between two of them. Determination j recomputes g and H at
+  §3.2's summary); the paper's schedule was not available, so this implementation borrows AdaLoRA's
+  (``_allocation.budget_schedule``, with the same tinit and tfinal defaults, so the two methods are comparable at
+  equal steps): after tinit warm-up steps, ``determinations`` rank determinations D are evenly spaced over
+  (tinit, T - tfinal] (t_j = tinit + round(j (T - tfinal - tinit) / D), j = 1..D, duplicates dropped), and the adapters train between two of them. Determination j recomputes g and H at
   the current E and keeps the greedy's set of b(t_j) components, zeroing E of the others without masking them, so
   they get gradients again and may revive (as AdaLoRA's intermediate masks do); the last one (t = T - tfinal,
   b = b_T) masks for good, and the protocol trains the remaining tfinal steps with the masks fixed.
@@ -181,7 +182,8 @@ class SubLoraSelector(Selector):
         )
         structure: Literal["auto", "full", "block"] = Field(
             "auto",
-            description="exact Hessian over all sites' top_k (full) or per-site top_k blocks; auto: full if n<=full_max",
+            description="exact Hessian over all sites' top_k (full) or per-site top_k blocks; auto: full if n <= "
+            "full_max",
         )
         top_k: int = Field(16, ge=1, description="leading components per site with second-order terms")
         full_max: int = Field(256, ge=0, description="auto: exact full Hessian over all components when n <= this")
