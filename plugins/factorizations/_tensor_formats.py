@@ -34,11 +34,12 @@ Formats, papers, equations
   a^(N)_r with factor matrices A_k (dim_k x R) of unit-norm columns and weights lambda (R). Fitted by CP-ALS (Kolda &
   Bader Fig. 3.3): for each mode n, A_n <- X_(n) (A_N (.) ... (.) A_1, skipping n) V^+ with V the Hadamard product of
   the A_j^T A_j (j != n) (Kolda & Bader unfold column-major; with this module's row-major unfoldings the Khatri-Rao
-  product runs A_1 (.) ... (.) A_N instead), then columns normalised into lambda. The MTTKRP X_(n) (...) is
-  computed through a two-level split of the modes (one GEMM of |T| R per half per sweep, shared by the modes of that
-  half). Initialised with the leading R left singular vectors of each unfolding X_(n) (deterministic; columns beyond rank(X_(n)) are filled with seeded Gaussian
-  noise) or fully at random (seeded). Stops when the relative error ||T - T_hat||_F / ||T||_F changes by less than
-  ``tol`` between sweeps, the error computed without forming T_hat from ||T||^2 - 2 <T, T_hat> + ||T_hat||^2.
+  product runs A_1 (.) ... (.) A_N instead), then columns normalised into lambda. The MTTKRP X_(n) (...) is computed
+  through a two-level split of the modes (one GEMM of |T| R per half per sweep, shared by the modes of that half).
+  Initialised with the leading R left singular vectors of each unfolding X_(n) (deterministic; columns beyond
+  rank(X_(n)) are filled with seeded Gaussian noise) or fully at random (seeded). Stops when the relative error ||T -
+  T_hat||_F / ||T||_F changes by less than ``tol`` between sweeps, the error computed without forming T_hat from
+  ||T||^2 - 2 <T, T_hat> + ||T_hat||^2.
   Stored: R (sum_k dim_k + 1) numbers (lambda is kept as its own vector).
 * Tucker / HOOI (De Lathauwer, De Moor & Vandewalle 2000, "A multilinear singular value decomposition" (HOSVD) and
   "On the best rank-(R1, ..., RN) approximation of higher-order tensors" (HOOI)): T ~ G x_1 U_1 ... x_N U_N

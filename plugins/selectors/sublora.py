@@ -70,11 +70,12 @@ only. Components already masked stay masked and are not candidates. Two modes (`
 * ``joint``: the paper's joint variant, which "alternates LoRA updates with rank determination" (ALGORITHMS.md
   §3.2's summary); the paper's schedule was not available, so this implementation borrows AdaLoRA's
   (``_allocation.budget_schedule``, with the same tinit and tfinal defaults, so the two methods are comparable at
-  equal steps): after tinit warm-up steps, ``determinations`` rank determinations D are evenly spaced over
-  (tinit, T - tfinal] (t_j = tinit + round(j (T - tfinal - tinit) / D), j = 1..D, duplicates dropped), and the adapters train between two of them. Determination j recomputes g and H at
-  the current E and keeps the greedy's set of b(t_j) components, zeroing E of the others without masking them, so
-  they get gradients again and may revive (as AdaLoRA's intermediate masks do); the last one (t = T - tfinal,
-  b = b_T) masks for good, and the protocol trains the remaining tfinal steps with the masks fixed.
+  equal steps): after tinit warm-up steps, ``determinations`` rank determinations D are evenly spaced over (tinit, T -
+  tfinal] (t_j = tinit + round(j (T - tfinal - tinit) / D), j = 1..D, duplicates dropped), and the adapters train
+  between two of them. Determination j recomputes g and H at the current E and keeps the greedy's set of b(t_j)
+  components, zeroing E of the others without masking them, so they get gradients again and may revive (as AdaLoRA's
+  intermediate masks do); the last one (t = T - tfinal, b = b_T) masks for good, and the protocol trains the remaining
+  tfinal steps with the masks fixed.
 
 When b >= the number of unmasked components, nothing is pruned and no derivative is computed. Nothing of the
 adaptation path is memoised (E changes with training).
