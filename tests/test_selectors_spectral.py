@@ -229,9 +229,12 @@ def test_uniform_rank_cap_and_rank_total():
     sel = make("uniform")
     assert sel.select(problem(sites, 20, RANK_CAP)) == {"s0": 20, "s1": 16, "s2": 8, "s3": 20}
     assert sel.select(problem(sites, 0, RANK_CAP)) == {"s0": 1, "s1": 1, "s2": 1, "s3": 1}
-    # 42 = 4 * 10 + 2: the first two sites get one more; each share is clipped to the site's max rank
-    assert sel.select(problem(sites, 42, RANK_TOTAL)) == {"s0": 11, "s1": 11, "s2": 8, "s3": 10}
-    assert sel.select(problem(sites, 40, RANK_TOTAL)) == {"s0": 10, "s1": 10, "s2": 8, "s3": 10}
+    # 42 = 4 * 10 + 2: the first two sites get one more; s2 is capped at its max rank 8 and its surplus (2) goes
+    # to the first two open sites again, so the whole budget is used
+    assert sel.select(problem(sites, 42, RANK_TOTAL)) == {"s0": 12, "s1": 12, "s2": 8, "s3": 10}
+    assert sel.select(problem(sites, 40, RANK_TOTAL)) == {"s0": 11, "s1": 11, "s2": 8, "s3": 10}
+    # more than all sites can take: everyone at max rank
+    assert sel.select(problem(sites, 1000, RANK_TOTAL)) == {"s0": 32, "s1": 16, "s2": 8, "s3": 64}
     assert sel.select(problem(sites, 2, RANK_TOTAL)) == {"s0": 1, "s1": 1, "s2": 1, "s3": 1}
     assert sel.select(problem(sites, 7.9, RANK_TOTAL)) == {"s0": 2, "s1": 2, "s2": 2, "s3": 1}
     with pytest.raises(ValueError):

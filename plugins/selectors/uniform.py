@@ -15,7 +15,9 @@ Budget kinds:
                  params_at_rank(k) <= rho * dense_params, then each mode min(k, I_n)).
 ``rank_cap``     k = min(int(budget), max_rank) for every site (every mode of a tensor: min(cap, I_n)).
 ``rank_total``   int(budget) split as evenly as possible over the sites, the remainder one each to the first
-                 sites; each share clipped to [1, max_rank] (clipped surplus is not redistributed).
+                 sites; a share above a site's max_rank (a tensor: its largest mode) is capped there and the surplus
+                 split again over the other sites (water-filling), so the whole budget is used while any site has
+                 room; every site keeps at least rank 1.
 
 Without a budget the selector has nothing to go on, so budget-free tasks skip it (``budget_kinds`` has no None).
 """
@@ -57,9 +59,27 @@ class UniformSelector(Selector):
             return ranks
         if kind == RANK_CAP:
             return {site.name: broadcast_rank(site, int(budget)) for site in problem.sites}
-        total, n = int(budget), len(problem.sites)
-        base, extra = divmod(total, n) if n else (0, 0)
-        return {site.name: broadcast_rank(site, base + (1 if i < extra else 0)) for i, site in enumerate(problem.sites)}
+        shares = water_fill(int(budget), [rank_limit(site) for site in problem.sites])
+        return {site.name: broadcast_rank(site, k) for site, k in zip(problem.sites, shares)}
+
+
+def water_fill(total: int, caps: list[int]) -> list[int]:
+    """``total`` split as evenly as possible (remainders to the first), capped per entry, surplus split again."""
+    shares = [0] * len(caps)
+    active, left = list(range(len(caps))), max(int(total), 0)
+    while left > 0 and active:
+        base, extra = divmod(left, len(active))
+        still_open = []
+        for position, i in enumerate(active):
+            take = min(base + (1 if position < extra else 0), caps[i] - shares[i])
+            shares[i] += take
+            left -= take
+            if shares[i] < caps[i]:
+                still_open.append(i)
+        if len(still_open) == len(active):
+            break  # nobody was capped: the budget is spent
+        active = still_open
+    return [max(k, 1) for k in shares]
 
 
 @hookimpl
