@@ -102,7 +102,10 @@ class Site:
 
     ``singular_values`` are descending, of the matrix a spectral selector should look at (the weight, or for a
     recovery problem the back-projected observations). Tensor sites give ``mode_singular_values`` (one spectrum
-    per mode unfolding) and selectors answer with one rank per mode.
+    per rank slot) and selectors answer with one rank per slot. A slot is a mode unfolding of ``shape`` unless the
+    site says otherwise: ``rank_dims`` gives the (rows, cols) of the matrix behind each slot (e.g. the sequential
+    unfoldings of a tensor train) and ``rank_caps`` each slot's largest rank; ``params_at_ranks`` prices a tuple of
+    slot ranks exactly (without it a tuple is charged ``params_at_rank(max(ranks))``).
     """
 
     name: str
@@ -111,6 +114,9 @@ class Site:
     mode_singular_values: Sequence[np.ndarray] | None = None
     noise_sigma: float | None = None  # known per-entry noise std, where the task knows it
     params_at_rank: Callable[[int], int] | None = None  # parameters stored by the factorized site at rank k
+    params_at_ranks: Callable[[tuple[int, ...]], int] | None = None  # ... at per-slot ranks (tensor sites)
+    rank_dims: Sequence[tuple[int, int]] | None = None  # (rows, cols) behind each rank slot (tensor sites)
+    rank_caps: Sequence[int] | None = None  # largest rank of each slot (tensor sites)
     dense_params: int | None = None
     max_rank: int | None = None
     # The observed data itself, for selectors that fit a model (ARD): an array and a boolean mask of observed entries.

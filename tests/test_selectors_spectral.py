@@ -433,3 +433,41 @@ def test_selectors_on_a_recovery_site():
     for name in ("effective-rank", "energy"):
         k = make(name).select(problem([site]))["X"]
         assert type(k) is int and 1 <= k <= 50
+
+
+# --------------------------------------------------------------------------------------------------------------
+# tensor sites with their own rank slots and exact tuple costs (e.g. a tensor train)
+
+
+def tt_site(decay: float = 0.5) -> Site:
+    """A TT-like site of a 4-way (4, 6, 6, 4) tensor: three internal ranks, the sequential unfoldings 4 x 144,
+    24 x 24, 144 x 4, cores costing r0 n1 r1 + r1 n2 r2 + ... (r0 = r4 = 1)."""
+    dims = (4, 6, 6, 4)
+
+    def cost(ranks):
+        r = (1, *ranks, 1)
+        return sum(r[k] * dims[k] * r[k + 1] for k in range(4))
+
+    spectra = [decay ** np.arange(n) for n in (4, 24, 4)]
+    return Site(name="tt", shape=dims, mode_singular_values=spectra, rank_dims=[(4, 144), (24, 24), (144, 4)],
+                rank_caps=[4, 24, 4], params_at_ranks=cost, params_at_rank=lambda k: cost((k, k, k)))
+
+
+def test_tensor_slots_follow_rank_dims_and_caps():
+    site = tt_site()
+    assert make("uniform").select(problem([site], 30, RANK_CAP)) == {"tt": (4, 24, 4)}
+    assert make("uniform").select(problem([site], 3, RANK_CAP)) == {"tt": (3, 3, 3)}
+    # energy per slot reads each slot's own spectrum (eta 0.99 of a 0.5-geometric spectrum keeps 4 values)
+    assert make("energy", eta=0.99).select(problem([site], None, None)) == {"tt": (4, 4, 4)}
+
+
+@pytest.mark.parametrize("name", ["uniform", "energy"])
+@pytest.mark.parametrize("ratio", [0.2, 0.5, 0.9])
+def test_param_ratio_on_tensor_slots_is_priced_exactly(name, ratio):
+    site = tt_site(decay=0.8)
+    ranks = make(name).select(problem([site], ratio, PARAM_RATIO))["tt"]
+    assert site.params_at_ranks(ranks) <= ratio * site.dense_params
+    if name == "uniform":  # the largest common rank that fits, priced as a tuple
+        k = max(ranks)
+        bigger = tuple(min(k + 1, c) for c in site.rank_caps)
+        assert bigger == ranks or site.params_at_ranks(bigger) > ratio * site.dense_params

@@ -1,12 +1,13 @@
 """Shared helpers for the spectral selectors (``uniform``, ``energy``, ``effective-rank``, ``oht``, ``evbmf``).
 
 A matrix site is answered with one int; a tensor site (``mode_singular_values`` set, ``singular_values`` None, or
-more than two dimensions) with a tuple of ints, one per mode, each computed from that mode's unfolding. The mode-n
-unfolding of a tensor of shape (I_1, ..., I_N) is I_n x prod_{j != n} I_j; its rank is capped at I_n.
+more than two dimensions) with a tuple of ints, one per rank slot, each computed from that slot's spectrum. By
+default the slots are the mode unfoldings: the mode-n unfolding of a tensor of shape (I_1, ..., I_N) is
+I_n x prod_{j != n} I_j and its rank is capped at I_n; a site may name other matrices (``Site.rank_dims``, e.g. a
+tensor train's sequential unfoldings) and caps (``Site.rank_caps``).
 
-Parameter accounting for tensor sites: ``Site.params_at_rank`` takes one int. A budgeted selector that gives a
-tensor site different ranks per mode charges it ``params_at_rank(max(ranks))`` (the cost at its largest mode rank;
-the API has no cost for a rank tuple), see ``site_cost``.
+Parameter accounting for tensor sites: ``Site.params_at_ranks`` prices a rank tuple exactly; a site that only has
+``params_at_rank`` (one int) is charged ``params_at_rank(max(ranks))``, see ``site_cost``.
 """
 
 from __future__ import annotations
@@ -58,14 +59,29 @@ def site_spectra(site: Site) -> list[tuple[np.ndarray, tuple[int, int], int]]:
         return [(_as_spectrum(site.singular_values, f"site {site.name!r}"), (m, n), int(site.max_rank))]
     if site.mode_singular_values is None:
         raise ValueError(f"tensor site {site.name!r} has no mode_singular_values")
-    if len(site.mode_singular_values) != len(site.shape):
+    dims, caps = slot_dims(site), slot_caps(site)
+    if len(site.mode_singular_values) != len(dims):
         raise ValueError(
-            f"tensor site {site.name!r}: {len(site.mode_singular_values)} mode spectra for {len(site.shape)} modes"
+            f"tensor site {site.name!r}: {len(site.mode_singular_values)} spectra for {len(dims)} rank slots"
         )
     return [
-        (_as_spectrum(s, f"site {site.name!r} mode {mode}"), unfolding_dims(site.shape, mode), int(site.shape[mode]))
-        for mode, s in enumerate(site.mode_singular_values)
+        (_as_spectrum(s, f"site {site.name!r} slot {slot}"), dims[slot], caps[slot])
+        for slot, s in enumerate(site.mode_singular_values)
     ]
+
+
+def slot_dims(site: Site) -> list[tuple[int, int]]:
+    """(rows, cols) of the matrix behind each rank slot of a tensor site (default: the mode unfoldings)."""
+    if site.rank_dims is not None:
+        return [(int(r), int(c)) for r, c in site.rank_dims]
+    return [unfolding_dims(site.shape, mode) for mode in range(len(site.shape))]
+
+
+def slot_caps(site: Site) -> list[int]:
+    """Largest rank of each slot of a tensor site (default: the mode sizes)."""
+    if site.rank_caps is not None:
+        return [int(c) for c in site.rank_caps]
+    return [int(d) for d in site.shape]
 
 
 def per_site(site: Site, rule: Callable[[np.ndarray, tuple[int, int]], float]) -> Rank:
@@ -76,19 +92,22 @@ def per_site(site: Site, rule: Callable[[np.ndarray, tuple[int, int]], float]) -
 
 def rank_limit(site: Site) -> int:
     """The largest single rank worth considering: ``max_rank`` for a matrix, the largest mode size for a tensor."""
-    return int(max(site.shape)) if is_tensor(site) else int(site.max_rank)
+    return max(slot_caps(site)) if is_tensor(site) else int(site.max_rank)
 
 
 def broadcast_rank(site: Site, k: int) -> Rank:
     """The same rank ``k`` for a matrix site (clipped to [1, ``max_rank``]), or for every mode n of a tensor site
     (clipped to [1, I_n]; a tensor's ``max_rank`` does not bound per-mode ranks)."""
     if is_tensor(site):
-        return tuple(clip_rank(k, d) for d in site.shape)
+        return tuple(clip_rank(k, cap) for cap in slot_caps(site))
     return clip_rank(k, site.max_rank)
 
 
 def site_cost(site: Site, rank: Rank) -> int:
-    """Parameters stored by the site at ``rank``; per-mode ranks are charged at their maximum (see module doc)."""
+    """Parameters stored by the site at ``rank``: exact for a rank tuple where the site prices tuples
+    (``params_at_ranks``), else charged at the largest slot rank (see module doc)."""
+    if isinstance(rank, tuple) and site.params_at_ranks is not None:
+        return int(site.params_at_ranks(tuple(int(r) for r in rank)))
     if site.params_at_rank is None:
         raise ValueError(f"site {site.name!r} has no params_at_rank: a parameter budget cannot be applied")
     k = max(rank) if isinstance(rank, tuple) else rank

@@ -54,7 +54,9 @@ class UniformSelector(Selector):
             ranks = {}
             for site in problem.sites:
                 limit = float(budget) * site.dense_params
-                k = largest_fitting(lambda r, site=site: site_cost(site, r), limit, rank_limit(site))
+                k = largest_fitting(
+                    lambda r, site=site: site_cost(site, broadcast_rank(site, r)), limit, rank_limit(site)
+                )
                 ranks[site.name] = broadcast_rank(site, k)
             return ranks
         if kind == RANK_CAP:
