@@ -22,6 +22,8 @@ from torch import nn
 from rankbench.api import ADAPTATION, COMPRESSION, PARAM_RATIO, RANK_TOTAL, RankProblem
 from rankbench.context import CellContext
 from rankbench_plugins.factorizations.lora import LoRA
+from rankbench_plugins.factorizations.svd import SVD
+from rankbench_plugins.factorizations.tucker import Tucker
 from rankbench_plugins.kinds.adaptation import (
     AdaptationSettings,
     AdapterTrainer,
@@ -149,8 +151,11 @@ def test_both_kinds_declared_and_mismatched_budgets_skipped(module):
         (COMPRESSION, RANK_TOTAL, True),
     ]:
         task = SimpleNamespace(problem_kind=kind, budget_kind=budget_kind)
-        assert bool(selector.skip(task, None)) == skipped
+        factorization = lora() if kind == ADAPTATION else SVD()
+        assert bool(selector.skip(task, factorization)) == skipped
         assert bool(kind_budget_skip(selector, task)) == skipped
+    # compression with a factorization that has no SVD-form decomposition (a tensor format)
+    assert selector.skip(SimpleNamespace(problem_kind=COMPRESSION, budget_kind=PARAM_RATIO), Tucker())
     with pytest.raises(ValueError, match="tinit_fraction"):
         type(selector).Params(tinit_fraction=0.8, tfinal_fraction=0.3)
     problem, trainer = manual_cell(PlantedTask(steps=4), 2)

@@ -27,7 +27,7 @@ def test_smoke_suite_runs_every_task_and_reports(bench, tmp_path):
     assert tasks <= set(metrics.loc[metrics["status"] == "ok", "task"])
     # text facts travel through the worker into cells.notes (the LLM cells record their model's checksum)
     cells = pd.read_parquet(out / "cells")
-    llm_notes = cells.loc[cells["task"] == "llm-perplexity", "notes"].map(json.loads)
+    llm_notes = cells.loc[(cells["task"] == "llm-perplexity") & (cells["status"] == "ok"), "notes"].map(json.loads)
     assert len(llm_notes) and all(len(n["model_sha256"]) == 64 for n in llm_notes)
     # a second run resumes: nothing left to do
     again = bench("run", ROOT / "suites" / "smoke.yaml", "--out", out)

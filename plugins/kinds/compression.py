@@ -24,7 +24,8 @@ the seed (a pretrained checkpoint) overrides ``model_key`` to return a constant,
 not depend on it overrides ``calibration_key`` likewise, so a second suite seed reuses them. One model and one set of
 statistics are held at a time: a new key replaces the old entry (the runner groups cells by task and seed).
 Counters of the expensive work are kept in ``ctx.shared["counters"]``: ``calibration_passes``, ``decompositions``,
-``calibration_evaluations`` and ``sigma_loss_evaluations``.
+``calibration_evaluations`` and ``sigma_loss_evaluations``; every cell records what it performed itself as metrics
+``work_<counter>`` (so their sum over a results folder is the suite's total).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import skip_init
 
 from rankbench.api import COMPRESSION, PARAM_RATIO, Factorization, RankProblem, Selector, Site, Task
+from rankbench_plugins.kinds.tensor_compression import TensorFactorization, run_tensor_compression
 
 STATISTIC_KINDS = ("gram", "input_abs_mean", "fisher_rows", "weight_grad")
 
@@ -275,7 +277,7 @@ class CompressionTask(Task):
         return cache[key]
 
     def skip(self, selector: Selector, factorization: Factorization) -> str | None:
-        if not isinstance(factorization, LowRankFactorization):
+        if not isinstance(factorization, (LowRankFactorization, TensorFactorization)):
             return f"factorization {factorization.name} cannot compress Linear weights"
         return None
 
@@ -287,7 +289,16 @@ class CompressionTask(Task):
         ctx.metric("params", dense)
         ctx.metric("param_ratio", 1.0)
 
-    def run(self, ctx, selector: Selector, factorization: LowRankFactorization) -> None:
+    def run(self, ctx, selector: Selector, factorization: LowRankFactorization | TensorFactorization) -> None:
+        before = dict(ctx.shared.get("counters", {}))
+        if isinstance(factorization, TensorFactorization):
+            run_tensor_compression(self, ctx, selector, factorization)
+        else:
+            self._run_low_rank(ctx, selector, factorization)
+        for name, total in sorted(ctx.shared.get("counters", {}).items()):
+            ctx.metric(f"work_{name}", total - before.get(name, 0), "", None)
+
+    def _run_low_rank(self, ctx, selector: Selector, factorization: LowRankFactorization) -> None:
         model = self.model(ctx)
         sites = self.sites(ctx)
         with ctx.phase("calibrate"):

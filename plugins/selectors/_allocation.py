@@ -57,6 +57,15 @@ def rank_total_limit(problem: RankProblem, who: str) -> int:
 KIND_BUDGETS = {COMPRESSION: PARAM_RATIO, ADAPTATION: RANK_TOTAL}
 
 
+def needs_svd_form(selector, factorization) -> str | None:
+    """Skip reason for a compression factorization that offers no SVD-form ``decomposition`` (tensor formats)."""
+    from rankbench_plugins.kinds.compression import LowRankFactorization
+
+    if COMPRESSION in factorization.problem_kinds and not isinstance(factorization, LowRankFactorization):
+        return f"selector {selector.name} needs an SVD-form decomposition, which {factorization.name} does not offer"
+    return None
+
+
 def kind_budget_skip(selector, task) -> str | None:
     """Skip reason for a task whose (problem kind, budget kind) pair is not one of ``KIND_BUDGETS``, else None."""
     kind, budget_kind = getattr(task, "problem_kind", None), getattr(task, "budget_kind", None)

@@ -100,6 +100,7 @@ from rankbench_plugins.selectors._allocation import (
     budgeted_greedy,
     component_layout,
     kind_budget_skip,
+    needs_svd_form,
     memo,
     ones,
     param_limit,
@@ -273,7 +274,7 @@ class AdaLoraSelector(Selector):
             return self
 
     def skip(self, task, factorization) -> str | None:
-        return kind_budget_skip(self, task)
+        return kind_budget_skip(self, task) or needs_svd_form(self, factorization)
 
     def uses_budget(self, budget_kind: str | None) -> bool:
         return True

@@ -35,7 +35,7 @@ from typing import ClassVar
 from pydantic import Field, field_validator
 
 from rankbench.api import COMPRESSION, PARAM_RATIO, PluginParams, RankProblem, Ranks, Selector, hookimpl
-from rankbench_plugins.selectors._allocation import memo, param_limit, ratio_rank, strs_search
+from rankbench_plugins.selectors._allocation import memo, needs_svd_form, param_limit, ratio_rank, strs_search
 
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -62,6 +62,9 @@ class SensitivitySelector(Selector):
 
     def uses_budget(self, budget_kind: str | None) -> bool:
         return True
+
+    def skip(self, task, factorization) -> str | None:
+        return needs_svd_form(self, factorization)
 
     def table(self, problem: RankProblem) -> list[tuple[int, float, float]]:
         """(site index, ratio, perplexity) for every site and ratio, from the memoised (site, rank) losses."""

@@ -107,6 +107,7 @@ from rankbench_plugins.selectors._allocation import (
     budgeted_greedy,
     component_layout,
     kind_budget_skip,
+    needs_svd_form,
     memo,
     ones,
     param_limit,
@@ -231,7 +232,7 @@ class SubLoraSelector(Selector):
     def skip(self, task, factorization) -> str | None:
         if self.params.mode == "joint" and getattr(task, "problem_kind", None) == COMPRESSION:
             return "sublora mode joint alternates with fine-tuning: adaptation problems only"
-        return kind_budget_skip(self, task)
+        return kind_budget_skip(self, task) or needs_svd_form(self, factorization)
 
     # -- derivatives ---------------------------------------------------------------------------------------------
     def plan(self, problem: RankProblem, lengths: list[int]) -> tuple[str, int]:

@@ -31,7 +31,7 @@ from typing import ClassVar
 import numpy as np
 
 from rankbench.api import COMPRESSION, PARAM_RATIO, PluginParams, RankProblem, Ranks, Selector, hookimpl
-from rankbench_plugins.selectors._allocation import ones, param_limit, total_params
+from rankbench_plugins.selectors._allocation import needs_svd_form, ones, param_limit, total_params
 from rankbench_plugins.selectors._spectral import clip_rank, site_spectra
 
 
@@ -60,6 +60,9 @@ class WeLoreSelector(Selector):
 
     class Params(PluginParams):
         pass
+
+    def skip(self, task, factorization) -> str | None:
+        return needs_svd_form(self, factorization)
 
     def uses_budget(self, budget_kind: str | None) -> bool:
         return True

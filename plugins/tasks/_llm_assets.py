@@ -34,6 +34,7 @@ import dataclasses
 import fcntl
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -559,8 +560,11 @@ def lm_eval_perplexities(model, tokenizer, docs: list[Document], cache_dir: Path
                                      batch_size=batch_size, device=str(model.device))
         manager = TaskManager(include_path=str(task_dir), include_defaults=False)
         loaded = manager.load([LM_EVAL_TASK])
-        out = evaluator.evaluate(lm=lm, task_dict=loaded, limit=None, bootstrap_iters=0, log_samples=False,
-                                 verbosity="ERROR")
+        # lm-eval draws tqdm bars while building requests (no switch for them); they would interleave with the
+        # host's progress display, so its stderr output is dropped here (errors still raise).
+        with contextlib.redirect_stderr(io.StringIO()):
+            out = evaluator.evaluate(lm=lm, task_dict=loaded, limit=None, bootstrap_iters=0, log_samples=False,
+                                     verbosity="ERROR")
     finally:
         for lg, level in zip(quiet, levels):
             lg.setLevel(level)
