@@ -3,10 +3,10 @@
 ``DIR/metrics/``  one row per (cell, metric) -- the columns of CONTRACT.md plus ``reason``.
 ``DIR/ranks/``    one row per (cell, site): ``cell_id, site, rank, rank_per_mode, params``.
 ``DIR/curves/``   one row per (cell, curve, step): e.g. the error against iteration of a recovery solver.
-``DIR/cells/``    one row per cell: its full configuration, status, reason, traceback and ``notes`` (a JSON object of text
-                  facts such as checksums and fallbacks a method took). Written *last*: a cell
-                  counts as finished only when its ``cells`` part exists (HELM's rule), so a crash between files
-                  leaves an unfinished cell that the next run redoes.
+``DIR/cells/``    one row per cell: its full configuration, status, reason, traceback and ``notes`` (a JSON object
+                  of text facts such as checksums and fallbacks a method took). Written *last*: a cell counts as
+                  finished only when its ``cells`` part exists (HELM's rule), so a crash between files leaves an
+                  unfinished cell that the next run redoes.
 
 Each part is written to a hidden temporary file in the same folder, fsynced, then renamed over the final name
 (``os.replace`` is atomic on POSIX). Readers (pandas, pyarrow, DuckDB) ignore hidden files, so a reader never sees

@@ -37,6 +37,7 @@ seeds: [0, 1]
         ("name: x\ntasks: [toy]\nselectors: [uniform]\nfactorizations: [toy-svd]\nbudgets: {param_ratio: [0.5, x]}\n", "budgets.param_ratio[1]", "valid number"),
         ("name: x\ntasks: [toy]\nselectors: [uniform]\nfactorizations: [toy-svd]\nbudgets: {ratio: [0.5]}\n", "budgets.ratio", "'param_ratio'"),
         ("name: x\ntasks: [toy]\nselectors: [uniform]\nfactorizations: [toy-svd]\nbudgets: {rank_cap: [5]}\n", "budgets.param_ratio", "at least one budget"),
+        ("name: x\ntasks: [toy]\nselectors: [uniform]\nfactorizations: [toy-svd]\nbudgets: [0.5]\nthreads: 0\n", "threads", "greater than or equal to 1"),
     ],
 )
 def test_malformed_suites_exit_2_with_one_message(cli, write_suite, tmp_path, text, key, expected):
