@@ -52,3 +52,15 @@ def write_suite(tmp_path):
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("RANKBENCH_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Small tensors: on a busy 2-core machine torch's intra-op threads mostly wait on each other. Use it with
+    ``pytestmark = pytest.mark.usefixtures("single_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -42,19 +42,13 @@ from rankbench_plugins.selectors._allocation import (
     submodular_value,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
 
 INIT_RANK = 3
 SITES = ("0", "2")
 N = INIT_RANK * len(SITES)  # components in all
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 class PlantedTask(AdaptationTask):

@@ -21,14 +21,7 @@ from rankbench_plugins.solvers import bcpf as bcpf_module
 from rankbench_plugins.solvers.bcpf import BCPFSolver, _rebalance, bcpf, cp_full, factor_update
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These problems are small: one intra-op thread is fastest, and it keeps timings stable when other processes
-    share the CPU (two spinning OpenMP threads on a busy 2-core machine made a 0.7 s sweep take 50 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------------------------------

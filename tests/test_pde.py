@@ -24,13 +24,7 @@ from rankbench_plugins.tasks._pde import (
 DEFAULT_NU = 0.01 / math.pi
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_torch_thread():
-    """The arrays here are small; on a busy machine torch's intra-op threads mostly wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 CASES = [
     ("burgers", DEFAULT_NU),

@@ -21,12 +21,7 @@ from rankbench_plugins.tasks.pinn import PINN, PINNParams
 TINY = dict(width=8, depth=2, pretrain_steps=30, steps=12, retrain_steps=4, n_interior=64, n_boundary=16, test_grid=9)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def make(**params) -> PINN:
@@ -77,7 +72,7 @@ def test_pretraining_lowers_the_loss_and_is_cached_on_disk(tmp_path):
     problem = task.source_problem()
     untrained = make(pde="poisson", pretrain_steps=0).model(make_ctx(tmp_path / "fresh"))
     points = task.collocation(ctx, problem)
-    assert float(task.pinn_loss(model, problem, points)) < 0.5 * float(task.pinn_loss(untrained, problem, points))
+    assert task.pinn_loss(model, problem, points).item() < 0.5 * task.pinn_loss(untrained, problem, points).item()
     cached = list(tmp_path.glob("pretrained-poisson-*.pt"))
     assert len(cached) == 1
     again = make(pde="poisson", pretrain_steps=60, lr=0.01).model(make_ctx(tmp_path))  # a new process would load the file

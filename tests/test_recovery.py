@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from pydantic import ValidationError
 
 from rankbench.api import CellFailure, Diverged, Selector
@@ -25,14 +24,7 @@ from rankbench_plugins.tasks.matrix_recovery import MatrixRecovery, load_moviele
 Params = MatrixRecovery.Params
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These solvers work on small matrices; on a busy machine torch's intra-op threads wait on each other and make
-    run times erratic (0.3 s against 7 s for the same test), so the tests run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def solve(solver, problem, rank, *, seed=0, max_iters=1000, tol=1e-12):

@@ -20,12 +20,7 @@ from rankbench_plugins.selectors.welore import WeLoreSelector
 FORMATS = {"tucker": Tucker, "tt": TT, "ttm": lambda: TTM(TTM.Params(order_out=3, order_in=3))}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def make_ctx(tmp_path, shared, budget=None):

@@ -30,12 +30,7 @@ from rankbench_plugins.factorizations._tensor_formats import (
 FORMATS = ("cp", "tucker", "tt", "ttm")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def gaussian(*shape, seed=0):
