@@ -253,6 +253,10 @@ def test_decompositions_are_reused_across_cells(make_ctx, shared):
     task.run(make_ctx(0.5), UniformSelector(), ASVD(ASVD.Params(alpha=1.0)))  # other parameters: decomposed again
     assert counters["decompositions"] == 4 * len(SITES) and counters["calibration_passes"] == 2
     assert task.loads == 1
+    # only the latest factorization's decompositions are held; going back recomputes them (statistics stay)
+    assert len(task._calibration(make_ctx())["decompositions"]) == len(SITES)
+    task.run(make_ctx(0.3), UniformSelector(), SVDLLM())
+    assert counters["decompositions"] == 5 * len(SITES) and counters["calibration_passes"] == 2
 
 
 def test_seed_dependent_work_is_keyed_by_task_seed(make_ctx, shared):

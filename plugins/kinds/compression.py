@@ -257,9 +257,19 @@ class CompressionTask(Task):
         return store
 
     def decomposition(self, ctx, factorization: LowRankFactorization, name: str) -> Decomposition:
-        """The factorization's full decomposition of site ``name``, computed once per calibration_key."""
-        cache = self._calibration(ctx)["decompositions"]
-        key = (factorization.name, factorization.params.model_dump_json(), name)
+        """The factorization's full decomposition of site ``name``, computed once per calibration_key.
+
+        Only one factorization's decompositions are held at a time (float64, about twice the sites' weights): the
+        suite runs a task configuration's cells factorization by factorization, so switching to another one frees
+        the previous set (an LLM cell then peaks near one set instead of one per factorization decomposed so far).
+        """
+        slot = self._calibration(ctx)
+        cache = slot["decompositions"]
+        owner = (factorization.name, factorization.params.model_dump_json())
+        if slot.get("decomposed_by") != owner:
+            cache.clear()
+            slot["decomposed_by"] = owner
+        key = (*owner, name)
         if key not in cache:
             stats = self.statistics(ctx, factorization.needs).get(name, SiteStatistics())
             weight = self.sites(ctx)[name].weight.detach().to(torch.float64)
