@@ -32,6 +32,12 @@ def _seed(value: Any) -> int:
     return int(_hash(value, 8), 16) & 0x7FFFFFFF
 
 
+def derived_seed(task_seed: int, *parts: Any) -> int:
+    """A stable 63-bit seed for one use (``"init"``, ``"batches"``, ...) of a task seed, for a task's generators."""
+    text = json.dumps([int(task_seed), *[str(p) for p in parts]])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
     suite: str

@@ -47,6 +47,7 @@ from torch import nn
 
 from rankbench.api import ADAPTATION, COMPRESSION, PARAM_RATIO, RANK_TOTAL, Factorization, PluginParams, Selector
 from rankbench.api import hookimpl
+from rankbench.cells import derived_seed
 from rankbench_plugins.kinds.adaptation import (
     AdaptationSettings,
     AdaptationTask,
@@ -163,7 +164,7 @@ class PINN(CompressionTask, AdaptationTask):
         key = ("pinn_points", problem.family, problem.param, ctx.task_seed)
         if key not in ctx.shared:
             p = self.params
-            generator = torch.Generator().manual_seed(_seed(ctx.task_seed, "points", problem.param))
+            generator = torch.Generator().manual_seed(derived_seed(ctx.task_seed, "points", problem.param))
             boundary = problem.boundary_points(p.n_boundary, generator)
             ctx.shared[key] = Collocation(
                 interior=problem.interior_points(p.n_interior, generator).to(ctx.device),
@@ -200,7 +201,7 @@ class PINN(CompressionTask, AdaptationTask):
         digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
         path = Path(ctx.cache_dir) / f"pretrained-{p.pde}-{digest}.pt"
         model = TanhMLP(problem.lower, problem.upper, p.width, p.depth,
-                        torch.Generator().manual_seed(_seed(ctx.task_seed, "init")))
+                        torch.Generator().manual_seed(derived_seed(ctx.task_seed, "init")))
         if path.is_file():
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         else:
@@ -292,11 +293,6 @@ class PINN(CompressionTask, AdaptationTask):
             run_adaptation(self, ctx, selector, factorization)
         else:
             super().run(ctx, selector, factorization)
-
-
-def _seed(task_seed: int, *parts) -> int:
-    text = json.dumps([int(task_seed), *[str(p) for p in parts]])
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 def _to(pair, device):
