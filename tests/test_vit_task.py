@@ -1,0 +1,73 @@
+"""The ``vit-classification`` task on sklearn digits (small and fast): the model, training to a documented accuracy
+floor reproducibly, its cache, and compression cells with matrix and tensor factorizations."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rankbench.context import CellContext
+from rankbench_plugins.factorizations.svd import SVD
+from rankbench_plugins.factorizations.tucker import Tucker
+from rankbench_plugins.selectors.uniform import UniformSelector
+from rankbench_plugins.tasks.vit_classification import ViT, ViTClassification, ViTParams
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+SMALL = dict(dataset="digits", patch=2, dim=32, depth=2, heads=4, epochs=8, batch_size=64, latency_repeats=2)
+ACCURACY_FLOOR = 0.85  # the small ViT above on digits, 8 epochs (measured 0.9+ over seeds)
+
+
+def make(**params) -> ViTClassification:
+    return ViTClassification(ViTParams.model_validate({**SMALL, **params}))
+
+
+def make_ctx(cache: Path, shared=None, budget=None, task_seed: int = 0) -> CellContext:
+    return CellContext(cell_id="t", seed=0, task_seed=task_seed, device="cpu", budget=budget,
+                       budget_kind="param_ratio" if budget is not None else None,
+                       shared={} if shared is None else shared, cache_dir=cache / "vit-classification")
+
+
+def metrics(ctx):
+    return {m["metric"]: m["value"] for m in ctx.metrics}
+
+
+def test_vit_shapes_and_sites():
+    model = ViT(image_size=8, patch=2, classes=10, dim=32, depth=2, heads=4, mlp_ratio=2)
+    assert model(torch.rand(5, 1, 8, 8)).shape == (5, 10)
+    sites = make().target_sites(model)
+    assert list(sites) == [f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "attn.proj", "fc1", "fc2")]
+    assert [tuple(s.weight.shape) for s in list(sites.values())[:4]] == [(96, 32), (32, 32), (64, 32), (32, 64)]
+    with pytest.raises(ValueError, match="divide"):
+        ViT(image_size=8, patch=3, classes=10, dim=32, depth=1, heads=4, mlp_ratio=2)
+
+
+def test_training_reaches_the_floor_reproducibly_and_is_cached(tmp_path):
+    task = make()
+    ctx = make_ctx(tmp_path)
+    task.setup(ctx)
+    task.run_reference(ctx)
+    first = metrics(ctx)
+    assert first["accuracy"] >= ACCURACY_FLOOR
+    cached = list((tmp_path / "vit-classification").glob("vit-digits-*.pt"))
+    assert len(cached) == 1
+    # a second process (fresh shared store) loads the cached weights: identical accuracy
+    again = make_ctx(tmp_path)
+    make().run_reference(again)
+    assert metrics(again)["accuracy"] == first["accuracy"]
+    # training again from scratch with the same seed reproduces the weights exactly
+    cached[0].unlink()
+    fresh = make_ctx(tmp_path)
+    make().run_reference(fresh)
+    assert metrics(fresh)["accuracy"] == first["accuracy"]
+
+
+@pytest.mark.parametrize("factorization", [SVD(), Tucker()], ids=["svd", "tucker"])
+def test_compression_cells(tmp_path, factorization):
+    task, shared = make(epochs=4), {}
+    ctx = make_ctx(tmp_path, shared, budget=0.5)
+    task.setup(ctx)
+    task.run(ctx, UniformSelector(), factorization)
+    got = metrics(ctx)
+    assert got["param_ratio"] <= 0.5 and 0.0 <= got["accuracy"] <= 1.0 and got["latency_ms"] > 0
+    assert len(ctx.ranks_rows) == 8
