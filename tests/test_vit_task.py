@@ -71,3 +71,23 @@ def test_compression_cells(tmp_path, factorization):
     got = metrics(ctx)
     assert got["param_ratio"] <= 0.5 and 0.0 <= got["accuracy"] <= 1.0 and got["latency_ms"] > 0
     assert len(ctx.ranks_rows) == 8
+
+
+def test_adaptation_cell_fine_tunes_adapters_only(tmp_path):
+    """digits -> digits with a rank_total budget: ranks within the budget, the pretrained network untouched, and
+    fine-tuning on the training data does not lower the accuracy much."""
+    from rankbench_plugins.factorizations.lora import LoRA
+
+    task = make(problem="adaptation", target="digits", steps=30, retrain_steps=10)
+    assert (task.problem_kind, task.budget_kind) == ("adaptation", "rank_total")
+    assert task.skip(UniformSelector(), SVD()) and task.skip(UniformSelector(), LoRA()) is None
+    ctx = CellContext(cell_id="a", seed=0, task_seed=0, device="cpu", budget=12, budget_kind="rank_total", shared={},
+                      cache_dir=tmp_path / "vit-classification")
+    task.setup(ctx)
+    before = {k: v.clone() for k, v in task.pretrained_model(ctx).state_dict().items()}
+    task.run(ctx, UniformSelector(), LoRA(LoRA.Params(init_rank=4)))
+    got = metrics(ctx)
+    assert got["rank_total"] == sum(row["rank"] for row in ctx.ranks_rows) <= 12
+    assert 0.0 <= got["accuracy"] <= 1.0
+    for k, v in task.pretrained_model(ctx).state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -15,11 +15,18 @@ minibatches of ``batch_size`` shuffled by a generator seeded from the task seed;
 disk per configuration and seed (``$RANKBENCH_CACHE/vit-classification/``), so every cell of a configuration
 compresses the same network. Data: ``_vision_data`` (sklearn digits, MNIST-5k, Fashion-MNIST).
 
-Problem kind ``compression`` (budget kind ``param_ratio``): the compression protocol with the matrix (svd, asvd,
-fwsvd, svd-llm) and tensor (cp, tucker, tt, ttm) factorizations; calibration batches are the first ``calib_samples``
-training images. Metrics: ``accuracy`` (top-1 on the test split, primary), ``test_loss``, ``latency_ms`` (median of
-``latency_repeats`` forward passes over one batch of ``batch_size`` test images, device-synchronised), and the
-protocol's ``params`` / ``param_ratio``.
+Problem kinds (``problem``)
+    ``compression`` (budget kind ``param_ratio``): the compression protocol with the matrix (svd, asvd, fwsvd,
+        svd-llm) and tensor (cp, tucker, tt, ttm) factorizations; calibration batches are the first
+        ``calib_samples`` training images.
+    ``adaptation`` (budget kind ``rank_total``): the network trained on ``dataset`` is fine-tuned on ``target``
+        with LoRA adapters on the sites (``rankbench_plugins.kinds.adaptation``; everything else, the head included,
+        stays frozen) for ``steps`` Adam steps (``adapter_lr``) on minibatches of ``batch_size`` drawn per cell;
+        the reference cell fine-tunes every weight with ``lr``. Metrics on ``target``'s test split.
+
+Metrics: ``accuracy`` (top-1 on the test split, primary), ``test_loss``, ``latency_ms`` (median of ``latency_repeats``
+forward passes over one batch of ``batch_size`` test images, device-synchronised), and the protocol's ``params`` /
+``param_ratio``.
 """
 
 from __future__ import annotations
@@ -38,8 +45,24 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from rankbench.api import PluginParams, hookimpl
+from rankbench.api import (
+    ADAPTATION,
+    COMPRESSION,
+    PARAM_RATIO,
+    RANK_TOTAL,
+    Factorization,
+    PluginParams,
+    Selector,
+    hookimpl,
+)
 from rankbench.cells import derived_seed
+from rankbench_plugins.kinds.adaptation import (
+    AdaptationSettings,
+    AdaptationTask,
+    AdapterFactorization,
+    run_adaptation,
+    run_adaptation_reference,
+)
 from rankbench_plugins.kinds.compression import CompressionTask
 from rankbench_plugins.tasks import _vision_data as data
 
@@ -60,11 +83,20 @@ class ViTParams(PluginParams):
     lr: float = Field(3e-3, gt=0.0)
     calib_samples: int = Field(256, ge=1, description="training images used as calibration data")
     latency_repeats: int = Field(5, ge=1)
+    problem: Literal["compression", "adaptation"] = "compression"
+    target: Literal["digits", "mnist", "fashion-mnist"] | None = Field(
+        None, description="adaptation: the dataset to fine-tune on (None: the training dataset)"
+    )
+    steps: int = Field(300, ge=1, description="adaptation: fine-tuning steps per cell")
+    retrain_steps: int = Field(100, ge=0, description="adaptation: steps after a post-hoc rank selection")
+    adapter_lr: float = Field(1e-2, gt=0.0, description="adaptation: Adam learning rate of the adapters")
 
     @model_validator(mode="after")
     def _check(self) -> ViTParams:
         if self.dim % self.heads:
             raise ValueError(f"heads ({self.heads}) must divide dim ({self.dim})")
+        if self.retrain_steps >= self.steps:
+            raise ValueError(f"retrain_steps ({self.retrain_steps}) must be smaller than steps ({self.steps})")
         return self
 
 
@@ -118,19 +150,40 @@ class ViT(nn.Module):
         return self.head(self.norm(h[:, 0]))
 
 
-class ViTClassification(CompressionTask):
+class ViTClassification(CompressionTask, AdaptationTask):
     name = "vit-classification"
     version = "1"
     description = "Small ViT trained here on digits / MNIST / Fashion-MNIST: top-1 accuracy and latency"
     Params = ViTParams
     primary_metric = "accuracy"
 
-    def dataset(self, ctx) -> data.ImageDataset:
-        key = ("vit_data", self.params.dataset, self.params.max_train, self.params.max_test)
+    @property
+    def problem_kind(self) -> str:  # type: ignore[override]
+        return ADAPTATION if self.params.problem == "adaptation" else COMPRESSION
+
+    @property
+    def budget_kind(self) -> str:  # type: ignore[override]
+        return RANK_TOTAL if self.params.problem == "adaptation" else PARAM_RATIO
+
+    def skip(self, selector: Selector, factorization: Factorization) -> str | None:
+        if self.params.problem == "adaptation":
+            if not isinstance(factorization, AdapterFactorization):
+                return f"factorization {factorization.name} builds no adapters"
+            return None
+        return super().skip(selector, factorization)
+
+    def dataset(self, ctx, name: str | None = None) -> data.ImageDataset:
+        """The training dataset (``name`` None) or another one, loaded once per process."""
+        p = self.params
+        name = name or p.dataset
+        key = ("vit_data", name, p.max_train, p.max_test)
         if key not in ctx.shared:
-            p = self.params
-            ctx.shared[key] = data.load_dataset(p.dataset, Path(ctx.cache_dir).parent, p.max_train, p.max_test)
+            ctx.shared[key] = data.load_dataset(name, Path(ctx.cache_dir).parent, p.max_train, p.max_test)
         return ctx.shared[key]
+
+    def evaluated_dataset(self, ctx) -> data.ImageDataset:
+        p = self.params
+        return self.dataset(ctx, p.target if p.problem == "adaptation" else None)
 
     # -- the trained network (memoised by model_key, cached on disk) ------------------------------------------------
     def model_key(self, ctx):
@@ -196,7 +249,7 @@ class ViTClassification(CompressionTask):
         return F.cross_entropy(model(x), y)
 
     def evaluate(self, ctx, model: nn.Module) -> None:
-        ds, size = self.dataset(ctx), self.params.batch_size
+        ds, size = self.evaluated_dataset(ctx), self.params.batch_size
         correct, loss = 0, 0.0
         with torch.no_grad():
             for start in range(0, ds.test_x.shape[0], size):
@@ -223,6 +276,45 @@ class ViTClassification(CompressionTask):
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
         return 1000.0 * sorted(times)[len(times) // 2]
+
+    # -- adaptation hooks (LoRA fine-tuning on ``target``; the rest of the network, head included, stays frozen) ---
+    def pretrained_model(self, ctx) -> nn.Module:
+        return self.model(ctx)
+
+    def adaptation_sites(self, model: nn.Module) -> list[str]:
+        return list(self.target_sites(model))
+
+    def training_loss(self, ctx, model: nn.Module) -> torch.Tensor:
+        """Cross-entropy on the next minibatch of the target's training split, drawn by a generator seeded per cell
+        (so SubLoRA's derivatives, which also call this, are minibatch estimates)."""
+        ds, p = self.evaluated_dataset(ctx), self.params
+        key = ("vit_minibatches", ctx.cell_id)
+        if key not in ctx.shared:
+            ctx.shared[key] = torch.Generator().manual_seed(derived_seed(ctx.task_seed, "finetune", ctx.seed))
+        index = torch.randint(ds.train_x.shape[0], (p.batch_size,), generator=ctx.shared[key])
+        x, y = ds.train_x[index].to(ctx.device), ds.train_y[index].to(ctx.device)
+        with torch.enable_grad():
+            return F.cross_entropy(model(x), y)
+
+    def evaluate_adapted(self, ctx, model: nn.Module) -> None:
+        self.evaluate(ctx, model)
+
+    def adaptation_settings(self) -> AdaptationSettings:
+        p = self.params
+        return AdaptationSettings(steps=p.steps, retrain_steps=p.retrain_steps, lr=p.adapter_lr, reference_lr=p.lr)
+
+    def run_reference(self, ctx) -> None:
+        if self.params.problem == "adaptation":
+            run_adaptation_reference(self, ctx)
+        else:
+            super().run_reference(ctx)
+
+    def run(self, ctx, selector: Selector, factorization: Factorization) -> None:
+        if self.params.problem == "adaptation":
+            run_adaptation(self, ctx, selector, factorization)
+        else:
+            super().run(ctx, selector, factorization)
+
 
 
 @hookimpl
