@@ -91,3 +91,16 @@ def test_adaptation_cell_fine_tunes_adapters_only(tmp_path):
     assert 0.0 <= got["accuracy"] <= 1.0
     for k, v in task.pretrained_model(ctx).state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_sublora_derivatives_go_through_attention(tmp_path):
+    """Hessian-vector products through the ViT's attention (the fused CPU kernel has no double backward)."""
+    from rankbench_plugins.factorizations.lora import LoRA
+    from rankbench_plugins.selectors.sublora import SubLoraSelector
+
+    task = make(problem="adaptation", target="digits", steps=12, retrain_steps=4, depth=1)
+    ctx = CellContext(cell_id="s", seed=0, task_seed=0, device="cpu", budget=4, budget_kind="rank_total", shared={},
+                      cache_dir=tmp_path / "vit-classification")
+    task.setup(ctx)
+    task.run(ctx, SubLoraSelector(), LoRA(LoRA.Params(init_rank=2)))
+    assert metrics(ctx)["rank_total"] <= 4

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from pydantic import Field
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rankbench.api import ADAPTATION, RANK_TOTAL, Diverged, Factorization, PluginParams, RankProblem, Ranks, Site
 
@@ -211,7 +212,9 @@ class AdapterTrainer:
         try:
             for name, sigma in sigmas.items():
                 self.adapters[name].sigma_override = sigma
-            return self.task.training_loss(self.ctx, self.model)
+            # Fused attention kernels have no double backward; the math kernel does (Hessian-vector products).
+            with sdpa_kernel(SDPBackend.MATH):
+                return self.task.training_loss(self.ctx, self.model)
         finally:
             for name in sigmas:
                 self.adapters[name].sigma_override = None
