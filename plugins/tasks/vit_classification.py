@@ -197,8 +197,9 @@ class ViTClassification(CompressionTask, AdaptationTask):
         with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's generator
             torch.manual_seed(derived_seed(ctx.task_seed, "init"))
             model = ViT(ds.image_size, p.patch, ds.num_classes, p.dim, p.depth, p.heads, p.mlp_ratio)
-        config = {**p.model_dump(exclude={"calib_samples", "latency_repeats"}), "seed": ctx.task_seed,
-                  "version": CACHE_VERSION}
+        # what the trained network depends on (not the compression or fine-tuning settings)
+        unused = {"calib_samples", "latency_repeats", "problem", "target", "steps", "retrain_steps", "adapter_lr"}
+        config = {**p.model_dump(exclude=unused), "seed": ctx.task_seed, "version": CACHE_VERSION}
         digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
         path = Path(ctx.cache_dir) / f"vit-{p.dataset}-{digest}.pt"
         if path.is_file():
