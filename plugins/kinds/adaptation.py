@@ -45,7 +45,19 @@ from pydantic import Field
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from rankbench.api import ADAPTATION, RANK_TOTAL, Diverged, Factorization, PluginParams, RankProblem, Ranks, Site
+from rankbench.api import (
+    ADAPTATION,
+    COMPRESSION,
+    PARAM_RATIO,
+    RANK_TOTAL,
+    Diverged,
+    Factorization,
+    PluginParams,
+    RankProblem,
+    Ranks,
+    Site,
+)
+from rankbench_plugins.kinds.compression import CompressionTask
 
 
 class SVDAdapter(nn.Module):
@@ -380,3 +392,54 @@ def mask_components(adapter: SVDAdapter, keep: torch.Tensor) -> None:
         adapter.E.masked_fill_(~keep, 0.0)
         adapter.mask.copy_(keep.to(adapter.mask.dtype))
 
+
+
+class CompressOrAdaptTask(CompressionTask, AdaptationTask):
+    """Base of a task that offers both kinds on one trained model, chosen by its ``problem`` parameter
+    (``"compression"`` or ``"adaptation"``): its params carry ``problem``, ``steps``, ``retrain_steps``,
+    ``adapter_lr`` (adapters) and ``lr`` (full fine-tuning in the reference cell). The memoised compression model is
+    the pretrained model; the subclass supplies the CompressionTask hooks plus ``training_loss``."""
+
+    @property
+    def adapting(self) -> bool:
+        return self.params.problem == "adaptation"
+
+    @property
+    def problem_kind(self) -> str:  # type: ignore[override]
+        return ADAPTATION if self.adapting else COMPRESSION
+
+    @property
+    def budget_kind(self) -> str:  # type: ignore[override]
+        return RANK_TOTAL if self.adapting else PARAM_RATIO
+
+    def skip(self, selector, factorization) -> str | None:
+        if not self.adapting:
+            return super().skip(selector, factorization)
+        if not isinstance(factorization, AdapterFactorization):
+            return f"factorization {factorization.name} builds no adapters"
+        return None
+
+    def pretrained_model(self, ctx) -> nn.Module:
+        return self.model(ctx)
+
+    def adaptation_sites(self, model: nn.Module) -> list[str]:
+        return list(self.target_sites(model))
+
+    def evaluate_adapted(self, ctx, model: nn.Module) -> None:
+        self.evaluate(ctx, model)
+
+    def adaptation_settings(self) -> AdaptationSettings:
+        p = self.params
+        return AdaptationSettings(steps=p.steps, retrain_steps=p.retrain_steps, lr=p.adapter_lr, reference_lr=p.lr)
+
+    def run_reference(self, ctx) -> None:
+        if self.adapting:
+            run_adaptation_reference(self, ctx)
+        else:
+            super().run_reference(ctx)
+
+    def run(self, ctx, selector, factorization) -> None:
+        if self.adapting:
+            run_adaptation(self, ctx, selector, factorization)
+        else:
+            super().run(ctx, selector, factorization)

@@ -45,17 +45,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from rankbench.api import ADAPTATION, COMPRESSION, PARAM_RATIO, RANK_TOTAL, Factorization, PluginParams, Selector
-from rankbench.api import hookimpl
+from rankbench.api import PluginParams, hookimpl
 from rankbench.cells import derived_seed
-from rankbench_plugins.kinds.adaptation import (
-    AdaptationSettings,
-    AdaptationTask,
-    AdapterFactorization,
-    run_adaptation,
-    run_adaptation_reference,
-)
-from rankbench_plugins.kinds.compression import CompressionTask, LowRankFactorization
+from rankbench_plugins.kinds.adaptation import CompressOrAdaptTask
 from rankbench_plugins.tasks import _pde
 
 CACHE_VERSION = 1
@@ -124,29 +116,12 @@ class TanhMLP(nn.Module):
         return self.layers[-1](h).squeeze(-1)
 
 
-class PINN(CompressionTask, AdaptationTask):
+class PINN(CompressOrAdaptTask):
     name = "pinn"
     version = "1"
     description = "PINN (tanh MLP) pretrained on one PDE parameter: LoRA adaptation to another, or compression"
     Params = PINNParams
     primary_metric = "l2re"
-
-    @property
-    def problem_kind(self) -> str:  # type: ignore[override]
-        return ADAPTATION if self.params.problem == "adaptation" else COMPRESSION
-
-    @property
-    def budget_kind(self) -> str:  # type: ignore[override]
-        return RANK_TOTAL if self.params.problem == "adaptation" else PARAM_RATIO
-
-    def skip(self, selector: Selector, factorization: Factorization) -> str | None:
-        if self.params.problem == "adaptation":
-            if not isinstance(factorization, AdapterFactorization):
-                return f"factorization {factorization.name} builds no adapters"
-            return None
-        if not isinstance(factorization, LowRankFactorization):
-            return f"factorization {factorization.name} cannot compress Linear weights"
-        return None
 
     # -- problems and points --------------------------------------------------------------------------------------
     def source_problem(self) -> _pde.PDEProblem:
@@ -264,35 +239,11 @@ class PINN(CompressionTask, AdaptationTask):
         return ctx.shared[key]
 
     # -- adaptation hooks -----------------------------------------------------------------------------------------
-    def pretrained_model(self, ctx) -> nn.Module:
-        return self.model(ctx)
-
-    def adaptation_sites(self, model: nn.Module) -> list[str]:
-        return list(self.target_sites(model))
-
     def training_loss(self, ctx, model: nn.Module) -> torch.Tensor:
         problem = self.target_problem()
         return self.pinn_loss(model, problem, self.collocation(ctx, problem))
 
-    def evaluate_adapted(self, ctx, model: nn.Module) -> None:
-        self.evaluate(ctx, model)
-
-    def adaptation_settings(self) -> AdaptationSettings:
-        p = self.params
-        return AdaptationSettings(steps=p.steps, retrain_steps=p.retrain_steps, lr=p.adapter_lr, reference_lr=p.lr)
-
     # -- cells ----------------------------------------------------------------------------------------------------
-    def run_reference(self, ctx) -> None:
-        if self.params.problem == "adaptation":
-            run_adaptation_reference(self, ctx)
-        else:
-            super().run_reference(ctx)
-
-    def run(self, ctx, selector: Selector, factorization: Factorization) -> None:
-        if self.params.problem == "adaptation":
-            run_adaptation(self, ctx, selector, factorization)
-        else:
-            super().run(ctx, selector, factorization)
 
 
 def _to(pair, device):

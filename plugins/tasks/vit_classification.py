@@ -45,25 +45,9 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from rankbench.api import (
-    ADAPTATION,
-    COMPRESSION,
-    PARAM_RATIO,
-    RANK_TOTAL,
-    Factorization,
-    PluginParams,
-    Selector,
-    hookimpl,
-)
+from rankbench.api import PluginParams, hookimpl
 from rankbench.cells import derived_seed
-from rankbench_plugins.kinds.adaptation import (
-    AdaptationSettings,
-    AdaptationTask,
-    AdapterFactorization,
-    run_adaptation,
-    run_adaptation_reference,
-)
-from rankbench_plugins.kinds.compression import CompressionTask
+from rankbench_plugins.kinds.adaptation import CompressOrAdaptTask
 from rankbench_plugins.tasks import _vision_data as data
 
 CACHE_VERSION = 1
@@ -150,27 +134,12 @@ class ViT(nn.Module):
         return self.head(self.norm(h[:, 0]))
 
 
-class ViTClassification(CompressionTask, AdaptationTask):
+class ViTClassification(CompressOrAdaptTask):
     name = "vit-classification"
     version = "1"
     description = "Small ViT trained here on digits / MNIST / Fashion-MNIST: top-1 accuracy and latency"
     Params = ViTParams
     primary_metric = "accuracy"
-
-    @property
-    def problem_kind(self) -> str:  # type: ignore[override]
-        return ADAPTATION if self.params.problem == "adaptation" else COMPRESSION
-
-    @property
-    def budget_kind(self) -> str:  # type: ignore[override]
-        return RANK_TOTAL if self.params.problem == "adaptation" else PARAM_RATIO
-
-    def skip(self, selector: Selector, factorization: Factorization) -> str | None:
-        if self.params.problem == "adaptation":
-            if not isinstance(factorization, AdapterFactorization):
-                return f"factorization {factorization.name} builds no adapters"
-            return None
-        return super().skip(selector, factorization)
 
     def dataset(self, ctx, name: str | None = None) -> data.ImageDataset:
         """The training dataset (``name`` None) or another one, loaded once per process."""
@@ -279,12 +248,6 @@ class ViTClassification(CompressionTask, AdaptationTask):
         return 1000.0 * sorted(times)[len(times) // 2]
 
     # -- adaptation hooks (LoRA fine-tuning on ``target``; the rest of the network, head included, stays frozen) ---
-    def pretrained_model(self, ctx) -> nn.Module:
-        return self.model(ctx)
-
-    def adaptation_sites(self, model: nn.Module) -> list[str]:
-        return list(self.target_sites(model))
-
     def training_loss(self, ctx, model: nn.Module) -> torch.Tensor:
         """Cross-entropy on the next minibatch of the target's training split, drawn by a generator seeded per cell
         (so SubLoRA's derivatives, which also call this, are minibatch estimates)."""
@@ -297,24 +260,6 @@ class ViTClassification(CompressionTask, AdaptationTask):
         with torch.enable_grad():
             return F.cross_entropy(model(x), y)
 
-    def evaluate_adapted(self, ctx, model: nn.Module) -> None:
-        self.evaluate(ctx, model)
-
-    def adaptation_settings(self) -> AdaptationSettings:
-        p = self.params
-        return AdaptationSettings(steps=p.steps, retrain_steps=p.retrain_steps, lr=p.adapter_lr, reference_lr=p.lr)
-
-    def run_reference(self, ctx) -> None:
-        if self.params.problem == "adaptation":
-            run_adaptation_reference(self, ctx)
-        else:
-            super().run_reference(ctx)
-
-    def run(self, ctx, selector: Selector, factorization: Factorization) -> None:
-        if self.params.problem == "adaptation":
-            run_adaptation(self, ctx, selector, factorization)
-        else:
-            super().run(ctx, selector, factorization)
 
 
 
