@@ -168,6 +168,28 @@ def restrict_blocks(raw_blocks, keep: np.ndarray, n: int):
     return out
 
 
+def site_derivatives(loss, names: list[str], sigmas: list[torch.Tensor], picks, structure: str):
+    """(sigma, g = dL/dsigma, offsets, blocks) for sigma = the concatenated per-site vectors, ``loss`` a function of
+    {site: vector}; ``picks[g]`` the local indices of site g with second-order terms, in one exact Hessian block
+    (``full``), one block per site (``block``) or none (``none``). Float64 numpy."""
+    offsets = np.concatenate([[0], np.cumsum([len(sigma) for sigma in sigmas])]).astype(int)
+    per_site = [[int(offsets[g] + i) for i in pick] for g, pick in enumerate(picks)]
+    if structure == "full":
+        rows = [[j for site_rows in per_site for j in site_rows]]
+    elif structure == "block":
+        rows = per_site
+    else:  # "none": first order only
+        rows = []
+
+    def joint(x):
+        return loss({name: x[offsets[g] : offsets[g + 1]] for g, name in enumerate(names)})
+
+    x = torch.cat(sigmas) if sigmas else torch.zeros(0)
+    g_all, hessians = gradient_and_hessian(joint, x, rows)
+    blocks = [(np.asarray(r, dtype=int), H) for r, H in zip(rows, hessians) if r]
+    return x.to(torch.float64).cpu().numpy(), g_all, offsets, blocks
+
+
 class SubLoraSelector(Selector):
     name = "sublora"
     version = "1"
@@ -256,24 +278,10 @@ class SubLoraSelector(Selector):
             return sigma_loss(sigmas, self.params.calib_batches)
 
         names = [site.name for site in problem.sites]
-        decs = [problem.statistic("decomposition", name) for name in names]
-        sigmas = [dec.s.detach() for dec in decs]
-        sizes = [len(s) for s in sigmas]
-        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
-        per_site = [[int(offsets[g] + i) for i in range(min(k, sizes[g]))] for g in range(len(names))]
-        if structure == "full":
-            rows = [[j for site_rows in per_site for j in site_rows]]
-        elif structure == "block":
-            rows = per_site
-        else:  # "none": first order only
-            rows = []
-
-        def joint(x):
-            return loss({name: x[offsets[g] : offsets[g + 1]] for g, name in enumerate(names)})
-
-        g_all, hessians = gradient_and_hessian(joint, torch.cat(sigmas), rows)
+        sigmas = [problem.statistic("decomposition", name).s.detach() for name in names]
+        picks = [range(min(k, len(sigma))) for sigma in sigmas]  # the leading components of each site
+        _, g_all, offsets, blocks = site_derivatives(loss, names, sigmas, picks, structure)
         grads = [g_all[offsets[g] : offsets[g + 1]] for g in range(len(names))]
-        blocks = [(np.asarray(r, dtype=int), H) for r, H in zip(rows, hessians) if r]
         sigma_np = [s.to(torch.float64).cpu().numpy() for s in sigmas]
         return sigma_np, grads, offsets, blocks
 
@@ -323,28 +331,11 @@ class SubLoraSelector(Selector):
         blocks = [(indices, exact Hessian block)] as ``plan`` decides (float64 numpy; nothing memoised)."""
         adapters = trainer.adapters
         names = list(adapters)
-        sizes = [adapters[name].init_rank for name in names]
-        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         sigmas = [adapters[name].E.detach() for name in names]
-        structure, k = self.plan(problem, sizes)
-        per_site = []
-        for g, sigma in enumerate(sigmas):  # the k components of largest |E| (all of them when k >= the rank)
-            order = np.argsort(-sigma.abs().to(torch.float64).cpu().numpy(), kind="stable")[: min(k, sizes[g])]
-            per_site.append([int(offsets[g] + i) for i in sorted(order)])
-        if structure == "full":
-            rows = [[j for site_rows in per_site for j in site_rows]]
-        elif structure == "block":
-            rows = per_site
-        else:  # "none": first order only
-            rows = []
-
-        def joint(x):
-            return trainer.sigma_loss({name: x[offsets[g] : offsets[g + 1]] for g, name in enumerate(names)})
-
-        x = torch.cat(sigmas) if sigmas else torch.zeros(0)
-        g_all, hessians = gradient_and_hessian(joint, x, rows)
-        blocks = [(np.asarray(r, dtype=int), H) for r, H in zip(rows, hessians) if r]
-        return x.to(torch.float64).cpu().numpy(), g_all, offsets, blocks
+        structure, k = self.plan(problem, [len(sigma) for sigma in sigmas])
+        # the k components of largest |E| (adapter components have no order; all of them when k >= the rank)
+        picks = [sorted(np.argsort(-sigma.abs().to(torch.float64).cpu().numpy(), kind="stable")[:k]) for sigma in sigmas]
+        return site_derivatives(trainer.sigma_loss, names, sigmas, picks, structure)
 
     def determine(self, problem: RankProblem, trainer: AdapterTrainer, budget: int) -> np.ndarray:
         """Boolean keep-vector over all components (sites in order): the greedy's set of at most ``budget`` of the
