@@ -334,7 +334,9 @@ class SubLoraSelector(Selector):
         sigmas = [adapters[name].E.detach() for name in names]
         structure, k = self.plan(problem, [len(sigma) for sigma in sigmas])
         # the k components of largest |E| (adapter components have no order; all of them when k >= the rank)
-        picks = [sorted(np.argsort(-sigma.abs().to(torch.float64).cpu().numpy(), kind="stable")[:k]) for sigma in sigmas]
+        picks = [
+            sorted(np.argsort(-sigma.abs().to(torch.float64).cpu().numpy(), kind="stable")[:k]) for sigma in sigmas
+        ]
         return site_derivatives(trainer.sigma_loss, names, sigmas, picks, structure)
 
     def determine(self, problem: RankProblem, trainer: AdapterTrainer, budget: int) -> np.ndarray:
