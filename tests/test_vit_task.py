@@ -15,7 +15,7 @@ from rankbench_plugins.tasks.vit_classification import ViT, ViTClassification, V
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 SMALL = dict(dataset="digits", patch=2, dim=32, depth=2, heads=4, epochs=8, batch_size=64, latency_repeats=2)
-ACCURACY_FLOOR = 0.85  # the small ViT above on digits, 8 epochs (measured 0.9+ over seeds)
+ACCURACY_FLOOR = 0.85  # task seed 0 (the test's); measured 0.897 / 0.919 / 0.741 for task seeds 0 / 1 / 2
 
 
 def make(**params) -> ViTClassification:
