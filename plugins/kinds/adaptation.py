@@ -141,7 +141,7 @@ class AdapterFactorization(Factorization):
             if not isinstance(base, nn.Linear):
                 raise TypeError(f"site {name!r} is a {type(base).__name__}, not a Linear")
             adapter = SVDAdapter(base, self.params.init_rank, self.params.alpha, self.params.init_std, generator)
-            set_submodule(model, name, adapter)
+            model.set_submodule(name, adapter)
             adapters[name] = adapter
         return adapters
 
@@ -378,11 +378,6 @@ def _checked(ranks: Ranks, adapters: dict[str, SVDAdapter], who: str) -> dict[st
         out[name] = k
     return out
 
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def mask_components(adapter: SVDAdapter, keep: torch.Tensor) -> None:

@@ -402,7 +402,7 @@ class CompressionStatistics:
             for p in frozen:
                 p.requires_grad_(False)
             for name, linear in sites.items():
-                _set_submodule(model, name, SigmaLinear(decompositions[name], sigmas[name], linear))
+                model.set_submodule(name, SigmaLinear(decompositions[name], sigmas[name], linear))
             # Fused attention kernels (flash / memory-efficient SDPA) have no double backward; the math kernel
             # does, so Hessian-vector products through attention models work.
             with sdpa_kernel(SDPBackend.MATH):
@@ -410,7 +410,7 @@ class CompressionStatistics:
                 losses = [task.calibration_loss(model, batch) for batch in batches]
         finally:
             for name, linear in sites.items():
-                _set_submodule(model, name, linear)
+                model.set_submodule(name, linear)
             for p in frozen:
                 p.requires_grad_(True)
         if not losses:
@@ -457,7 +457,7 @@ class swapped:
             modules[name], chosen[name] = module, rank
         try:
             for name, module in modules.items():
-                _set_submodule(self.model, name, module)
+                self.model.set_submodule(name, module)
         except BaseException:
             self.__exit__()
             raise
@@ -465,7 +465,7 @@ class swapped:
 
     def __exit__(self, *exc) -> None:
         for name, linear in self.sites.items():
-            _set_submodule(self.model, name, linear)
+            self.model.set_submodule(name, linear)
 
 
 def _first(batches: Iterable[Any], max_batches: int | None) -> Iterable[Any]:
@@ -473,11 +473,6 @@ def _first(batches: Iterable[Any], max_batches: int | None) -> Iterable[Any]:
     evaluate the loss many times (ASVD's sensitivity table, SubLoRA's Hessian)."""
     return batches if max_batches is None else itertools.islice(batches, max_batches)
 
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def collect_statistics(task: CompressionTask, ctx, model: nn.Module, kinds: set[str], store: dict) -> None:

@@ -105,8 +105,6 @@ def tensor_sites(task, ctx, factorization: TensorFactorization) -> list[Site]:
 
 def run_tensor_compression(task, ctx, selector, factorization: TensorFactorization) -> None:
     """One compression cell with a tensor format: select per-slot ranks, fit (memoised), swap, evaluate, restore."""
-    from rankbench_plugins.kinds.compression import _set_submodule
-
     model = task.model(ctx)
     sites = task.sites(ctx)
     with ctx.phase("decompose"):
@@ -138,7 +136,7 @@ def run_tensor_compression(task, ctx, selector, factorization: TensorFactorizati
     dense = kept = 0
     try:
         for name, layer in layers.items():
-            _set_submodule(model, name, layer)
+            model.set_submodule(name, layer)
         for name, linear in sites.items():
             shape = tuple(linear.weight.shape)
             params = factorization.params_at_ranks(shape, chosen[name])
@@ -150,7 +148,7 @@ def run_tensor_compression(task, ctx, selector, factorization: TensorFactorizati
             task.evaluate(ctx, model)
     finally:
         for name, linear in sites.items():
-            _set_submodule(model, name, linear)
+            model.set_submodule(name, linear)
     ctx.metric("params", kept)
     ctx.metric("param_ratio", kept / dense)
 
