@@ -76,6 +76,12 @@ class Task(Plugin):
     budget_kind: ClassVar[str | None]  # how the suite's budgets are read for this task (None: budget-free task)
     primary_metric: str  # the quality metric the report puts first (a property where it depends on parameters)
 
+    @property
+    def problem_kinds(self) -> frozenset[str]:
+        """Every protocol this task speaks. A cell runs when the task, its selector and its factorization share at
+        least one kind; ``problem_kind`` is the task's main one (a training task also compresses its dense model)."""
+        return frozenset({self.problem_kind})
+
     def skip(self, selector: Selector, factorization: Factorization) -> str | None:
         """Reason why this task cannot run the pair, or None."""
         return None

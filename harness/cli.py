@@ -42,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="summary table, plots (PNG) and a Markdown report for a results folder")
     report.add_argument("dir", help="results folder written by `bench run`")
+
+    compare = sub.add_parser("compare", help="compare two results folders per configuration; flag changes beyond noise")
+    compare.add_argument("a", help="baseline results folder")
+    compare.add_argument("b", help="results folder to check against the baseline")
+    compare.add_argument("--out", help="output folder (default: B/compare-vs-<name of A>/)")
+    compare.add_argument("--threshold", action="append", metavar="KIND=FRACTION", help="e.g. quality=0.05 (repeatable)")
+    compare.add_argument("--fail-on", metavar="KINDS", help="kinds whose regressions exit 1 (default: quality)")
     return parser
 
 
@@ -164,7 +171,16 @@ def cmd_report(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "check": cmd_check, "plugins": cmd_plugins, "report": cmd_report}
+def cmd_compare(args) -> int:
+    from rankbench.compare import CompareInputError, run
+
+    try:
+        return run(args)
+    except CompareInputError as exc:
+        raise BadInput(str(exc)) from None
+
+
+COMMANDS = {"run": cmd_run, "check": cmd_check, "plugins": cmd_plugins, "report": cmd_report, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

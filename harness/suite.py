@@ -167,10 +167,14 @@ def _check_budget(value: float, kind: str | None, file: str, key: str) -> float:
 
 def pairing_skip_reason(task: PluginSpec, selector: PluginSpec, factorization: PluginSpec) -> str | None:
     t, s, f = task.instance, selector.instance, factorization.instance
-    if t.problem_kind not in s.problem_kinds:
-        return f"selector {s.name} does not handle {t.problem_kind} problems"
-    if t.problem_kind not in f.problem_kinds:
-        return f"factorization {f.name} does not handle {t.problem_kind} problems (task {t.name})"
+    kinds = t.problem_kinds
+    spoken = "/".join(sorted(kinds))
+    if not kinds & s.problem_kinds:
+        return f"selector {s.name} does not handle {spoken} problems"
+    if not kinds & f.problem_kinds:
+        return f"factorization {f.name} does not handle {spoken} problems (task {t.name})"
+    if not kinds & s.problem_kinds & f.problem_kinds:
+        return f"selector {s.name} and factorization {f.name} share no problem kind of task {t.name}"
     if t.budget_kind not in s.budget_kinds:
         return f"selector {s.name} does not understand budget kind {t.budget_kind}"
     for reason in (t.skip(s, f), s.skip(t, f), f.skip(t, s)):

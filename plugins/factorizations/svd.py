@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from rankbench.api import PluginParams, hookimpl
+from rankbench.api import COMPRESSION, TRAINING, PluginParams, hookimpl
 from rankbench_plugins.kinds.compression import Decomposition, LowRankFactorization, SiteStatistics
 
 
@@ -24,6 +24,8 @@ class SVD(LowRankFactorization):
     version = "1"
     description = "Truncated SVD of the weight (Eckart-Young optimal in Frobenius norm); data-free."
     needs: ClassVar[frozenset[str]] = frozenset()
+    # training: the matrix format (U S V^T) that DLRT trains in (``rankbench_plugins.kinds.training``)
+    problem_kinds: ClassVar[frozenset[str]] = frozenset({COMPRESSION, TRAINING})
 
     class Params(PluginParams):
         pass

@@ -47,7 +47,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rankbench.api import (
     ADAPTATION,
-    COMPRESSION,
     PARAM_RATIO,
     RANK_TOTAL,
     Diverged,
@@ -174,10 +173,14 @@ class AdapterTrainer:
         self.step_count = 0
         self.loss_curve: list[tuple[int, float]] = []
         self.rank_curve: list[tuple[int, int]] = [(0, self.rank_total())]
+        # modules the task trains fully beside the adapters (PEFT's ``modules_to_save``, e.g. a new head)
+        self.extra_params = [p for p in task.trained_beside_adapters(model)]
+        for p in self.extra_params:
+            p.requires_grad_(True)
         self.optimizer = self._new_optimizer()
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
-        params = [p for a in self.adapters.values() for p in (a.P, a.E, a.Q) if p.numel()]
+        params = [p for a in self.adapters.values() for p in (a.P, a.E, a.Q) if p.numel()] + self.extra_params
         return torch.optim.Adam(params, lr=self.lr) if params else None
 
     @property
@@ -241,6 +244,12 @@ class AdapterTrainer:
 
 class AdaptationTask:
     """What a task of the adaptation kind provides (mixed into a ``Task``); ``run_adaptation`` is the protocol."""
+
+    def trained_beside_adapters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Parameters fully trained together with the adapters (a classification head; PEFT's ``modules_to_save``).
+        They are trained in every cell alike and recorded as ``extra_trained_params``, not charged to the rank
+        budget. Default: none (everything but the adapters stays frozen)."""
+        return []
 
     def pretrained_model(self, ctx) -> nn.Module:
         """The pretrained model (memoised; never modified: every cell fine-tunes a deep copy)."""
@@ -331,6 +340,8 @@ def run_adaptation(task: AdaptationTask, ctx, selector, factorization: AdapterFa
         kept += params
         ctx.ranks(name, final[name], params)
     ctx.metric("params", kept, "", None)
+    if trainer.extra_params:
+        ctx.metric("extra_trained_params", sum(p.numel() for p in trainer.extra_params), "", None)
     ctx.metric("rank_total", sum(final.values()), "", None)
     ctx.metric("param_ratio", kept / dense_sites_params(model, [n + ".base" for n in names]))
     if trainer.loss_curve:
@@ -401,7 +412,7 @@ class CompressOrAdaptTask(CompressionTask, AdaptationTask):
 
     @property
     def problem_kind(self) -> str:  # type: ignore[override]
-        return ADAPTATION if self.adapting else COMPRESSION
+        return ADAPTATION if self.adapting else super().problem_kind
 
     @property
     def budget_kind(self) -> str:  # type: ignore[override]

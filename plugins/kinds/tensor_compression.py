@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from rankbench.api import COMPRESSION, Factorization, PluginParams, RankProblem, Site
+from rankbench.api import COMPRESSION, TRAINING, Factorization, PluginParams, RankProblem, Site
 from rankbench_plugins.factorizations import _tensor_formats as tf
 
 _TENSOR = "compression.tensor"  # per-calibration-slot memo: {"sites": {...}, "layers": {...}}
@@ -39,7 +39,8 @@ _TENSOR = "compression.tensor"  # per-calibration-slot memo: {"sites": {...}, "l
 class TensorFactorization(Factorization):
     """Base of ``cp``, ``tucker``, ``tt``, ``ttm``: subclasses give the rank slots, the cost and the fit."""
 
-    problem_kinds: ClassVar[frozenset[str]] = frozenset({COMPRESSION})
+    # training: the format a rank-adaptive method trains in (``rankbench_plugins.kinds.training``)
+    problem_kinds: ClassVar[frozenset[str]] = frozenset({COMPRESSION, TRAINING})
 
     class Params(PluginParams):
         order_out: int = Field(2, ge=1, le=6, description="tensor modes the output dimension is split into")

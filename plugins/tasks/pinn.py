@@ -24,6 +24,11 @@ Problem kinds (``problem``)
     ``compression`` (budget kind ``param_ratio``): post-training compression of the pretrained network's own
         weights (``rankbench_plugins.kinds.compression``), calibration loss = the PINN loss on the source problem;
         metrics on the source PDE.
+    ``training`` (``rankbench_plugins.kinds.training``): the network trained from its initialisation on the source
+        problem for ``pretrain_steps`` full-batch Adam steps (``lr``; epochs of ``epoch_steps`` steps), by a
+        rank-adaptive method in its layer format or densely (the reference, whose weights the compression selectors
+        of the same task compress). Sites: the hidden width x width layers only (the first has rank <= the input
+        dimension, the last rank 1). Metrics on the source PDE.
 
 Metrics (PINNacle): ``l2re`` (primary), ``l1re``, ``maxe``, ``mse`` of the network against the reference on a regular
 test grid of ``test_grid`` points per axis; ``l2re_pretrained`` (the pretrained network on the evaluated problem,
@@ -47,7 +52,7 @@ from torch import nn
 
 from rankbench.api import PluginParams, hookimpl
 from rankbench.cells import derived_seed
-from rankbench_plugins.kinds.adaptation import CompressOrAdaptTask
+from rankbench_plugins.kinds.training import CompressAdaptOrTrainTask, TrainingSettings
 from rankbench_plugins.tasks import _pde
 
 CACHE_VERSION = 1
@@ -57,10 +62,12 @@ class PINNParams(PluginParams):
     pde: Literal["burgers", "convection", "helmholtz", "poisson"] = "convection"
     source: float | None = Field(None, description="PDE parameter of pretraining (None: the family's default)")
     target: float | None = Field(None, description="PDE parameter to fine-tune on (adaptation; None: the source)")
-    problem: Literal["adaptation", "compression"] = "adaptation"
+    problem: Literal["adaptation", "compression", "training"] = "adaptation"
     width: int = Field(50, ge=1, description="units per hidden layer")
     depth: int = Field(4, ge=1, description="hidden layers")
-    pretrain_steps: int = Field(3000, ge=0, description="Adam steps on the source parameter (cached)")
+    pretrain_steps: int = Field(3000, ge=0, description="Adam steps on the source parameter (cached); training: "
+                                "the steps of every training cell")
+    epoch_steps: int = Field(100, ge=1, description="training: full-batch steps per epoch (rank curves per epoch)")
     steps: int = Field(1000, ge=1, description="fine-tuning steps per adaptation cell")
     retrain_steps: int = Field(300, ge=0, description="steps after a post-hoc rank selection (part of steps)")
     lr: float = Field(1e-3, gt=0.0, description="Adam learning rate of pretraining and of full fine-tuning (reference)")
@@ -116,7 +123,7 @@ class TanhMLP(nn.Module):
         return self.layers[-1](h).squeeze(-1)
 
 
-class PINN(CompressOrAdaptTask):
+class PINN(CompressAdaptOrTrainTask):
     name = "pinn"
     version = "1"
     description = "PINN (tanh MLP) pretrained on one PDE parameter: LoRA adaptation to another, or compression"
@@ -166,6 +173,8 @@ class PINN(CompressOrAdaptTask):
         return ctx.task_seed
 
     def load_model(self, ctx) -> nn.Module:
+        if self.training:  # the dense network of the training kind (trained like every training cell)
+            return super().load_model(ctx)
         p = self.params
         problem = self.source_problem()
         config = {
@@ -175,8 +184,7 @@ class PINN(CompressOrAdaptTask):
         }
         digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
         path = Path(ctx.cache_dir) / f"pretrained-{p.pde}-{digest}.pt"
-        model = TanhMLP(problem.lower, problem.upper, p.width, p.depth,
-                        torch.Generator().manual_seed(derived_seed(ctx.task_seed, "init")))
+        model = self.seeded_network(ctx)
         if path.is_file():
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         else:
@@ -198,7 +206,38 @@ class PINN(CompressOrAdaptTask):
         model.cpu()
 
     def target_sites(self, model: nn.Module) -> dict[str, nn.Linear]:
+        if self.training:  # the width x width hidden layers (the first and last have rank <= input dim / 1)
+            return {f"layers.{i}": model.layers[i] for i in range(1, len(model.layers) - 1)}
         return {f"layers.{i}": layer for i, layer in enumerate(model.layers)}
+
+    def seeded_network(self, ctx) -> TanhMLP:
+        problem, p = self.source_problem(), self.params
+        return TanhMLP(problem.lower, problem.upper, p.width, p.depth,
+                       torch.Generator().manual_seed(derived_seed(ctx.task_seed, "init")))
+
+    # -- training hooks (``problem: training``: Adam, full batch, on the source problem) ----------------------------
+    def fresh_model(self, ctx) -> nn.Module:
+        return self.seeded_network(ctx).to(ctx.device).train()
+
+    def training_batches(self, ctx, epoch: int):
+        points = self.collocation(ctx, self.source_problem())
+        p = self.params
+        return [points] * min(p.epoch_steps, p.pretrain_steps - (epoch - 1) * p.epoch_steps)
+
+    def batch_loss(self, model: nn.Module, batch: Collocation) -> torch.Tensor:
+        return self.pinn_loss(model, self.source_problem(), batch)
+
+    def training_settings(self) -> TrainingSettings:
+        p = self.params
+        return TrainingSettings(epochs=math.ceil(p.pretrain_steps / p.epoch_steps), lr=p.lr, optimizer="adam")
+
+    def dense_cache_path(self, ctx) -> Path:
+        p = self.params
+        config = {"version": CACHE_VERSION, "kind": "scratch", "pde": p.pde, "source": self.source_problem().param,
+                  "width": p.width, "depth": p.depth, "steps": p.pretrain_steps, "lr": p.lr,
+                  "n_interior": p.n_interior, "n_boundary": p.n_boundary, "seed": ctx.task_seed}
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+        return Path(ctx.cache_dir) / f"scratch-{p.pde}-{digest}.pt"
 
     # -- compression hooks ----------------------------------------------------------------------------------------
     def calibration_batches(self, ctx) -> list[Collocation]:
@@ -216,11 +255,13 @@ class PINN(CompressOrAdaptTask):
             ctx.metric(name, value, "", False)
         ctx.metric("final_loss", float(self.pinn_loss(model, problem, self.collocation(ctx, problem)).detach()), "",
                    False)
-        ctx.metric("l2re_pretrained", self._pretrained_l2re(ctx), "", False)
+        if not self.training:
+            ctx.metric("l2re_pretrained", self._pretrained_l2re(ctx), "", False)
 
     def setup(self, ctx) -> None:
         super().setup(ctx)
-        self._pretrained_l2re(ctx)  # while the memoised network is dense (compression cells swap its sites)
+        if not self.training:
+            self._pretrained_l2re(ctx)  # while the memoised network is dense (compression cells swap its sites)
 
     def _pretrained_l2re(self, ctx) -> float:
         problem = self.evaluated_problem()

@@ -10,6 +10,12 @@ class token is prepended and learned position embeddings added; ``depth`` blocks
 then LN and a Linear ``head`` on the class token. Sites: the qkv, proj, fc1 and fc2 Linears of every block (the
 patch embedding and the head are not targeted).
 
+Or ``model``: any transformers image classifier, from a local Hugging Face folder or a hub id (one
+``from_pretrained`` path for both; the hub only where reachable), with its head resized to the dataset's classes and
+the images resized to its input side and repeated over its channels; its sites are every Linear of its encoder. It
+is then fine-tuned on the dataset exactly as the built-in ViT is trained (cached by a digest of the folder's files).
+timm checkpoints are not supported (timm is not installed here).
+
 Training: AdamW (lr ``lr``, weight decay 0.05), cross-entropy, ``epochs`` passes over the training split in
 minibatches of ``batch_size`` shuffled by a generator seeded from the task seed; the trained weights are cached on
 disk per configuration and seed (``$RANKBENCH_CACHE/vit-classification/``), so every cell of a configuration
@@ -22,7 +28,12 @@ Problem kinds (``problem``)
     ``adaptation`` (budget kind ``rank_total``): the network trained on ``dataset`` is fine-tuned on ``target``
         with LoRA adapters on the sites (``rankbench_plugins.kinds.adaptation``; everything else, the head included,
         stays frozen) for ``steps`` Adam steps (``adapter_lr``) on minibatches of ``batch_size`` drawn per cell;
-        the reference cell fine-tunes every weight with ``lr``. Metrics on ``target``'s test split.
+        the reference cell fine-tunes every weight with ``lr``; ``train_head`` trains the head fully beside the
+        adapters in every cell alike (PEFT's ``modules_to_save``; its size is ``extra_trained_params``, outside
+        the rank budget). Metrics on ``target``'s test split.
+    ``training``: the network trained from scratch (``rankbench_plugins.kinds.training``) with constant-rate AdamW
+        (``lr``, weight decay 0.05) for ``epochs`` epochs, by a rank-adaptive method in its layer format, or densely
+        (the reference; its weights are what the compression selectors of the same task compress).
 
 Metrics: ``accuracy`` (top-1 on the test split, primary), ``test_loss``, ``latency_ms`` (median of ``latency_repeats``
 forward passes over one batch of ``batch_size`` test images, device-synchronised), and the protocol's ``params`` /
@@ -47,13 +58,18 @@ from torch import nn
 
 from rankbench.api import PluginParams, hookimpl
 from rankbench.cells import derived_seed
-from rankbench_plugins.kinds.adaptation import CompressOrAdaptTask
+from rankbench_plugins.kinds.training import CompressAdaptOrTrainTask, TrainingSettings
 from rankbench_plugins.tasks import _vision_data as data
 
 CACHE_VERSION = 1
 
 
 class ViTParams(PluginParams):
+    model: str | None = Field(
+        None,
+        description="a transformers image classifier (a local Hugging Face folder, or a hub id where the hub is "
+        "reachable) used instead of the built-in ViT; its head is resized to the dataset's classes",
+    )
     dataset: Literal["digits", "mnist", "fashion-mnist"] = "digits"
     max_train: int | None = Field(None, ge=10, description="cap on training images (stratified subset)")
     max_test: int | None = Field(None, ge=10, description="cap on test images (stratified subset)")
@@ -67,13 +83,14 @@ class ViTParams(PluginParams):
     lr: float = Field(3e-3, gt=0.0)
     calib_samples: int = Field(256, ge=1, description="training images used as calibration data")
     latency_repeats: int = Field(5, ge=1)
-    problem: Literal["compression", "adaptation"] = "compression"
+    problem: Literal["compression", "adaptation", "training"] = "compression"
     target: Literal["digits", "mnist", "fashion-mnist"] | None = Field(
         None, description="adaptation: the dataset to fine-tune on (None: the training dataset)"
     )
     steps: int = Field(300, ge=1, description="adaptation: fine-tuning steps per cell")
     retrain_steps: int = Field(100, ge=0, description="adaptation: steps after a post-hoc rank selection")
     adapter_lr: float = Field(1e-2, gt=0.0, description="adaptation: Adam learning rate of the adapters")
+    train_head: bool = Field(False, description="adaptation: train the classification head fully beside the adapters")
 
     @model_validator(mode="after")
     def _check(self) -> ViTParams:
@@ -134,7 +151,52 @@ class ViT(nn.Module):
         return self.head(self.norm(h[:, 0]))
 
 
-class ViTClassification(CompressOrAdaptTask):
+class PretrainedImageClassifier(nn.Module):
+    """A transformers image classifier (``AutoModelForImageClassification``) on this task's grayscale images: they
+    are resized to the model's input side and repeated over its input channels."""
+
+    def __init__(self, net: nn.Module, image_size: int, channels: int):
+        super().__init__()
+        self.net, self.image_size, self.channels = net, image_size, channels
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-1] != self.image_size:
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
+                                   align_corners=False)
+        return self.net(pixel_values=images.expand(-1, self.channels, -1, -1)).logits
+
+
+def load_pretrained_classifier(name: str, classes: int) -> PretrainedImageClassifier:
+    """``from_pretrained`` on a local folder or a hub id (one path for both), head resized to ``classes``."""
+    from transformers import AutoModelForImageClassification
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the resized head's "newly initialized" warning is expected here
+    try:
+        net = AutoModelForImageClassification.from_pretrained(name, num_labels=classes, ignore_mismatched_sizes=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    size = net.config.image_size
+    return PretrainedImageClassifier(net, size if isinstance(size, int) else int(size[0]), net.config.num_channels)
+
+
+def _folder_digest(name: str) -> str:
+    """sha256 over a local model folder's files (names and bytes); a hub id stands for itself."""
+    folder = Path(name)
+    if not folder.is_dir():
+        return name
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(folder)).encode())
+            with path.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ViTClassification(CompressAdaptOrTrainTask):
     name = "vit-classification"
     version = "1"
     description = "Small ViT trained here on digits / MNIST / Fashion-MNIST: top-1 accuracy and latency"
@@ -161,16 +223,36 @@ class ViTClassification(CompressOrAdaptTask):
     def calibration_key(self, ctx):
         return ctx.task_seed
 
-    def load_model(self, ctx) -> nn.Module:
-        p, ds = self.params, self.dataset(ctx)
+    def build_network(self, ds: data.ImageDataset) -> nn.Module:
+        """The untrained network (the built-in ViT, or the ``model`` classifier with a fresh head)."""
+        p = self.params
+        if p.model is not None:
+            return load_pretrained_classifier(p.model, ds.num_classes)
+        return ViT(ds.image_size, p.patch, ds.num_classes, p.dim, p.depth, p.heads, p.mlp_ratio)
+
+    def seeded_network(self, ctx) -> nn.Module:
         with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's generator
             torch.manual_seed(derived_seed(ctx.task_seed, "init"))
-            model = ViT(ds.image_size, p.patch, ds.num_classes, p.dim, p.depth, p.heads, p.mlp_ratio)
-        # what the trained network depends on (not the compression or fine-tuning settings)
-        unused = {"calib_samples", "latency_repeats", "problem", "target", "steps", "retrain_steps", "adapter_lr"}
+            return self.build_network(self.dataset(ctx))
+
+    def network_digest(self, ctx, kind: str) -> str:
+        """What a trained network depends on (not the compression or fine-tuning settings)."""
+        p = self.params
+        unused = {"model", "calib_samples", "latency_repeats", "problem", "target", "steps", "retrain_steps",
+                  "adapter_lr", "train_head"}
         config = {**p.model_dump(exclude=unused), "seed": ctx.task_seed, "version": CACHE_VERSION}
-        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-        path = Path(ctx.cache_dir) / f"vit-{p.dataset}-{digest}.pt"
+        if getattr(p, "model", None) is not None:
+            config["model"] = _folder_digest(p.model)
+        if kind != "pretrained":
+            config["kind"] = kind
+        return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+    def load_model(self, ctx) -> nn.Module:
+        if self.training:  # the dense network of the training kind (trained like every training cell)
+            return super().load_model(ctx)
+        p, ds = self.params, self.dataset(ctx)
+        model = self.seeded_network(ctx)
+        path = Path(ctx.cache_dir) / f"vit-{p.dataset}-{self.network_digest(ctx, 'pretrained')}.pt"
         if path.is_file():
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         else:
@@ -201,6 +283,8 @@ class ViTClassification(CompressOrAdaptTask):
         model.cpu().eval()
 
     def target_sites(self, model: nn.Module) -> dict[str, nn.Linear]:
+        if isinstance(model, PretrainedImageClassifier):  # every Linear of the transformer encoder
+            return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".encoder." in name}
         return {
             f"blocks.{i}.{name}": module
             for i, block in enumerate(model.blocks)
@@ -247,7 +331,36 @@ class ViTClassification(CompressOrAdaptTask):
                 times.append(time.perf_counter() - start)
         return 1000.0 * sorted(times)[len(times) // 2]
 
-    # -- adaptation hooks (LoRA fine-tuning on ``target``; the rest of the network, head included, stays frozen) ---
+    # -- training hooks (``problem: training``: from scratch with constant-rate AdamW, weight decay 0.05) ----------
+    def fresh_model(self, ctx) -> nn.Module:
+        return self.seeded_network(ctx).to(ctx.device).train()
+
+    def training_batches(self, ctx, epoch: int):
+        ds, size = self.dataset(ctx), self.params.batch_size
+        order = torch.randperm(ds.train_x.shape[0], generator=torch.Generator().manual_seed(
+            derived_seed(ctx.task_seed, "batches", epoch)))
+        for start in range(0, len(order), size):
+            index = order[start : start + size]
+            yield ds.train_x[index].to(ctx.device), ds.train_y[index].to(ctx.device)
+
+    def batch_loss(self, model: nn.Module, batch) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+
+    def training_settings(self) -> TrainingSettings:
+        return TrainingSettings(epochs=self.params.epochs, lr=self.params.lr, optimizer="adamw", weight_decay=0.05)
+
+    def dense_cache_path(self, ctx) -> Path:
+        return Path(ctx.cache_dir) / f"{self.name}-{self.params.dataset}-{self.network_digest(ctx, 'scratch')}.pt"
+
+    # -- adaptation hooks (LoRA fine-tuning on ``target``; the rest of the network stays frozen, the head too unless
+    # ``train_head``) ------------------------------------------------------------------------------------------------
+    def trained_beside_adapters(self, model: nn.Module) -> list[nn.Parameter]:
+        if not self.params.train_head:
+            return []
+        head = model.net.classifier if isinstance(model, PretrainedImageClassifier) else model.head
+        return list(head.parameters())
+
     def training_loss(self, ctx, model: nn.Module) -> torch.Tensor:
         """Cross-entropy on the next minibatch of the target's training split, drawn by a generator seeded per cell
         (so SubLoRA's derivatives, which also call this, are minibatch estimates)."""
@@ -259,8 +372,6 @@ class ViTClassification(CompressOrAdaptTask):
         x, y = ds.train_x[index].to(ctx.device), ds.train_y[index].to(ctx.device)
         with torch.enable_grad():
             return F.cross_entropy(model(x), y)
-
-
 
 
 @hookimpl

@@ -1,0 +1,1 @@
+"""Rank-adaptive training methods (the ``training`` problem kind): one plugin per module."""
