@@ -104,3 +104,80 @@ def test_sublora_derivatives_go_through_attention(tmp_path):
     task.setup(ctx)
     task.run(ctx, SubLoraSelector(), LoRA(LoRA.Params(init_rank=2)))
     assert metrics(ctx)["rank_total"] <= 4
+
+
+def test_train_head_trains_the_head_beside_the_adapters(tmp_path):
+    """``train_head``: the head moves (the rest of the network does not), and its size is recorded outside the
+    rank budget; without it the head stays frozen."""
+    from rankbench_plugins.factorizations.lora import LoRA
+
+    moved = {}
+    for train_head in (False, True):
+        task = make(problem="adaptation", target="digits", steps=10, retrain_steps=3, train_head=train_head)
+        ctx = CellContext(cell_id="h", seed=0, task_seed=0, device="cpu", budget=8, budget_kind="rank_total",
+                          shared={}, cache_dir=tmp_path / "vit-classification")
+        task.setup(ctx)
+        pretrained = task.pretrained_model(ctx)
+        head_before = pretrained.head.weight.clone()
+        seen = {}
+        original = type(task).evaluate_adapted
+
+        def capture(self, ctx, model, seen=seen, original=original):
+            seen["model"] = model
+            return original(self, ctx, model)
+
+        type(task).evaluate_adapted = capture
+        try:
+            task.run(ctx, UniformSelector(), LoRA(LoRA.Params(init_rank=2)))
+        finally:
+            type(task).evaluate_adapted = original
+        adapted = seen["model"]
+        moved[train_head] = not torch.equal(adapted.head.weight, head_before)
+        assert torch.equal(pretrained.head.weight, head_before)  # the memoised pretrained network is untouched
+        extra = metrics(ctx).get("extra_trained_params")
+        assert extra == (head_before.numel() + pretrained.head.bias.numel() if train_head else None)
+    assert moved == {False: False, True: True}
+
+
+def test_a_local_hugging_face_folder_is_the_model(tmp_path):
+    """``model``: a transformers ViT saved with ``save_pretrained`` is loaded through ``from_pretrained`` (the hub
+    path), its head resized to the dataset's classes, trained, and compressed; svd at full rank keeps its accuracy."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=32, num_labels=3)
+    folder = tmp_path / "tiny-vit"
+    transformers.ViTForImageClassification(config).save_pretrained(folder)
+    task = make(model=str(folder), epochs=5)
+    ctx = make_ctx(tmp_path)
+    task.setup(ctx)
+    model = task.model(ctx)
+    sites = task.target_sites(model)
+    assert len(sites) == 6  # q, k, v, output, and the two MLP Linears of the one layer
+    assert model.head().out_features == 10 and all(site is not model.head() for site in sites.values())
+    assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+    task.run_reference(ctx)
+    dense = metrics(ctx)["accuracy"]
+    assert dense > 0.3  # ten classes: well above chance (0.1) after five epochs
+    full = make_ctx(tmp_path, ctx.shared, budget=1.0)
+    task.run(full, UniformSelector(), SVD())
+    assert metrics(full)["accuracy"] == pytest.approx(dense, abs=0.01)  # float32 ties may flip a test image or two
+    assert len(list((tmp_path / "vit-classification").glob("vit-digits-*.pt"))) == 1  # cached like the built-in ViT
+
+
+def test_training_kind_reference_and_posthoc_cells(tmp_path):
+    """``problem: training``: the task speaks training and compression; the dense reference trains from scratch
+    (curve per epoch, weights cached), and a compression cell compresses exactly that network."""
+    task = make(problem="training", epochs=2)
+    assert task.problem_kind == "training" and task.problem_kinds == {"training", "compression"}
+    shared = {}
+    ctx = make_ctx(tmp_path, shared)
+    task.setup(ctx)
+    task.run_reference(ctx)
+    got = metrics(ctx)
+    assert got["epochs"] == 2 and got["param_ratio"] == 1.0
+    assert [row["step"] for row in ctx.curve_rows if row["curve"] == "train_loss"] == [1.0, 2.0]
+    cached = list((tmp_path / "vit-classification").glob("vit-classification-digits-*.pt"))
+    assert len(cached) == 1
+    full = make_ctx(tmp_path, shared, budget=1.0)
+    task.run(full, UniformSelector(), SVD())
+    assert metrics(full)["accuracy"] == pytest.approx(got["accuracy"], abs=0.01)

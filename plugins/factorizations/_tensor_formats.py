@@ -531,6 +531,16 @@ def _check_tt_cores(cores: Sequence[torch.Tensor], dims: Dims) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _solve_gram(M: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """M V^+ for the symmetric positive semi-definite R x R matrix V: a Cholesky solve where V is positive definite
+    (about 8x cheaper than the pseudo-inverse at R ~ 100; what tensorly does with a plain solve), the
+    pseudo-inverse where it is singular (collinear factors). Both give the same least-squares update."""
+    L, info = torch.linalg.cholesky_ex(V)
+    if int(info) == 0:
+        return torch.cholesky_solve(M.T, L).T
+    return M @ torch.linalg.pinv(V, hermitian=True)
+
+
 def fit_cp(
     W: torch.Tensor,
     out_dims: Dims | None = None,
@@ -586,7 +596,7 @@ def fit_cp(
                 M = P.movedim(k - half.start, 0).reshape(dims[k], -1, R)  # (dims[k], other modes of the half, R)
                 rest = [factors[j] for j in half if j != k]
                 M = (M * _khatri_rao(rest)).sum(dim=1) if rest else M[:, 0]  # MTTKRP: dims[k] x R
-                A = M @ torch.linalg.pinv(V, hermitian=True)
+                A = _solve_gram(M, V)
                 weights = A.norm(dim=0)
                 factors[k] = A / weights.clamp_min(torch.finfo(A.dtype).tiny)
                 grams[k] = factors[k].T @ factors[k]

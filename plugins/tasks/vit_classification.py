@@ -12,7 +12,8 @@ patch embedding and the head are not targeted).
 
 Or ``model``: any transformers image classifier, from a local Hugging Face folder or a hub id (one
 ``from_pretrained`` path for both; the hub only where reachable), with its head resized to the dataset's classes and
-the images resized to its input side and repeated over its channels; its sites are every Linear of its encoder. It
+the images resized to its input side and repeated over its channels; its sites are every Linear but the head and
+the embeddings. It
 is then fine-tuned on the dataset exactly as the built-in ViT is trained (cached by a digest of the folder's files).
 timm checkpoints are not supported (timm is not installed here).
 
@@ -165,6 +166,10 @@ class PretrainedImageClassifier(nn.Module):
                                    align_corners=False)
         return self.net(pixel_values=images.expand(-1, self.channels, -1, -1)).logits
 
+    def head(self) -> nn.Module:
+        """The classification head (``classifier`` in transformers' ViT, DeiT, BEiT, Swin...; ``head`` elsewhere)."""
+        return getattr(self.net, "classifier", None) or self.net.head
+
 
 def load_pretrained_classifier(name: str, classes: int) -> PretrainedImageClassifier:
     """``from_pretrained`` on a local folder or a hub id (one path for both), head resized to ``classes``."""
@@ -283,8 +288,10 @@ class ViTClassification(CompressAdaptOrTrainTask):
         model.cpu().eval()
 
     def target_sites(self, model: nn.Module) -> dict[str, nn.Linear]:
-        if isinstance(model, PretrainedImageClassifier):  # every Linear of the transformer encoder
-            return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".encoder." in name}
+        if isinstance(model, PretrainedImageClassifier):  # every Linear but the head and the embeddings
+            head = {id(m) for m in model.head().modules()}
+            return {name: m for name, m in model.named_modules()
+                    if isinstance(m, nn.Linear) and id(m) not in head and "embed" not in name}
         return {
             f"blocks.{i}.{name}": module
             for i, block in enumerate(model.blocks)
@@ -358,8 +365,7 @@ class ViTClassification(CompressAdaptOrTrainTask):
     def trained_beside_adapters(self, model: nn.Module) -> list[nn.Parameter]:
         if not self.params.train_head:
             return []
-        head = model.net.classifier if isinstance(model, PretrainedImageClassifier) else model.head
-        return list(head.parameters())
+        return list((model.head() if isinstance(model, PretrainedImageClassifier) else model.head).parameters())
 
     def training_loss(self, ctx, model: nn.Module) -> torch.Tensor:
         """Cross-entropy on the next minibatch of the target's training split, drawn by a generator seeded per cell
