@@ -54,7 +54,8 @@ no direction (sizes, counts). ``within noise``: beyond the threshold but not the
 threshold. Metrics reported on only one side are ``only in A`` / ``only in B``.
 
 Exit code: 1 when a metric of a kind named in ``--fail-on`` (default ``quality``) regressed -- or, for a metric
-without a direction, changed; 0 otherwise.
+without a direction, changed -- or, with ``quality`` among them, when a configuration that ran in A fails in B
+(error, timeout, crash: its quality is lost altogether); 0 otherwise.
 
 Outputs, in ``--out`` (default ``B/compare-vs-<name of A>/``), each written atomically: ``compare.csv`` (every
 compared metric with its verdict), ``unmatched.csv`` (configurations in only one side) and ``compare.png``.
@@ -606,11 +607,14 @@ def run(args) -> int:
     written = write_outputs(cmp, out)
     print(f"written: {', '.join(str(p) for p in written)}")
     failing = cmp.failing(fail_on)
+    # a configuration that ran in A and fails in B (error, timeout, crash...) lost its quality altogether
+    broken = cmp.unmatched[(cmp.unmatched["status_a"] == "ok") & ~cmp.unmatched["status_b"].isin(["ok", "missing"])]
     if len(failing):
         what = "regressed" + (" or changed" if (failing["verdict"] == "changed").any() else "")
         print(
             f"FAILED: {len(failing)} {'/'.join(fail_on)} metrics {what} beyond the threshold and the seed noise "
             f"(--fail-on {','.join(fail_on)})"
         )
-        return EXIT_FAILED
-    return EXIT_OK
+    if len(broken) and "quality" in fail_on:
+        print(f"FAILED: {len(broken)} configurations ran in A and fail in B ({', '.join(sorted(set(broken['status_b'])))})")
+    return EXIT_FAILED if len(failing) or (len(broken) and "quality" in fail_on) else EXIT_OK

@@ -203,10 +203,12 @@ def test_cells_in_only_one_side_are_listed(cli, pair):
         for name in results.TABLES:
             (b / name / f"part-{part}.parquet").unlink(missing_ok=True)
     result = cli("compare", a, b)
-    assert result.returncode == 0, result.stdout
+    assert result.returncode == 1, result.stdout  # a configuration that ran in A fails in B: a quality regression
+    assert "1 configurations ran in A and fail in B (error)" in result.stdout
     unmatched = pd.read_csv(b / "compare-vs-A" / "unmatched.csv")
     assert sorted(zip(unmatched["selector"], unmatched["status_b"])) == [("energy", "error"), ("uniform", "missing")]
     assert "2 configurations in only one side" in result.stdout
+    assert cli("compare", a, b, "--fail-on", "time").returncode == 0  # only time regressions fail this job
 
 
 def test_a_side_without_ok_cells_and_metrics_on_one_side_only(cli, pair, tmp_path):
