@@ -1,7 +1,8 @@
 """Suite files: schema (pydantic), validation with clear messages, and cartesian expansion into cells.
 
 A suite names tasks, selectors and factorizations (each a bare plugin name or ``{name: {param: value}}``), budgets,
-seeds and a per-cell timeout. Every problem in the file is reported as ``FILE: KEY: expected ...`` through
+seeds and a per-cell timeout; or ``slices``, several such products (each may set its own budgets and seeds) whose
+union is run. Every problem in the file is reported as ``FILE: KEY: expected ...`` through
 ``SuiteError``; the CLI turns that into exit code 2 before anything is written.
 """
 
@@ -29,18 +30,34 @@ class SuiteError(Exception):
         super().__init__(f"{file}: {key}: {message}" if key else f"{file}: {message}")
 
 
+Budgets = list[float] | dict[Literal["param_ratio", "rank_total", "rank_cap"], list[float]]
+
+
+class SliceFile(BaseModel):
+    """One cartesian product of a suite with ``slices``; budgets and seeds default to the suite's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[PluginRef] = Field(min_length=1)
+    selectors: list[PluginRef] = Field(min_length=1)
+    factorizations: list[PluginRef] = Field(min_length=1)
+    budgets: Budgets | None = None
+    seeds: list[int] | None = Field(default=None, min_length=1)
+
+
 class SuiteFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
     description: str = ""
-    tasks: list[PluginRef] = Field(min_length=1)
-    selectors: list[PluginRef] = Field(min_length=1)
-    factorizations: list[PluginRef] = Field(min_length=1)
+    # the cartesian product tasks x selectors x factorizations x budgets x seeds; a suite may instead (or also) list
+    # ``slices``, each its own product, and runs their union (e.g. a nightly slice of every task family)
+    tasks: list[PluginRef] | None = Field(default=None, min_length=1)
+    selectors: list[PluginRef] | None = Field(default=None, min_length=1)
+    factorizations: list[PluginRef] | None = Field(default=None, min_length=1)
+    slices: list[SliceFile] = Field(default_factory=list)
     # one list for every task, or a list per budget kind when a suite mixes tasks of different kinds
-    budgets: list[float] | dict[Literal["param_ratio", "rank_total", "rank_cap"], list[float]] = Field(
-        default_factory=list
-    )
+    budgets: Budgets = Field(default_factory=list)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     timeout: float | None = Field(default=900.0, gt=0)  # seconds per cell; null disables the limit
     executor: str | None = None
@@ -114,21 +131,38 @@ def load_suite(path: str | Path) -> Suite:
             err = next((e for e in errors if len(e["loc"]) > 1 and str(e["loc"][1]).startswith("dict[")), err)
         loc = err["loc"]
         # For PluginRef unions pydantic reports every branch; keep the path up to the item.
-        if len(loc) >= 2 and loc[0] in ("tasks", "selectors", "factorizations") and isinstance(loc[1], int):
-            item = data[loc[0]][loc[1]]
+        axes = ("tasks", "selectors", "factorizations")
+        at = 2 if len(loc) >= 4 and loc[0] == "slices" and isinstance(loc[1], int) else 0
+        if len(loc) >= at + 2 and loc[at] in axes and isinstance(loc[at + 1], int):
+            owner = data["slices"][loc[1]] if at else data
+            item = owner[loc[at]][loc[at + 1]]
             raise SuiteError(
-                file, _key(loc[:2]), f"expected a plugin name or {{name: {{param: value}}}} (got {item!r})"
+                file, _key(loc[: at + 2]), f"expected a plugin name or {{name: {{param: value}}}} (got {item!r})"
             ) from None
         raise SuiteError(file, _key(loc), _pydantic_message(err)) from None
-    for axis in ("tasks", "selectors", "factorizations"):
-        for i, ref in enumerate(getattr(spec, axis)):
-            if isinstance(ref, dict) and len(ref) != 1:
-                raise SuiteError(
-                    file,
-                    f"{axis}[{i}]",
-                    f"expected a plugin name or {{name: {{param: value}}}} with one name (got {ref!r})",
-                )
+    axes = ("tasks", "selectors", "factorizations")
+    given = [axis for axis in axes if getattr(spec, axis) is not None]
+    if given and len(given) < 3:
+        missing = next(axis for axis in axes if axis not in given)
+        raise SuiteError(file, missing, "required key is missing (tasks, selectors and factorizations go together)")
+    if not given and not spec.slices:
+        raise SuiteError(file, "tasks", "required key is missing (or give slices: a list of tasks/selectors/...)")
+    for prefix, product in _products(spec):
+        for axis in axes:
+            for i, ref in enumerate(getattr(product, axis)):
+                if isinstance(ref, dict) and len(ref) != 1:
+                    raise SuiteError(
+                        file,
+                        f"{prefix}{axis}[{i}]",
+                        f"expected a plugin name or {{name: {{param: value}}}} with one name (got {ref!r})",
+                    )
     return Suite(file, spec)
+
+
+def _products(spec: SuiteFile) -> list[tuple[str, SuiteFile | SliceFile]]:
+    """(key prefix, product) for the top-level product (if given) and every slice."""
+    top = [("", spec)] if spec.tasks is not None else []
+    return top + [(f"slices[{i}].", piece) for i, piece in enumerate(spec.slices)]
 
 
 def resolve_ref(registry: Registry, kind: str, ref: PluginRef, file: str, key: str) -> PluginSpec:
@@ -187,29 +221,42 @@ def expand(suite: Suite, registry: Registry, device: str, timeout: float | None)
     """The cartesian product tasks x factorizations x selectors x budgets x seeds, plus one dense reference cell
     per task configuration and seed. Budget-free selectors run once (budget null); incompatible pairs become cells
     with a skip reason."""
-    spec, file = suite.spec, suite.path
-    tasks = [resolve_ref(registry, "task", r, file, f"tasks[{i}]") for i, r in enumerate(spec.tasks)]
-    selectors = [resolve_ref(registry, "selector", r, file, f"selectors[{i}]") for i, r in enumerate(spec.selectors)]
-    factorizations = [
-        resolve_ref(registry, "factorization", r, file, f"factorizations[{i}]")
-        for i, r in enumerate(spec.factorizations)
-    ]
+    spec = suite.spec
     cells: list[Cell] = []
     seen: set[str] = set()
 
     def add(cell: Cell) -> None:
-        if cell.cell_id not in seen:  # the same item listed twice is one cell
+        if cell.cell_id not in seen:  # the same item listed twice (or in two slices) is one cell
             seen.add(cell.cell_id)
             cells.append(cell)
 
+    for prefix, product in _products(spec):
+        _expand_product(suite, registry, device, timeout, product, prefix, add)
+    return cells
+
+
+def _expand_product(suite: Suite, registry: Registry, device: str, timeout: float | None,
+                    product: SuiteFile | SliceFile, prefix: str, add) -> None:
+    spec, file = suite.spec, suite.path
+    tasks = [resolve_ref(registry, "task", r, file, f"{prefix}tasks[{i}]") for i, r in enumerate(product.tasks)]
+    selectors = [
+        resolve_ref(registry, "selector", r, file, f"{prefix}selectors[{i}]") for i, r in enumerate(product.selectors)
+    ]
+    factorizations = [
+        resolve_ref(registry, "factorization", r, file, f"{prefix}factorizations[{i}]")
+        for i, r in enumerate(product.factorizations)
+    ]
+    all_budgets, budgets_key = (spec.budgets, "budgets") if product.budgets is None else (product.budgets,
+                                                                                          f"{prefix}budgets")
+    seeds = spec.seeds if product.seeds is None else product.seeds
     for task in tasks:
         budget_kind = task.instance.budget_kind
-        if isinstance(spec.budgets, dict):
-            raw, key = spec.budgets.get(budget_kind, []), f"budgets.{budget_kind}"
+        if isinstance(all_budgets, dict):
+            raw, key = all_budgets.get(budget_kind, []), f"{budgets_key}.{budget_kind}"
         else:
-            raw, key = spec.budgets, "budgets"
+            raw, key = all_budgets, budgets_key
         budgets = [_check_budget(b, budget_kind, file, f"{key}[{i}]") for i, b in enumerate(raw)]
-        for seed in spec.seeds:
+        for seed in seeds:
             add(make_cell(suite.name, task, None, None, None, None, seed, device, timeout))
             for factorization in factorizations:
                 for selector in selectors:
@@ -237,4 +284,3 @@ def expand(suite: Suite, registry: Registry, device: str, timeout: float | None)
                                 reason,
                             )
                         )
-    return cells

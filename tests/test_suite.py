@@ -38,6 +38,11 @@ seeds: [0, 1]
         ("name: x\ntasks: [toy]\nselectors: [uniform]\nfactorizations: [toy-svd]\nbudgets: {ratio: [0.5]}\n", "budgets.ratio", "'param_ratio'"),
         ("name: x\ntasks: [toy]\nselectors: [uniform]\nfactorizations: [toy-svd]\nbudgets: {rank_cap: [5]}\n", "budgets.param_ratio", "at least one budget"),
         ("name: x\ntasks: [toy]\nselectors: [uniform]\nfactorizations: [toy-svd]\nbudgets: [0.5]\nthreads: 0\n", "threads", "greater than or equal to 1"),
+        ("name: x\nslices: [{tasks: [toy], selectors: [uniform]}]\n", "slices[0].factorizations", "required key is missing"),
+        ("name: x\nslices: [{tasks: [toy], selectors: [nope], factorizations: [toy-svd]}]\nbudgets: [0.5]\n", "slices[0].selectors[0]", "unknown selector 'nope'"),
+        ("name: x\nslices: [{tasks: [{toy: {}, b: {}}], selectors: [uniform], factorizations: [toy-svd]}]\n", "slices[0].tasks[0]", "plugin name"),
+        ("name: x\nslices: [{tasks: [toy], selectors: [uniform], factorizations: [toy-svd], budgets: [2]}]\n", "slices[0].budgets[0]", "(0, 1]"),
+        ("name: x\n", "tasks", "required key is missing"),
     ],
 )
 def test_malformed_suites_exit_2_with_one_message(cli, write_suite, tmp_path, text, key, expected):
@@ -152,3 +157,27 @@ def test_budgets_per_budget_kind_serve_mixed_suites(write_suite):
     assert sorted((c.task, c.budget_kind, c.budget) for c in run) == [
         ("matrix-recovery", "rank_cap", 3.0), ("toy", "param_ratio", 0.25), ("toy", "param_ratio", 0.5)
     ]
+
+
+def test_slices_run_the_union_of_their_products(write_suite):
+    """``slices``: each is its own product (budgets and seeds default to the suite's); the same cell listed twice is
+    one cell; a top-level product and slices combine."""
+    registry = load_plugins(GOOD_PLUGINS)
+    sliced = load_suite(write_suite("""
+name: sliced
+budgets: [0.5]
+slices:
+  - {tasks: [{toy: {size: 20}}], selectors: [uniform], factorizations: [toy-svd]}
+  - {tasks: [{toy: {size: 20}}], selectors: [uniform], factorizations: [toy-svd], budgets: [0.25], seeds: [0, 1]}
+"""))
+    cells = expand(sliced, registry, "cpu", None)
+    run = sorted((c.selector, c.budget if c.budget is not None else -1, c.seed) for c in cells)
+    # one reference per seed, uniform at 0.5 (seed 0) and at 0.25 (seeds 0, 1)
+    assert run == [("none", -1, 0), ("none", -1, 1), ("uniform", 0.25, 0), ("uniform", 0.25, 1), ("uniform", 0.5, 0)]
+    flat = load_suite(write_suite(VALID))
+    mixed = load_suite(write_suite(VALID + "slices:\n  - {tasks: [{toy: {size: 20}}], selectors: [uniform], "
+                                          "factorizations: [toy-svd], budgets: [0.1]}\n"))
+    flat_ids = {c.cell_id for c in expand(flat, registry, "cpu", None)}
+    mixed_cells = expand(mixed, registry, "cpu", None)
+    assert flat_ids < {c.cell_id for c in mixed_cells}
+    assert sorted(c.budget for c in mixed_cells if c.cell_id not in flat_ids) == [0.1, 0.1]  # seeds 0, 1

@@ -1,0 +1,190 @@
+"""``dlrt``: dynamical low-rank training with the rank-adaptive integrator -- Schotthöfer, Zangrando, Kusch, Ceruti &
+Tudisco, "Low-rank lottery tickets: finding efficient low-rank neural networks via matrix differential equations",
+NeurIPS 2022 (ALGORITHMS.md §5.1; reference code COMPiLELab/DLRT-Net, ``optimizer_KLS/dlrt_optimizer.py`` and
+``optimizer_KLS/Linear_layer_lr_new.py``).
+
+Each site W (out x in) is trained as W = U S V^T (+ bias), U (out x r) and V (in x r) orthonormal, S (r x r); the
+forward is x V S^T U^T + b (W is never formed). Per minibatch, with G = dL/dW at the current weight:
+
+    K = U S,  L = V S^T;   grad_K = G V,  grad_L = G^T U     (one backward: the K- and L-forms x V K^T and x L U^T
+                                                              have exactly these gradients; see ``_KLProduct``)
+    K' = K - lr grad_K,  L' = L - lr grad_L
+    U_hat = orth([K', U]),  V_hat = orth([L', V])             (QR; at most min(out, 2r), min(in, 2r) columns)
+    S_hat = (U_hat^T U) S (V_hat^T V)^T                       (U_hat S_hat V_hat^T = W exactly)
+    second forward/backward at U_hat S_hat V_hat^T:  S_hat <- S_hat - lr U_hat^T G V_hat,  b <- b - lr grad_b
+    P, d, Q = svd(S_hat);  r' = smallest j with ||d[j:]||_2 < tau ||d||_2, clipped to [rank_min, rank_max]
+    U = U_hat P[:, :r'],  V = V_hat Q[:, :r'],  S = diag(d[:r'])
+
+The network's other parameters take one step of the task's optimiser per minibatch with the second pass's gradient
+(``_integrator``). Without truncation (tau = 0) one step is exactly W - lr P_{U_hat} G P_{V_hat}: the plain gradient
+step projected on the augmented bases (the paper's local optimality; checked in the tests).
+
+Choices, with the reference's facts:
+
+* Start: ``init="dense"`` (default, ours): the rank-r truncated SVD of the site's initial dense weight, so the
+  method starts from the same initialisation as the dense reference cell. ``init="random"`` is the reference's
+  adaptive-layer start: U, V random orthonormal, S = diag of the largest r of 2 rmax sorted |N(0, 1)| draws.
+* Starting rank: the cap (the reference's adaptive layers start at min(given rank, rmax); its LeNet5 builds the
+  800 -> 500 Linear with rank 500, so it starts at rmax = 250).
+* Rank cap: min(out, in) // 2 by default (the reference's rmax for adaptive layers); rank_min 2 (reference).
+* Truncation rule: as written above (the smallest j over 0..len(d), so the rank can grow to 2r). The reference's
+  loop differs in two corner cases: its tail sums skip the last singular value, and when no tail is below the
+  tolerance it keeps the old rank instead of 2r.
+* Integrator: plain SGD with one learning rate for K, L, S and the bias, as the reference (``dlr_opt`` with
+  ``torch.optim.SGD``, no momentum). No momentum is offered: a momentum buffer across changing bases and ranks is not
+  part of the method. The reference's absolute-tolerance option and its final S-only fine-tuning phase are not
+  implemented.
+* Stored parameters: r (out + in) -- U S merged at inference, the count the reference reports for evaluation
+  (``count_params_test``: K and L) and the one the ``svd`` compression uses, so ratios are comparable.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from rankbench.api import hookimpl
+from rankbench_plugins.trainers._integrator import (
+    IntegratorLayer,
+    IntegratorParams,
+    IntegratorTrainer,
+    clip_rank,
+    orth,
+    sgd,
+    svd,
+    tail_rank,
+)
+
+
+class _KLProduct(torch.autograd.Function):
+    """y = x V S^T U^T whose backward gives x its true gradient and the K = U S and L = V S^T leaves the gradients
+    of the K-form (x V K^T) and L-form (x L U^T): grad_K = dY^T (x V) = G V, grad_L = x^T (dY U) = G^T U."""
+
+    @staticmethod
+    def forward(ctx, x, U, S, V, K, L):
+        ctx.save_for_backward(x, U, S, V)
+        return ((x @ V) @ S.T) @ U.T
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, U, S, V = ctx.saved_tensors
+        dyU = dy @ U
+        grad_x = (dyU @ S) @ V.T if ctx.needs_input_grad[0] else None
+        grad_K = dy.T @ (x @ V) if ctx.needs_input_grad[4] else None
+        grad_L = x.T @ dyU if ctx.needs_input_grad[5] else None
+        return grad_x, None, None, None, grad_K, grad_L
+
+
+class DLRTLinear(IntegratorLayer):
+    """W = U S V^T (+ bias) trained by the rank-adaptive integrator; U, S, V are buffers the integrator rewrites."""
+
+    def __init__(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None,
+                 rank_min: int = 2, rank_max: int | None = None):
+        super().__init__()
+        self.out_features, self.in_features = int(U.shape[0]), int(V.shape[0])
+        self.register_buffer("U", U.detach().clone())
+        self.register_buffer("S", S.detach().clone())
+        self.register_buffer("V", V.detach().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.rank_min = int(rank_min)
+        self.rank_cap = default_cap(self.out_features, self.in_features, rank_max)
+        self._kl: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def ranks(self) -> int:
+        return int(min(self.S.shape))
+
+    def stored_params(self) -> int:
+        return self.ranks() * (self.out_features + self.in_features)
+
+    def to_dense(self) -> torch.Tensor:
+        """U S V^T (tests and diagnostics only)."""
+        return self.U @ self.S @ self.V.T
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.ranks()}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self._kl is not None:
+            y = _KLProduct.apply(x2, self.U, self.S, self.V, *self._kl)
+        else:
+            y = ((x2 @ self.V) @ self.S.T) @ self.U.T
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    # -- the integrator's stages ------------------------------------------------------------------------------------
+    def begin_basis_step(self) -> None:
+        K = (self.U @ self.S).requires_grad_(True)
+        L = (self.V @ self.S.T).requires_grad_(True)
+        self._kl = (K, L)
+
+    def kl_gradients(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """grad_K, grad_L of the last K-step pass (None before one)."""
+        return (None, None) if self._kl is None else (self._kl[0].grad, self._kl[1].grad)
+
+    def augment(self, lr: float) -> None:
+        K, L = self._kl
+        self._kl = None
+        U, S, V = self.U, self.S, self.V
+        U_hat = orth(torch.cat([sgd(K, lr), U], dim=1))
+        V_hat = orth(torch.cat([sgd(L, lr), V], dim=1))
+        S_hat = (U_hat.T @ U) @ S @ (V.T @ V_hat)
+        self.U, self.V = U_hat, V_hat
+        self.S = S_hat.requires_grad_(True)
+
+    def galerkin(self, lr: float) -> None:
+        self.S = sgd(self.S, lr)
+        self._step_bias(lr)
+
+    def truncate(self, tau: float) -> None:
+        P, d, Qh = svd(self.S.detach())
+        r = clip_rank(tail_rank(d, tau), self.rank_min, min(self.rank_cap, d.numel()))
+        self.U = self.U @ P[:, :r]
+        self.V = self.V @ Qh[:r].T
+        self.S = torch.diag(d[:r])
+
+
+def default_cap(out_features: int, in_features: int, rank_max: int | None) -> int:
+    full = min(out_features, in_features)
+    return max(1, min(full // 2 if rank_max is None else int(rank_max), full))
+
+
+def dlrt_layer(linear: nn.Linear, params: IntegratorParams, generator: torch.Generator) -> DLRTLinear:
+    """The site's replacement at the starting rank (``init``: see the module docstring)."""
+    W = linear.weight.detach()
+    out_features, in_features = W.shape
+    cap = default_cap(out_features, in_features, params.rank_max)
+    r = cap if params.init_rank is None else min(int(params.init_rank), cap)
+    if params.init == "dense":
+        U, s, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+        U, S, V = U[:, :r], torch.diag(s[:r]), Vh[:r].T
+    else:
+        U = torch.linalg.qr(torch.randn(out_features, r, generator=generator, dtype=torch.float64))[0]
+        V = torch.linalg.qr(torch.randn(in_features, r, generator=generator, dtype=torch.float64))[0]
+        s = torch.randn(2 * cap, generator=generator, dtype=torch.float64).abs().sort(descending=True).values
+        S = torch.diag(s[:r])
+    to = {"device": W.device, "dtype": W.dtype}
+    return DLRTLinear(U.to(**to), S.to(**to), V.to(**to), linear.bias, params.rank_min, params.rank_max)
+
+
+class DLRT(IntegratorTrainer):
+    name = "dlrt"
+    version = "1"
+    description = ("Dynamical low-rank training (Schotthöfer et al. 2022): W = U S V^T, K/L basis step, Galerkin "
+                   "step on the augmented core, SVD truncation at tolerance tau.")
+    formats: ClassVar[frozenset[str]] = frozenset({"svd"})
+
+    class Params(IntegratorParams):
+        pass
+
+    def make_layer(self, linear, factorization, generator):
+        return dlrt_layer(linear, self.params, generator)
+
+
+@hookimpl
+def rankbench_register_selectors(register):
+    register(DLRT)
