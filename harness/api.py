@@ -82,6 +82,14 @@ class Task(Plugin):
         least one kind; ``problem_kind`` is the task's main one (a training task also compresses its dense model)."""
         return frozenset({self.problem_kind})
 
+    @classmethod
+    def conformance_params(cls) -> list[dict[str, Any]]:
+        """Configurations small enough for conformance checks (``bench test-plugin``): one per problem kind the task
+        offers (the kinds are read from the configured instance's ``problem_kinds``), each running a cell in seconds
+        on one CPU core without downloads. ``bench test-plugin`` exercises other plugins on these. Empty: the task
+        offers none (its plugins are then not exercised on it)."""
+        return []
+
     def skip(self, selector: Selector, factorization: Factorization) -> str | None:
         """Reason why this task cannot run the pair, or None."""
         return None

@@ -49,6 +49,18 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", help="output folder (default: B/compare-vs-<name of A>/)")
     compare.add_argument("--threshold", action="append", metavar="KIND=FRACTION", help="e.g. quality=0.05 (repeatable)")
     compare.add_argument("--fail-on", metavar="KINDS", help="kinds whose regressions exit 1 (default: quality)")
+
+    test = sub.add_parser(
+        "test-plugin",
+        help="run a plugin through the checks every built-in passes (loads, parameters, tiny runs, budget, seed)",
+    )
+    test.add_argument("name", help="plugin name (or the file stem of a --plugins-dir plugin that fails to load)")
+    test.add_argument("--plugins-dir", help="also load every *.py plugin file in this folder")
+    test.add_argument("--kind", choices=["task", "selector", "factorization", "executor"],
+                      help="the plugin's kind, where the name is taken by several")
+    test.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="where the tiny cells run")
+    test.add_argument("--timeout", type=float, help="seconds per tiny cell (default 300)")
+    test.add_argument("--out", help="keep the tiny runs' results in this folder (default: a temporary folder)")
     return parser
 
 
@@ -180,7 +192,39 @@ def cmd_compare(args) -> int:
         raise BadInput(str(exc)) from None
 
 
-COMMANDS = {"run": cmd_run, "check": cmd_check, "plugins": cmd_plugins, "report": cmd_report, "compare": cmd_compare}
+def cmd_test_plugin(args) -> int:
+    from rankbench.conformance import CELL_TIMEOUT, ConformanceInputError, format_report, run_conformance
+    from rankbench.envinfo import resolve_device
+
+    plugins_dir = _plugins_dir(args.plugins_dir)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        raise BadInput(f"--device: {exc}") from None
+    if args.timeout is not None and args.timeout <= 0:
+        raise BadInput(f"--timeout: expected seconds > 0 (got {args.timeout})")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise BadInput(f"--out: expected a folder (got the file {args.out!r})")
+    try:
+        report = run_conformance(
+            args.name, args.kind, plugins_dir, device, args.timeout or CELL_TIMEOUT, args.out,
+            log=lambda message: print(f"test-plugin: {message}", file=sys.stderr, flush=True),
+        )
+    except ConformanceInputError as exc:
+        raise BadInput(f"test-plugin: {exc}") from None
+    print(format_report(report))
+    print(report.summary())
+    return EXIT_OK if report.passed else EXIT_FAILED
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "check": cmd_check,
+    "plugins": cmd_plugins,
+    "report": cmd_report,
+    "compare": cmd_compare,
+    "test-plugin": cmd_test_plugin,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -271,6 +271,14 @@ class MatrixRecovery(Task):
         return "rmse" if self.params.data else "rel_error"
     Params = MatrixRecoveryParams
 
+    @classmethod
+    def conformance_params(cls) -> list[dict]:
+        # recovery is the only kind; a PSD sensing problem as well, for solvers that need a PSD target
+        return [
+            {"problem": "completion", "shape": [30, 20], "rank": 2, "observed": 0.5, "max_iters": 30},
+            {"problem": "sensing", "shape": [10, 10], "rank": 2, "psd": True, "max_iters": 30},
+        ]
+
     def _instance(self, ctx) -> tuple[RecoveryProblem, Site]:
         key = ("matrix-recovery", ctx.task_seed)
         if key not in ctx.shared:

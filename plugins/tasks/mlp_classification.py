@@ -59,6 +59,12 @@ class MLPClassification(ViTClassification):
     description = "Fully connected classifier trained from scratch on MNIST / Fashion-MNIST / digits"
     Params = MLPParams
 
+    @classmethod
+    def conformance_params(cls) -> list[dict]:
+        # training only (its compression cells compress the dense network trained here)
+        return [{"dataset": "digits", "max_train": 200, "max_test": 100, "hidden": [16], "epochs": 2,
+                 "batch_size": 64, "calib_samples": 64, "latency_repeats": 1}]
+
     def build_network(self, ds: data.ImageDataset) -> nn.Module:
         return MLP(ds.image_size**2, list(self.params.hidden), ds.num_classes)
 

@@ -130,6 +130,16 @@ class PINN(CompressAdaptOrTrainTask):
     Params = PINNParams
     primary_metric = "l2re"
 
+    @classmethod
+    def conformance_params(cls) -> list[dict]:
+        tiny = {"pde": "poisson", "source": 1, "width": 8, "depth": 2, "pretrain_steps": 20, "n_interior": 64,
+                "n_boundary": 16, "test_grid": 16}
+        return [
+            {**tiny, "problem": "adaptation", "target": 2, "steps": 6, "retrain_steps": 3},
+            {**tiny, "problem": "compression"},
+            {**tiny, "problem": "training", "epoch_steps": 10},
+        ]
+
     # -- problems and points --------------------------------------------------------------------------------------
     def source_problem(self) -> _pde.PDEProblem:
         return _pde.make_problem(self.params.pde, self.params.source)

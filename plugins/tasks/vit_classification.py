@@ -208,6 +208,16 @@ class ViTClassification(CompressAdaptOrTrainTask):
     Params = ViTParams
     primary_metric = "accuracy"
 
+    @classmethod
+    def conformance_params(cls) -> list[dict]:
+        tiny = {"dataset": "digits", "max_train": 200, "max_test": 100, "patch": 4, "dim": 16, "depth": 1, "heads": 2,
+                "epochs": 1, "batch_size": 64, "calib_samples": 64, "latency_repeats": 1}
+        return [
+            {**tiny, "problem": "compression"},
+            {**tiny, "problem": "adaptation", "target": "digits", "steps": 6, "retrain_steps": 3},
+            {**tiny, "problem": "training"},
+        ]
+
     def dataset(self, ctx, name: str | None = None) -> data.ImageDataset:
         """The training dataset (``name`` None) or another one, loaded once per process."""
         p = self.params
