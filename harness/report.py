@@ -276,7 +276,7 @@ def _plot_curves(cells: pd.DataFrame, curves: pd.DataFrame, path: Path) -> bool:
         )
         ax.set_yscale("log")
         ax.set_title(_title(config), fontsize=8)
-        ax.set_xlabel("iteration")
+        ax.set_xlabel("step (iteration or epoch)")
         ax.set_ylabel(curve)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
@@ -330,7 +330,7 @@ def make_report(out: Path) -> Path:
         figures.append(("Ranks per site", path.name))
     curves = results.read_table(out, "curves")
     if not curves.empty and _plot_curves(cells, curves, folder / "curves.png"):
-        figures.append(("Curves (error against iteration)", "curves.png"))
+        figures.append(("Curves (error, loss or rank against iteration or epoch)", "curves.png"))
     for title, name in figures:
         lines += [f"## {title}", "", f"![{title}]({name})", ""]
     if len(failures):

@@ -23,8 +23,15 @@ def test_smoke_suite_runs_every_task_and_reports(bench, tmp_path):
     run = bench("run", ROOT / "suites" / "smoke.yaml", "--out", out)
     assert run.returncode == 0, run.stderr
     metrics = pd.read_parquet(out / "metrics")
-    tasks = {next(iter(t)) if isinstance(t, dict) else t for t in yaml.safe_load((ROOT / "suites" / "smoke.yaml").read_text())["tasks"]}
+    spec = yaml.safe_load((ROOT / "suites" / "smoke.yaml").read_text())
+    listed = spec["tasks"] + [t for piece in spec.get("slices", []) for t in piece["tasks"]]
+    tasks = {next(iter(t)) if isinstance(t, dict) else t for t in listed}
     assert tasks <= set(metrics.loc[metrics["status"] == "ok", "task"])
+    # every rank-adaptive trainer of the slice ran and recorded a rank trajectory
+    ok = metrics[metrics["status"] == "ok"]
+    assert {"dlrt", "bayes-tensor"} <= set(ok.loc[ok["task"] == "mlp-classification", "selector"])
+    curves = pd.read_parquet(out / "curves").merge(ok[["cell_id", "selector"]].drop_duplicates(), on="cell_id")
+    assert {"dlrt", "bayes-tensor"} <= set(curves.loc[curves["curve"] == "rank_total", "selector"])
     # text facts travel through the worker into cells.notes (the LLM cells record their model's checksum)
     cells = pd.read_parquet(out / "cells")
     llm_notes = cells.loc[(cells["task"] == "llm-perplexity") & (cells["status"] == "ok"), "notes"].map(json.loads)
