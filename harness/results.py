@@ -156,6 +156,25 @@ def write_cell(out: Path, cell: Cell, record: CellRecord, run: dict, primary_met
     _write_atomic(pa.Table.from_pylist([marker], schema=SCHEMAS["cells"]), out / "cells", cell.cell_id)
 
 
+def read_marker(out: str | Path, cell_id: str) -> dict | None:
+    """The ``cells`` row of one cell as a dict, or None when that cell has no part file (yet)."""
+    part = Path(out) / "cells" / f"part-{cell_id}.parquet"
+    try:
+        rows = pq.read_table(part, schema=SCHEMAS["cells"]).to_pylist()
+    except (OSError, pa.ArrowInvalid):  # missing, or unreadable
+        return None
+    return rows[0] if rows else None
+
+
+def is_written(out: str | Path, record: CellRecord) -> bool:
+    """Whether ``record`` itself is already on disk: its cell's marker has the record's ``started_at`` and status.
+
+    Executors whose jobs write their own part files (``submitit``, ``ray``) hand the host records that are already
+    written; the host acknowledges them instead of writing them a second time."""
+    marker = read_marker(out, record.cell_id)
+    return marker is not None and marker["started_at"] == record.started_at and marker["status"] == record.status
+
+
 def read_table(out: str | Path, name: str) -> pd.DataFrame:
     """One table of a results folder as a DataFrame (empty, with the right columns, if there is none)."""
     folder = Path(out) / name

@@ -75,6 +75,10 @@ class Runtime:
     threads: int | None = None  # torch CPU threads of the process that runs cells
     shared: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # task_key -> shared store
     tasks: dict[str, Any] = dataclasses.field(default_factory=dict)  # task_key -> task instance
+    # Set by ``run_cells``: the results folder and the run fields of every part, for executors whose jobs write
+    # their cells' part files themselves (``submitit``, ``ray``); None when the executor is driven directly.
+    results_dir: str | None = None
+    run_info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def execute(self, cell: Cell, alarm: bool = False) -> CellRecord:
         return execute_cell(cell, self, alarm=alarm)
@@ -187,6 +191,14 @@ def failed_record(cell: Cell, status: str, reason: str, wall: float = 0.0, start
     )
 
 
+def primary_metric(registry: Registry, cell: Cell, record: CellRecord | None = None) -> str:
+    """The task's primary metric for a cell's marker: the record's (the task instance knew it), else the class's."""
+    if record is not None and record.primary_metric:
+        return record.primary_metric
+    value = getattr(registry.get("task", cell.task).cls, "primary_metric", "")
+    return value if isinstance(value, str) else ""  # a property: only the instance knows
+
+
 def order_for_sharing(cells: Sequence[Cell]) -> list[Cell]:
     """Group cells of one task configuration and seed together so shared work is reused while it is warm."""
     first_seen: dict[tuple, int] = {}
@@ -246,11 +258,11 @@ def run_cells(
         console.print(f"resuming: {len(cells) - len(pending)} of {len(cells)} cells already finished in {out}")
 
     def primary(cell: Cell, record=None) -> str:
-        if record is not None and record.primary_metric:
-            return record.primary_metric
-        value = getattr(runtime.registry.get("task", cell.task).cls, "primary_metric", "")
-        return value if isinstance(value, str) else ""  # a property: only the instance knows
+        return primary_metric(runtime.registry, cell, record)
 
+    runtime.results_dir, runtime.run_info = str(Path(out).absolute()), dict(run_info)  # jobs may run elsewhere
+    # jobs of these executors write their cells' parts themselves (surviving a dead host): acknowledged, not rewritten
+    jobs_write = bool(getattr(executor, "jobs_write_results", False))
     for cell in to_skip:
         results.write_cell(out, cell, failed_record(cell, "skipped", cell.skip_reason), run_info, primary(cell))
     columns = (
@@ -265,7 +277,8 @@ def run_cells(
         bar = progress.add_task("cells", total=len(to_run))
         for record in executor.run(to_run, runtime):
             cell = by_id[record.cell_id]
-            results.write_cell(out, cell, record, run_info, primary(cell, record))
+            if not (jobs_write and results.is_written(out, record)):
+                results.write_cell(out, cell, record, run_info, primary(cell, record))
             if record.status != "ok":
                 progress.console.print(
                     f"[yellow]{record.status}[/]: {cell.label}: {record.reason.splitlines()[0] if record.reason else ''}"
