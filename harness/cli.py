@@ -96,6 +96,7 @@ def _prepare(args):
 
 def cmd_check(args) -> int:
     suite, registry, device, _, cells, _ = _prepare(args)
+    _executor(args, suite, registry)  # the suite's executor and its parameters are checked too
     from tabulate import tabulate
 
     rows: dict[str, list[int]] = {}
@@ -110,12 +111,27 @@ def cmd_check(args) -> int:
     return EXIT_OK
 
 
+def _executor(args, suite, registry):
+    """The executor: ``--executor NAME`` (with the suite's parameters when the suite names the same one), else the
+    suite's ``executor`` (a name or ``{name: {param: value}}``), else ``subprocess``."""
+    from rankbench.suite import SuiteError, resolve_ref
+
+    ref = suite.spec.executor
+    suite_name = None if ref is None else (ref if isinstance(ref, str) else next(iter(ref)))
+    wanted = getattr(args, "executor", None)  # `bench check` has no --executor
+    if wanted is not None and wanted != suite_name:
+        if wanted not in registry.plugins["executor"]:
+            known = ", ".join(registry.names("executor")) or "none loaded"
+            raise BadInput(f"--executor: unknown executor {wanted!r}; expected one of: {known}")
+        ref = wanted
+    if isinstance(ref, dict) and len(ref) != 1:
+        raise SuiteError(suite.path, "executor", f"expected a name or {{name: {{param: value}}}} (got {ref!r})")
+    return resolve_ref(registry, "executor", ref or "subprocess", suite.path, "executor").instance
+
+
 def cmd_run(args) -> int:
     suite, registry, device, timeout, cells, plugins_dir = _prepare(args)
-    executor_name = args.executor or suite.spec.executor or "subprocess"
-    if executor_name not in registry.plugins["executor"]:
-        known = ", ".join(registry.names("executor")) or "none loaded"
-        raise BadInput(f"--executor: unknown executor {executor_name!r}; expected one of: {known}")
+    executor = _executor(args, suite, registry)
     out = Path(args.out) if args.out else Path("results") / suite.name
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out: expected a folder (got the file {str(out)!r})")
@@ -139,7 +155,6 @@ def cmd_run(args) -> int:
     env = environment(device, registry)
     out.mkdir(parents=True, exist_ok=True)
     write_run_info(out, env, suite.path, {k: v for k, v in vars(args).items() if k != "func"})
-    executor = registry.get("executor", executor_name).cls()
     runtime = Runtime(registry=registry, device=device, timeout=timeout, plugins_dir=plugins_dir, threads=threads)
     counts = run_cells(
         cells, out, runtime, executor, {"git_sha": env["git_sha"], "device": device}, args.force, console

@@ -60,7 +60,7 @@ class SuiteFile(BaseModel):
     budgets: Budgets = Field(default_factory=list)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     timeout: float | None = Field(default=900.0, gt=0)  # seconds per cell; null disables the limit
-    executor: str | None = None
+    executor: PluginRef | None = None  # a name, or {name: {param: value}} (e.g. {submitit: {cells_per_job: 16}})
     device: Literal["auto", "cpu", "cuda"] | None = None
     threads: int | None = Field(default=None, ge=1)  # torch CPU threads for the cells (bench run --threads wins)
 

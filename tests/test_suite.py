@@ -43,6 +43,8 @@ seeds: [0, 1]
         ("name: x\nslices: [{tasks: [{toy: {}, b: {}}], selectors: [uniform], factorizations: [toy-svd]}]\n", "slices[0].tasks[0]", "plugin name"),
         ("name: x\nslices: [{tasks: [toy], selectors: [uniform], factorizations: [toy-svd], budgets: [2]}]\n", "slices[0].budgets[0]", "(0, 1]"),
         ("name: x\n", "tasks", "required key is missing"),
+        ("name: x\ntasks: [toy]\nselectors: [uniform]\nfactorizations: [toy-svd]\nbudgets: [0.5]\nexecutor: {subprocess: {bogus: 1}}\n", "executor.subprocess.bogus", "unknown key"),
+        ("name: x\ntasks: [toy]\nselectors: [uniform]\nfactorizations: [toy-svd]\nbudgets: [0.5]\nexecutor: nope\n", "executor", "unknown executor 'nope'"),
     ],
 )
 def test_malformed_suites_exit_2_with_one_message(cli, write_suite, tmp_path, text, key, expected):
