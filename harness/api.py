@@ -222,6 +222,9 @@ class Executor(Plugin):
     """
 
     kind: ClassVar[str] = "executor"
+    # True where the executor's jobs write their cells' part files themselves (``runtime.results_dir``): the host then
+    # acknowledges records already on disk instead of writing them again
+    jobs_write_results: ClassVar[bool] = False
 
     def run(self, cells: Sequence[Cell], runtime: Any) -> Iterator[CellRecord]:
         raise NotImplementedError

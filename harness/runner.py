@@ -262,7 +262,7 @@ def run_cells(
 
     runtime.results_dir, runtime.run_info = str(Path(out).absolute()), dict(run_info)  # jobs may run elsewhere
     # jobs of these executors write their cells' parts themselves (surviving a dead host): acknowledged, not rewritten
-    jobs_write = bool(getattr(executor, "jobs_write_results", False))
+    jobs_write = executor.jobs_write_results
     for cell in to_skip:
         results.write_cell(out, cell, failed_record(cell, "skipped", cell.skip_reason), run_info, primary(cell))
     columns = (
