@@ -24,7 +24,7 @@ FASHION_MNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10
 # 1: `make datasets` fails when the files cannot be obtained; 0 (as during install): it only warns.
 DATASETS_STRICT ?= 1
 
-.PHONY: install bench test test-all benchmark asv clean datasets
+.PHONY: install bench test test-all benchmark asv nightly clean datasets
 
 install: DATASETS_STRICT = 0
 install: $(STAMP) datasets
@@ -87,8 +87,18 @@ test-all: $(STAMP)
 benchmark: $(STAMP)
 	$(PY) -m pytest benchmarks/pytest -m "slow or not slow" --benchmark-only --benchmark-columns=min,median,mean,stddev,rounds
 
-# Regression tracking with asv, in this venv (no per-commit environments): results are stored under the current
-# commit, so a nightly job that runs `make asv` after each pull builds the history; `asv publish` draws it.
+# Nightly regression tracking with asv (README "Nightly regression tracking"): suites/nightly.yaml runs once per
+# commit (.asv/nightly/<commit>/), and asv tracks per configuration its quality (track_), cell time (time_) and memory
+# (track_peak_rss_mb, peakmem_ of one cell per task family); `asv publish` draws .asv/html with its regressions page.
+#   make nightly                      HEAD's committed code in asv's per-commit environment (this venv's dependencies)
+#   make nightly RANGE=A..B           every commit of A..B, one asv run each, then publish
+#   make nightly NIGHTLY_PYTHON=same  the working tree in this venv, stored under HEAD (HEAD-dirty when modified)
+RANGE ?=
+NIGHTLY_PYTHON ?=
+nightly: $(STAMP)
+	RANGE="$(RANGE)" NIGHTLY_PYTHON="$(NIGHTLY_PYTHON)" VENV="$(VENV)" bash benchmarks/asv/nightly.sh
+
+# The same benchmarks on the working tree in this venv (`asv run --python=same`), stored under HEAD; no publish.
 asv: $(STAMP)
 	$(VENV)/bin/asv machine --yes
 	$(VENV)/bin/asv run --python=same --set-commit-hash $$(git rev-parse HEAD) --show-stderr

@@ -26,8 +26,14 @@ def resolve_device(requested: str | None) -> str:
     return "cuda"
 
 
+GIT_SHA_ENV = "RANKBENCH_GIT_SHA"  # set by a caller that knows the installed commit better (asv's per-commit builds)
+
+
 def git_sha() -> str:
-    """The commit of the rankbench source tree (with ``-dirty`` if it has uncommitted changes), else ''."""
+    """The commit of the rankbench source tree (with ``-dirty`` if it has uncommitted changes), else ''.
+    ``$RANKBENCH_GIT_SHA`` wins: an installed (non-editable) build has no git tree of its own."""
+    if os.environ.get(GIT_SHA_ENV):
+        return os.environ[GIT_SHA_ENV]
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(
