@@ -51,7 +51,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from rankbench.api import PARAM_RATIO, RANK_CAP, RANK_TOTAL, PluginParams
+from rankbench.api import PARAM_RATIO, RANK_CAP, RANK_TOTAL, Executor, PluginParams
 from rankbench.cells import Cell, make_cell
 from rankbench.plugins import KINDS, LoadFailure, PluginInfo, Registry, load_plugins
 from rankbench.suite import PluginSpec, SuiteError, pairing_skip_reason, resolve_ref
@@ -425,7 +425,7 @@ class CellResult:
     ranks: dict[str, tuple[int, str, int]]  # site -> (rank, rank per mode, params)
 
 
-class _HereExecutor:
+class _HereExecutor(Executor):
     """Runs cells in this process (the reference the checks compare against; no executor plugin needed)."""
 
     name = "(this process)"
