@@ -1,7 +1,8 @@
 """Executor ``subprocess`` (the default): cells run in a worker process with a hard per-cell time limit.
 
-One worker (``rankbench.worker``, started with ``spawn``) runs cells one after another, so the set-up of a task
-configuration (a loaded model, its statistics) is shared by consecutive cells. The parent waits for each result at
+One worker (``rankbench.worker``, started with ``spawn``) runs the cells of one task configuration one after
+another, so its set-up (a loaded model, its statistics) is shared by them; the next configuration gets a fresh worker,
+so a cell's ``peak_rss_mb`` never includes what an earlier configuration left in the process. The parent waits for each result at
 most the cell's timeout; at the limit it kills the worker (SIGKILL: nothing cooperative about it) and records
 ``timeout``. A worker that dies -- segfault, ``os._exit``, the OOM killer -- gives ``crashed`` with the signal or
 exit code. Either way a fresh worker takes the next cell and the suite goes on.
@@ -78,9 +79,13 @@ class SubprocessExecutor(Executor):
         start_timeout: float = Field(default=600.0, gt=0)
 
     def run(self, cells, runtime):
-        worker = None
+        worker, task_key = None, None
         try:
             for cell in cells:
+                if worker is not None and cell.task_key != task_key:
+                    worker.stop()  # a new task configuration: nothing to share, and a clean process for its memory
+                    worker = None
+                task_key = cell.task_key
                 if worker is None:
                     try:
                         worker = _Worker(runtime, self.params.start_timeout)
