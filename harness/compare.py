@@ -17,11 +17,13 @@ side, with the other side's status (``missing``, ``error``, ...). That is report
 
 Metric kinds and default thresholds (relative; ``--threshold KIND=FRACTION`` overrides)
 ---------------------------------------------------------------------------------------
-* ``time``     ``time_*_s``, ``wall_s``, ``latency_*``, ``*_ms``, unit ``s``/``ms``: 10 %. Wall clocks on a shared
-  machine easily move a few percent between runs (torchbench uses 7-10 %).
-* ``memory``   ``peak_*_mb``, unit ``MiB``/``MB``: 10 %. Allocator and library versions move peaks by a few percent.
+* ``time``     ``time_*_s``, ``wall_s``, ``latency_*``, ``*_ms``, unit ``s``/``ms``: 100 %. Measured: five repeats of
+  the nightly slice (without SmolLM2) on this 2-core machine moved a cell's times by 15 % (median) and 109 % (90th
+  percentile) at the same seed; only a doubling is a signal here. Lower it on a dedicated machine.
+* ``memory``   ``peak_*_mb``, unit ``MiB``/``MB``: 30 %. The same repeats moved peaks by 4 % (median) and up to 30 %.
 * ``quality``  the task's primary metric and every metric with ``higher_is_better`` set: 2 %. Seeded quality
-  metrics are close to deterministic, so a small threshold catches real changes; the seed spread guards the rest.
+  metrics repeated bit for bit in those five repeats (as did sizes), so a small threshold catches real changes;
+  the spread over seeds (median 22 % over three seeds) is the noise band that guards the rest.
 * ``size``     ``params``, ``param_ratio``, ``*_params``, ``rank*`` and ``sum_site_ranks`` (derived here from the
   ranks table): 0 (exact, up to 1e-9 relative). At a fixed budget the size a method ends with is deterministic; any
   change means the method behaves differently. Size has no good or bad direction, so a change is ``changed``.
@@ -83,7 +85,7 @@ class CompareInputError(Exception):
 
 
 KINDS = ("quality", "time", "memory", "size", "other")
-DEFAULT_THRESHOLDS = {"quality": 0.02, "time": 0.10, "memory": 0.10, "size": 0.0, "other": 0.05}
+DEFAULT_THRESHOLDS = {"quality": 0.02, "time": 1.0, "memory": 0.3, "size": 0.0, "other": 0.05}
 DEFAULT_FAIL_ON = ("quality",)
 KEY = [
     "task",
