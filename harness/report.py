@@ -255,7 +255,8 @@ def _plot_curves(cells: pd.DataFrame, curves: pd.DataFrame, path: Path) -> bool:
     import seaborn as sns
 
     data = curves.merge(cells[cells["status"] == "ok"][["cell_id", "task_config", "method"]], on="cell_id")
-    data = data[data["value"] > 0]
+    # per-site trajectories (``rank:<site>``) stay in the curves table: one panel per site would drown the others
+    data = data[(data["value"] > 0) & ~data["curve"].str.contains(":", regex=False)]
     if data.empty:
         return False
     groups = sorted(data.groupby(["task_config", "curve"]), key=lambda kv: kv[0])
