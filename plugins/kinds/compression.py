@@ -33,7 +33,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-from collections.abc import Hashable, Iterable, Iterator
+import os
+import uuid
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -160,6 +163,26 @@ class SiteStatistics:
     fisher_rows: torch.Tensor | None = None  # Σ_j E_batches[(∂L/∂W_ij)²] per output row (out)
     weight_grad: torch.Tensor | None = None  # ∂L/∂W of the mean calibration loss at the dense model (out x in)
     tokens: int = 0
+
+
+def save_weights(path: Path, model: nn.Module) -> None:
+    """Write ``model``'s state dict to ``path`` atomically (a temporary file, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def cached_weights(model: nn.Module, path: Path | None, train: Callable[[nn.Module], object]) -> nn.Module:
+    """``model`` with the trained weights cached at ``path``; when there are none, ``train(model)`` runs and its
+    result is cached (``path`` None: no cache). How tasks share one trained network between cells and processes."""
+    if path is not None and path.is_file():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    else:
+        train(model)
+        if path is not None:
+            save_weights(path, model)
+    return model
 
 
 class CompressionTask(Task):

@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -50,7 +48,7 @@ from torch import nn
 
 from rankbench.api import COMPRESSION, TRAINING, Diverged, Factorization, Selector
 from rankbench_plugins.kinds.adaptation import CompressOrAdaptTask
-from rankbench_plugins.kinds.compression import CompressionTask
+from rankbench_plugins.kinds.compression import CompressionTask, cached_weights, save_weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,13 +125,7 @@ class TrainingTask(CompressionTask):
     def load_model(self, ctx) -> nn.Module:
         if not self.training:
             return super().load_model(ctx)
-        path = self.dense_cache_path(ctx)
-        model = self.fresh_model(ctx)
-        if path is not None and path.is_file():
-            model.load_state_dict(torch.load(path, map_location=ctx.device, weights_only=True))
-        else:
-            train_dense(self, ctx, model)
-            _save_dense(path, model)
+        model = cached_weights(self.fresh_model(ctx), self.dense_cache_path(ctx), lambda m: train_dense(self, ctx, m))
         return model.eval()
 
     def setup(self, ctx) -> None:
@@ -151,7 +143,8 @@ class TrainingTask(CompressionTask):
         model = self.fresh_model(ctx)
         with ctx.phase("train"):
             run = train_dense(self, ctx, model)
-        _save_dense(self.dense_cache_path(ctx), model)
+        if self.dense_cache_path(ctx) is not None:
+            save_weights(self.dense_cache_path(ctx), model)
         run.write_curves()
         model.eval()
         with ctx.phase("evaluate"):
@@ -283,15 +276,6 @@ def train_dense(task: TrainingTask, ctx, model: nn.Module) -> TrainingRun:
             losses.append(loss.item())
         run.end_epoch(epoch, sum(losses) / max(len(losses), 1))
     return run
-
-
-def _save_dense(path: Path | None, model: nn.Module) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
 
 
 def run_training(task: TrainingTask, ctx, method: RankAdaptiveTrainer, factorization: Factorization) -> None:

@@ -40,8 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -52,6 +50,7 @@ from torch import nn
 
 from rankbench.api import PluginParams, hookimpl
 from rankbench.cells import derived_seed
+from rankbench_plugins.kinds.compression import cached_weights
 from rankbench_plugins.kinds.training import CompressAdaptOrTrainTask, TrainingSettings
 from rankbench_plugins.tasks import _pde
 
@@ -185,25 +184,23 @@ class PINN(CompressAdaptOrTrainTask):
     def load_model(self, ctx) -> nn.Module:
         if self.training:  # the dense network of the training kind (trained like every training cell)
             return super().load_model(ctx)
-        p = self.params
-        problem = self.source_problem()
-        config = {
-            "version": CACHE_VERSION, "pde": p.pde, "source": problem.param, "width": p.width, "depth": p.depth,
-            "steps": p.pretrain_steps, "lr": p.lr, "n_interior": p.n_interior, "n_boundary": p.n_boundary,
-            "seed": ctx.task_seed,
-        }
-        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-        path = Path(ctx.cache_dir) / f"pretrained-{p.pde}-{digest}.pt"
-        model = self.seeded_network(ctx)
-        if path.is_file():
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        else:
-            self.pretrain(ctx, model, problem)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-            torch.save(model.state_dict(), tmp)
-            os.replace(tmp, path)
+        model = cached_weights(self.seeded_network(ctx), self.network_path(ctx, "pretrained"),
+                               lambda m: self.pretrain(ctx, m, self.source_problem()))
         return model.to(ctx.device).eval()
+
+    def network_path(self, ctx, kind: str) -> Path:
+        """Where the network trained on the source problem is cached: ``pretrained`` (the compression and adaptation
+        kinds) or ``scratch`` (the training kind's dense reference)."""
+        p = self.params
+        config = {
+            "version": CACHE_VERSION, "pde": p.pde, "source": self.source_problem().param, "width": p.width,
+            "depth": p.depth, "steps": p.pretrain_steps, "lr": p.lr, "n_interior": p.n_interior,
+            "n_boundary": p.n_boundary, "seed": ctx.task_seed,
+        }
+        if kind != "pretrained":
+            config["kind"] = kind
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+        return Path(ctx.cache_dir) / f"{kind}-{p.pde}-{digest}.pt"
 
     def pretrain(self, ctx, model: nn.Module, problem: _pde.PDEProblem) -> None:
         points = self.collocation(ctx, problem)
@@ -242,12 +239,7 @@ class PINN(CompressAdaptOrTrainTask):
         return TrainingSettings(epochs=math.ceil(p.pretrain_steps / p.epoch_steps), lr=p.lr, optimizer="adam")
 
     def dense_cache_path(self, ctx) -> Path:
-        p = self.params
-        config = {"version": CACHE_VERSION, "kind": "scratch", "pde": p.pde, "source": self.source_problem().param,
-                  "width": p.width, "depth": p.depth, "steps": p.pretrain_steps, "lr": p.lr,
-                  "n_interior": p.n_interior, "n_boundary": p.n_boundary, "seed": ctx.task_seed}
-        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-        return Path(ctx.cache_dir) / f"scratch-{p.pde}-{digest}.pt"
+        return self.network_path(ctx, "scratch")
 
     # -- compression hooks ----------------------------------------------------------------------------------------
     def calibration_batches(self, ctx) -> list[Collocation]:

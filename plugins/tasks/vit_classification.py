@@ -46,9 +46,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
-import uuid
 from pathlib import Path
 from typing import Literal
 
@@ -59,6 +57,7 @@ from torch import nn
 
 from rankbench.api import PluginParams, hookimpl
 from rankbench.cells import derived_seed
+from rankbench_plugins.kinds.compression import cached_weights
 from rankbench_plugins.kinds.training import CompressAdaptOrTrainTask, TrainingSettings
 from rankbench_plugins.tasks import _vision_data as data
 
@@ -266,16 +265,8 @@ class ViTClassification(CompressAdaptOrTrainTask):
         if self.training:  # the dense network of the training kind (trained like every training cell)
             return super().load_model(ctx)
         p, ds = self.params, self.dataset(ctx)
-        model = self.seeded_network(ctx)
         path = Path(ctx.cache_dir) / f"vit-{p.dataset}-{self.network_digest(ctx, 'pretrained')}.pt"
-        if path.is_file():
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        else:
-            self.train(ctx, model, ds)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-            torch.save(model.state_dict(), tmp)
-            os.replace(tmp, path)
+        model = cached_weights(self.seeded_network(ctx), path, lambda m: self.train(ctx, m, ds))
         return model.to(ctx.device).eval()
 
     def train(self, ctx, model: nn.Module, ds: data.ImageDataset) -> None:
