@@ -19,8 +19,9 @@ Checks, in order (one row each in the report; a row's verdict is ``pass``, ``FAI
                    ranks (metric ``rank_total`` or the ranks table) <= budget for ``rank_total``, every site's rank
                    (each mode's for tensor sites, else metric ``rank_selected``) <= budget for ``rank_cap``.
 ``deterministic``  the same cells run a second time (fresh output folder, fresh cache folder, fresh process state)
-                   give the same metrics (relative tolerance 1e-9) and ranks; time and memory metrics (``time_*``,
-                   ``peak_*``, ``latency*``, ``*seconds*``, ``*wall*``, or units s/ms/MiB...) are not compared.
+                   give the same metrics (relative tolerance 1e-9) and ranks; time and memory metrics (the kinds
+                   ``bench compare`` gives them: ``time_*_s``, ``wall_s``, ``latency*``, ``peak_*``, units s/ms/MiB)
+                   are not compared.
 ``agrees``         (executors) the tiny cells run through the executor end with the same statuses and quality
                    metrics (those with a direction, ``higher_is_better`` set, plus ``params``/``param_ratio``) as
                    the same cells run in this process.
@@ -53,6 +54,7 @@ from pathlib import Path
 
 from rankbench.api import PARAM_RATIO, RANK_CAP, RANK_TOTAL, Executor, PluginParams
 from rankbench.cells import Cell, make_cell
+from rankbench.compare import metric_kind
 from rankbench.plugins import KINDS, LoadFailure, PluginInfo, Registry, load_plugins
 from rankbench.suite import PluginSpec, SuiteError, pairing_skip_reason, resolve_ref
 
@@ -67,9 +69,6 @@ THREADS = 1  # torch CPU threads for tiny cells: more only wait on each other (5
 
 PASS, FAIL, WARN, NOT_EXERCISED, NA = "pass", "FAIL", "warn", "not exercised", "n/a"
 
-_TIME_OR_MEMORY_PREFIXES = ("time_", "peak_", "latency")
-_TIME_OR_MEMORY_WORDS = ("seconds", "wall")
-_TIME_OR_MEMORY_UNITS = {"s", "ms", "us", "ns", "min", "h", "b", "kb", "mb", "gb", "kib", "mib", "gib"}
 _CONTRACT_SIZE_METRICS = ("params", "param_ratio")
 
 
@@ -498,12 +497,8 @@ def run_tiny(
 
 
 def is_time_or_memory(metric: str, unit: str) -> bool:
-    name = metric.lower()
-    return (
-        name.startswith(_TIME_OR_MEMORY_PREFIXES)
-        or any(word in name for word in _TIME_OR_MEMORY_WORDS)
-        or (unit or "").strip().lower() in _TIME_OR_MEMORY_UNITS
-    )
+    """Time and memory metrics vary between runs by nature; the kinds are ``bench compare``'s."""
+    return metric_kind(metric, unit or "") in ("time", "memory")
 
 
 def _same(a: float, b: float) -> bool:
