@@ -106,7 +106,7 @@ def test_sublora_derivatives_go_through_attention(tmp_path):
     assert metrics(ctx)["rank_total"] <= 4
 
 
-def test_train_head_trains_the_head_beside_the_adapters(tmp_path):
+def test_train_head_trains_the_head_beside_the_adapters(tmp_path, monkeypatch):
     """``train_head``: the head moves (the rest of the network does not), and its size is recorded outside the
     rank budget; without it the head stays frozen."""
     from rankbench_plugins.factorizations.lora import LoRA
@@ -119,19 +119,11 @@ def test_train_head_trains_the_head_beside_the_adapters(tmp_path):
         task.setup(ctx)
         pretrained = task.pretrained_model(ctx)
         head_before = pretrained.head.weight.clone()
-        seen = {}
-        original = type(task).evaluate_adapted
-
-        def capture(self, ctx, model, seen=seen, original=original):
-            seen["model"] = model
-            return original(self, ctx, model)
-
-        type(task).evaluate_adapted = capture
-        try:
-            task.run(ctx, UniformSelector(), LoRA(LoRA.Params(init_rank=2)))
-        finally:
-            type(task).evaluate_adapted = original
-        adapted = seen["model"]
+        seen = []
+        evaluate = task.evaluate_adapted
+        monkeypatch.setattr(task, "evaluate_adapted", lambda ctx, model: (seen.append(model), evaluate(ctx, model)))
+        task.run(ctx, UniformSelector(), LoRA(LoRA.Params(init_rank=2)))
+        adapted = seen[0]
         moved[train_head] = not torch.equal(adapted.head.weight, head_before)
         assert torch.equal(pretrained.head.weight, head_before)  # the memoised pretrained network is untouched
         extra = metrics(ctx).get("extra_trained_params")

@@ -143,8 +143,9 @@ class TrainingTask(CompressionTask):
         model = self.fresh_model(ctx)
         with ctx.phase("train"):
             run = train_dense(self, ctx, model)
-        if self.dense_cache_path(ctx) is not None:
-            save_weights(self.dense_cache_path(ctx), model)
+        path = self.dense_cache_path(ctx)
+        if path is not None:  # the compression cells of this task load what the reference trained
+            save_weights(path, model)
         run.write_curves()
         model.eval()
         with ctx.phase("evaluate"):
