@@ -84,6 +84,19 @@ class Runtime:
         return execute_cell(cell, self, alarm=alarm)
 
 
+def worker_runtime(plugins_dir: str | None, device: str, timeout: float | None, threads: int | None) -> Runtime:
+    """The runtime of a process that runs cells for a host (the subprocess worker, a submitit or Ray job): it
+    rebuilds the plugin registry and sets the torch CPU threads."""
+    from rankbench.plugins import load_plugins
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    return Runtime(registry=load_plugins(plugins_dir), device=device, timeout=timeout, plugins_dir=plugins_dir,
+                   threads=threads)
+
+
 def execute_cell(cell: Cell, runtime: Runtime, alarm: bool = False) -> CellRecord:
     """Run one cell in this process and turn whatever happens into a ``CellRecord`` (never raises, except
     KeyboardInterrupt). With ``alarm`` the per-cell limit is enforced by SIGALRM (main thread only)."""

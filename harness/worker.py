@@ -24,16 +24,9 @@ def _die_with_parent() -> None:
 def worker_main(conn, plugins_dir: str | None, device: str, timeout: float | None, threads: int | None = None) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    from rankbench.plugins import load_plugins
-    from rankbench.runner import Runtime
+    from rankbench.runner import worker_runtime
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    runtime = Runtime(
-        registry=load_plugins(plugins_dir), device=device, timeout=timeout, plugins_dir=plugins_dir, threads=threads
-    )
+    runtime = worker_runtime(plugins_dir, device, timeout, threads)
     conn.send(("ready", os.getpid()))
     while True:
         try:

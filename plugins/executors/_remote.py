@@ -46,27 +46,15 @@ def job_settings(runtime, threads: int | None = None) -> dict[str, Any]:
 
 
 def _runtime(settings: dict[str, Any]):
-    from rankbench.plugins import load_plugins
-    from rankbench.runner import Runtime
+    from rankbench.runner import worker_runtime
 
     key = (settings["plugins_dir"], settings["device"], settings["timeout"], settings["threads"],
            settings["env"].get("RANKBENCH_LOAD_PLUGINS"))
-    runtime = _RUNTIMES.get(key)
-    if runtime is None:
-        if settings["threads"]:
-            import torch
-
-            torch.set_num_threads(int(settings["threads"]))
-        runtime = Runtime(
-            registry=load_plugins(settings["plugins_dir"]),
-            device=settings["device"],
-            timeout=settings["timeout"],
-            plugins_dir=settings["plugins_dir"],
-            threads=settings["threads"],
-        )
+    if key not in _RUNTIMES:
         _RUNTIMES.clear()  # one warm runtime per process
-        _RUNTIMES[key] = runtime
-    return runtime
+        _RUNTIMES[key] = worker_runtime(settings["plugins_dir"], settings["device"], settings["timeout"],
+                                        settings["threads"])
+    return _RUNTIMES[key]
 
 
 def run_job(cells: list[str], settings: dict[str, Any]) -> list[dict[str, Any]]:
