@@ -13,7 +13,7 @@ Roles
 ``Factorization``  how a site is represented and fitted at a given rank (SVD variants, LoRA, CP/Tucker/TT, and for
                    matrix recovery the solvers). The protocol between a task and its factorizations depends on the
                    task's *problem kind*; protocols live in ``rankbench_plugins.kinds``.
-``Executor``       where cells run (in-process, isolated subprocess, later SLURM/Ray).
+``Executor``       where cells run (in-process, isolated subprocess, SLURM jobs via submitit, Ray tasks).
 
 Pairing: every method declares the problem kinds it can handle (``problem_kinds``) and the budget kinds it
 understands; a mismatch -- or a reason returned by any plugin's ``skip`` -- turns a cell into a ``skipped`` cell
