@@ -24,7 +24,7 @@ FASHION_MNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10
 # 1: `make datasets` fails when the files cannot be obtained; 0 (as during install): it only warns.
 DATASETS_STRICT ?= 1
 
-.PHONY: install bench test test-all benchmark asv nightly clean datasets
+.PHONY: install bench lint test test-all benchmark asv nightly clean datasets
 
 install: DATASETS_STRICT = 0
 install: $(STAMP) datasets
@@ -77,7 +77,12 @@ bench: $(STAMP)
 	$(VENV)/bin/bench run suites/smoke.yaml
 	$(VENV)/bin/bench report results/smoke
 
-test: $(STAMP)
+# Lint and architecture rules first (seconds), then the tests.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-all: $(STAMP)

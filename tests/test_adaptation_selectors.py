@@ -24,7 +24,7 @@ from rankbench.context import CellContext
 from rankbench_plugins.factorizations.lora import LoRA
 from rankbench_plugins.factorizations.svd import SVD
 from rankbench_plugins.factorizations.tucker import Tucker
-from rankbench_plugins.kinds.adaptation import (
+from rankbench.kinds.adaptation import (
     AdaptationSettings,
     AdapterTrainer,
     AdaptationTask,

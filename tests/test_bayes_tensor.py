@@ -19,13 +19,13 @@ from scipy.optimize import minimize_scalar
 from torch import nn
 
 from rankbench.context import CellContext
-from rankbench_plugins.factorizations import _tensor_formats as tf
+from rankbench.kinds import tensor_formats as tf
 from rankbench_plugins.factorizations.cp import CP
 from rankbench_plugins.factorizations.svd import SVD
 from rankbench_plugins.factorizations.tt import TT
 from rankbench_plugins.factorizations.ttm import TTM
 from rankbench_plugins.factorizations.tucker import Tucker
-from rankbench_plugins.kinds.training import TrainingSettings, TrainingTask, run_training
+from rankbench.kinds.training import TrainingSettings, TrainingTask, run_training
 from rankbench_plugins.trainers import bayes_tensor as bt
 from rankbench_plugins.trainers.bayes_tensor import BayesTensorTrainer, build_layer, em_update, kl_multiplier_at
 

@@ -1,4 +1,4 @@
-"""Tests of BCPF (``rankbench_plugins.solvers.bcpf``) and the ``ard`` selector (``rankbench_plugins.selectors.ard``).
+"""Tests of BCPF (``rankbench.kinds.bcpf_core`` and its solver ``rankbench_plugins.solvers.bcpf``) and the ``ard`` selector (``rankbench_plugins.selectors.ard``).
 
 Known answers: synthetic CP tensors / low-rank matrices of known rank, a hand-written numpy solution of one factor
 update, the monotonicity of the variational lower bound, and CP-ALS from tensorly at the true rank.
@@ -14,11 +14,12 @@ import torch
 from pydantic import ValidationError
 
 from rankbench.api import RankProblem, Site
-from rankbench_plugins.kinds.recovery import RecoveryProblem
+from rankbench.kinds.recovery import RecoveryProblem
 from rankbench_plugins.selectors import ard as ard_module
 from rankbench_plugins.selectors.ard import ARDSelector
 from rankbench_plugins.solvers import bcpf as bcpf_module
-from rankbench_plugins.solvers.bcpf import BCPFSolver, _rebalance, bcpf, cp_full, factor_update
+from rankbench.kinds.bcpf_core import bcpf, cp_full, factor_update, rebalance_scales
+from rankbench_plugins.solvers.bcpf import BCPFSolver
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -229,7 +230,7 @@ def test_rebalance_keeps_the_model_and_balances_equal_modes():
     m = [t(x) for x in means]
     v = [t(x) for x in covs]
     before = cp_full(m)
-    _rebalance(m, v, t(lambdas), [5, 5, 5])
+    rebalance_scales(m, v, t(lambdas), [5, 5, 5])
     torch.testing.assert_close(cp_full(m), before, rtol=1e-12, atol=1e-12)
     power = torch.stack([(x**2).sum(0) + torch.diagonal(c, dim1=-2, dim2=-1).sum(0) for x, c in zip(m, v)])
     torch.testing.assert_close(power, power[:1].expand_as(power), rtol=1e-10, atol=0.0)

@@ -1,4 +1,4 @@
-"""The compression protocol (``rankbench_plugins.kinds.compression``) on a tiny MLP regression task, checked
+"""The compression protocol (``rankbench.kinds.compression``) on a tiny MLP regression task, checked
 against statistics, losses and gradients computed directly here."""
 
 import copy
@@ -13,7 +13,7 @@ from rankbench_plugins.factorizations.asvd import ASVD
 from rankbench_plugins.factorizations.fwsvd import FWSVD
 from rankbench_plugins.factorizations.svd import SVD
 from rankbench_plugins.factorizations.svd_llm import SVDLLM
-from rankbench_plugins.kinds.compression import (
+from rankbench.kinds.compression import (
     CompressionStatistics,
     CompressionTask,
     LowRankLinear,

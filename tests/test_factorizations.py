@@ -11,7 +11,7 @@ from rankbench_plugins.factorizations.asvd import ASVD
 from rankbench_plugins.factorizations.fwsvd import FWSVD
 from rankbench_plugins.factorizations.svd import SVD
 from rankbench_plugins.factorizations.svd_llm import SVDLLM, whitening_factor
-from rankbench_plugins.kinds.compression import Decomposition, LowRankFactorization, LowRankLinear, SiteStatistics
+from rankbench.kinds.compression import Decomposition, LowRankFactorization, LowRankLinear, SiteStatistics
 
 OUT, IN, TOKENS = 7, 5, 40
 ALL = {"svd": SVD, "asvd": ASVD, "fwsvd": FWSVD, "svd-llm": SVDLLM}

@@ -18,7 +18,7 @@ from torch import nn
 
 from rankbench.api import CellFailure, Diverged, Selector
 from rankbench.context import CellContext
-from rankbench_plugins.kinds.compression import Decomposition, LowRankFactorization, LowRankLinear
+from rankbench.kinds.compression import Decomposition, LowRankFactorization, LowRankLinear
 from rankbench_plugins.tasks import _llm_assets as assets
 from rankbench_plugins.tasks.llm_perplexity import LLMPerplexity, LLMPerplexityParams
 
@@ -578,7 +578,7 @@ def test_second_derivatives_through_attention(tiny_dir, calib_file, llm_cache):
     """SubLoRA needs Hessian-vector products of the calibration loss w.r.t. singular values, through attention:
     the fused CPU attention kernel has no double backward, so sigma_loss must run on the math kernel."""
     from rankbench_plugins.factorizations.svd import SVD
-    from rankbench_plugins.kinds.compression import CompressionStatistics
+    from rankbench.kinds.compression import CompressionStatistics
 
     task = make_task(model=str(tiny_dir), corpus=str(calib_file), calib_samples=4, lm_eval=False)
     ctx = make_ctx(llm_cache)

@@ -136,7 +136,7 @@ def test_compression_cell_at_full_rank_reproduces_the_pretrained_errors(tmp_path
 
 def test_zero_rank_adapters_leave_the_pretrained_network_unchanged(tmp_path):
     """Adapters trained a few steps and then cut to rank 0 give exactly the pretrained PINN's outputs."""
-    from rankbench_plugins.kinds.adaptation import AdapterTrainer
+    from rankbench.kinds.adaptation import AdapterTrainer
 
     task = make(pde="poisson", source=1.0, target=2.0)
     ctx = make_ctx(tmp_path)

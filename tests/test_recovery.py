@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from rankbench.api import CellFailure, Diverged, Selector
 from rankbench.context import CellContext
-from rankbench_plugins.kinds.recovery import RecoverySolver, SolveResult
+from rankbench.kinds.recovery import RecoverySolver, SolveResult
 from rankbench_plugins.solvers import altmin, gd, gd_sym, scaledgd, subgradient_l1
 from rankbench_plugins.solvers.altmin import AltMin
 from rankbench_plugins.solvers.gd import GD

@@ -19,7 +19,7 @@ from torch import nn
 
 from rankbench.api import PARAM_RATIO, RANK_TOTAL, PluginParams, RankProblem, Selector, Site
 from rankbench.context import CellContext
-from rankbench_plugins.kinds.compression import CompressionTask, Decomposition, LowRankFactorization
+from rankbench.kinds.compression import CompressionTask, Decomposition, LowRankFactorization
 from rankbench_plugins.selectors import adalora, sensitivity, sublora, welore
 from rankbench_plugins.selectors._allocation import (
     budgeted_greedy,

@@ -424,7 +424,7 @@ def test_unfolding_dims():
 
 
 def test_selectors_on_a_recovery_site():
-    from rankbench_plugins.kinds.recovery import RecoveryProblem
+    from rankbench.kinds.recovery import RecoveryProblem
 
     x = planted(60, 50, 3, 0.01, 4)
     site = RecoveryProblem(problem="robust", shape=x.shape, target=x, observed=x).site()

@@ -11,7 +11,7 @@ from rankbench_plugins.factorizations.svd import SVD
 from rankbench_plugins.factorizations.tt import TT
 from rankbench_plugins.factorizations.ttm import TTM
 from rankbench_plugins.factorizations.tucker import Tucker
-from rankbench_plugins.kinds.tensor_compression import tensor_sites
+from rankbench.kinds.tensor_compression import tensor_sites
 from rankbench_plugins.selectors.energy import EnergySelector
 from rankbench_plugins.selectors.sensitivity import SensitivitySelector
 from rankbench_plugins.selectors.uniform import UniformSelector

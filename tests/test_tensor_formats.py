@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rankbench_plugins.factorizations._tensor_formats import (
+from rankbench.kinds.tensor_formats import (
     CPLinear,
     TTLinear,
     TTMLinear,

@@ -1,4 +1,4 @@
-"""The ``training`` problem kind (``rankbench_plugins.kinds.training``) on ``mlp-classification``: pairing, the dense
+"""The ``training`` problem kind (``rankbench.kinds.training``) on ``mlp-classification``: pairing, the dense
 reference, post-hoc compression of exactly that network, and what a trainer cell records."""
 
 import pytest

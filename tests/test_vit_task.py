@@ -121,7 +121,7 @@ def test_train_head_trains_the_head_beside_the_adapters(tmp_path, monkeypatch):
         head_before = pretrained.head.weight.clone()
         seen = []
         evaluate = task.evaluate_adapted
-        monkeypatch.setattr(task, "evaluate_adapted", lambda ctx, model: (seen.append(model), evaluate(ctx, model)))
+        monkeypatch.setattr(task, "evaluate_adapted", lambda ctx, model, seen=seen, evaluate=evaluate: (seen.append(model), evaluate(ctx, model)))
         task.run(ctx, UniformSelector(), LoRA(LoRA.Params(init_rank=2)))
         adapted = seen[0]
         moved[train_head] = not torch.equal(adapted.head.weight, head_before)

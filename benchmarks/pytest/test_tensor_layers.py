@@ -1,4 +1,4 @@
-"""pytest-benchmark: the tensor-format factorizations (``plugins/factorizations/_tensor_formats.py``) -- fit time and
+"""pytest-benchmark: the tensor-format factorizations (``src/rankbench/kinds/tensor_formats.py``) -- fit time and
 reconstruction error against tensorly, and forward latency of the fitted layers against the dense ``nn.Linear``.
 
 Weights: the four Linear shapes of the shipped ViT suite (``suites/vit.yaml``: width 64, MLP ratio 2) -- qkv 192x64,
@@ -22,7 +22,7 @@ fits (Tucker's common rank alone lands at 0.33-0.45). The realised ratios are in
   the ratios are missing when it was deselected.
 * ``tensor-forward``: one forward pass of each of the four layers on a ViT-shaped batch (128 images x 17 tokens x
   in_features, float32, ``torch.no_grad``, one torch thread), for ``dense`` (the ``nn.Linear``, the reference),
-  ``svd`` (the two-factor ``LowRankLinear`` of ``plugins/kinds/compression.py`` at k = floor(0.5 m n / (m + n))),
+  ``svd`` (the two-factor ``LowRankLinear`` of ``src/rankbench/kinds/compression.py`` at k = floor(0.5 m n / (m + n))),
   ``cp``, ``tucker``, ``tt``, ``ttm``. ``extra_info["latency_ratio_vs_dense"]``: factorized / dense time of the
   four-layer pass, measured in the same test by interleaving calls of the two (median of each over the rounds, so
   load from other processes hits both alike); ``latency_ratio_vs_dense_per_site`` likewise per weight.
@@ -45,12 +45,12 @@ import pytest
 import torch
 from torch import nn
 
-from rankbench_plugins.factorizations import _tensor_formats as tf
+from rankbench.kinds import tensor_formats as tf
 from rankbench_plugins.factorizations.cp import CP
 from rankbench_plugins.factorizations.tt import TT
 from rankbench_plugins.factorizations.ttm import TTM
 from rankbench_plugins.factorizations.tucker import Tucker
-from rankbench_plugins.kinds.compression import LowRankLinear
+from rankbench.kinds.compression import LowRankLinear
 
 SHAPES = {"qkv": (192, 64), "proj": (64, 64), "fc1": (128, 64), "fc2": (64, 128)}  # (out, in), suites/vit.yaml
 RATIO = 0.5

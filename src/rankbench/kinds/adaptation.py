@@ -1,0 +1,451 @@
+"""The ``adaptation`` problem kind: ranks of LoRA adapters decided while, or after, a pretrained model is fine-tuned.
+
+Adapters. Every site Linear (weight W0, out x in, frozen) gets an adapter in AdaLoRA's SVD form (Zhang et al.,
+"Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning", ICLR 2023, Eq. 1; PEFT's ``SVDLinear``):
+
+    y = W0 x + b + scaling * P diag(E * mask) Q x,      P: out x r,  E: r,  Q: r x in,  scaling = alpha / r,
+
+r = ``init_rank`` capped at min(out, in), P and Q drawn from N(0, init_std^2), E = 0 (so the adapted model starts as
+the pretrained one), ``mask`` in {0, 1}^r the components a selector keeps. A site at rank k stores k (out + in + 1)
+parameters (a column of P, a row of Q, one E). The factorization plugin ``lora`` builds the adapters
+(``AdapterFactorization``); AdaLoRA's orthogonality regulariser
+
+    R(P, Q) = mean over adapters of ( ||P^T P - I||_F + ||Q Q^T - I||_F )             (PEFT's ``orth_reg_weight``)
+
+is added to the task's training loss with weight ``orth_reg`` for every selector, so E plays the singular values.
+
+Protocol. A task of this kind (``AdaptationTask``) supplies a pretrained model, its site Linears, a training loss on
+the target problem and its metrics; ``run_adaptation`` does the rest. A selector either
+
+* drives training itself: it defines ``adapt(problem, trainer) -> ranks`` (AdaLoRA's schedule, SubLoRA's joint
+  mode) and is handed an ``AdapterTrainer`` for exactly ``steps`` optimiser steps; or
+* is a post-hoc selector (any ``select``): the adapters train for ``steps - retrain_steps`` steps at their initial
+  rank, each site's learned update dW = scaling P diag(E * mask) Q is handed over as ``Site.data`` with its singular
+  values as ``Site.singular_values``, the chosen ranks truncate every adapter to the leading singular triplets of
+  its dW (re-parameterised: P = U_k, E = s_k / scaling, Q = V_k^T, exact), and training continues for the
+  remaining ``retrain_steps``.
+
+Every selector therefore gets the same number of optimiser steps on the same loss. Budget kind ``rank_total``: the
+total rank summed over sites must not exceed the budget. The dense reference cell fine-tunes every weight of the
+model (no adapters) for the same steps. Per cell the kind records ``params`` (the adapters' parameters at the final
+ranks; the sites' dense parameters for the reference), ``rank_total``, ``param_ratio`` (params over the sites' dense
+parameters) and the curves ``train_loss`` and ``rank_total``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from rankbench.api import (
+    ADAPTATION,
+    PARAM_RATIO,
+    RANK_TOTAL,
+    Diverged,
+    Factorization,
+    PluginParams,
+    RankProblem,
+    Ranks,
+    Site,
+)
+from rankbench.kinds.compression import CompressionTask
+
+
+class SVDAdapter(nn.Module):
+    """A frozen Linear plus an SVD-form low-rank update ``scaling * P diag(E * mask) Q`` (see the module docstring)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, init_std: float, generator: torch.Generator):
+        super().__init__()
+        out_features, in_features = base.weight.shape
+        rank = max(0, min(int(rank), out_features, in_features))
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        dtype, device = base.weight.dtype, base.weight.device
+        self.P = nn.Parameter(torch.randn(out_features, rank, generator=generator, dtype=dtype).to(device) * init_std)
+        self.E = nn.Parameter(torch.zeros(rank, dtype=dtype, device=device))
+        self.Q = nn.Parameter(torch.randn(rank, in_features, generator=generator, dtype=dtype).to(device) * init_std)
+        self.register_buffer("mask", torch.ones(rank, dtype=dtype, device=device))
+        self.init_rank = rank
+        self.scaling = float(alpha) / rank if rank else 0.0
+        self.sigma_override: torch.Tensor | None = None  # E replaced by a differentiable input (derivatives in E)
+
+    @property
+    def rank(self) -> int:
+        return int(self.mask.sum().item())
+
+    def params_at_rank(self, k: int) -> int:
+        out_features, in_features = self.base.weight.shape
+        return int(k) * (out_features + in_features + 1)
+
+    def effective_e(self) -> torch.Tensor:
+        e = self.E if self.sigma_override is None else self.sigma_override
+        return e * self.mask
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * (self.P * self.effective_e()) @ self.Q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.init_rank == 0:
+            return y
+        return y + self.scaling * ((x @ self.Q.T) * self.effective_e()) @ self.P.T
+
+    def orthogonality(self) -> torch.Tensor:
+        """||P^T P - I||_F + ||Q Q^T - I||_F (AdaLoRA's regulariser for this adapter)."""
+        eye = torch.eye(self.init_rank, dtype=self.P.dtype, device=self.P.device)
+        return torch.linalg.norm(self.P.T @ self.P - eye) + torch.linalg.norm(self.Q @ self.Q.T - eye)
+
+    @torch.no_grad()
+    def truncate(self, k: int) -> None:
+        """Keep the leading k singular triplets of the current update, exactly re-parameterised in SVD form."""
+        k = max(0, min(int(k), self.init_rank))
+        U, s, Vh = torch.linalg.svd(self.delta_weight().to(torch.float64), full_matrices=False)
+        rank = self.init_rank
+        P = torch.zeros_like(self.P, dtype=torch.float64)
+        Q = torch.zeros_like(self.Q, dtype=torch.float64)
+        E = torch.zeros(rank, dtype=torch.float64, device=self.E.device)
+        P[:, :k], Q[:k], E[:k] = U[:, :k], Vh[:k], s[:k] / self.scaling
+        self.P.copy_(P)
+        self.Q.copy_(Q)
+        self.E.copy_(E)
+        self.mask.zero_()
+        self.mask[:k] = 1.0
+
+
+class AdapterFactorization(Factorization):
+    """Base of adapter factorizations (``lora``): how adapters are built, initialised and regularised."""
+
+    problem_kinds: ClassVar[frozenset[str]] = frozenset({ADAPTATION})
+
+    class Params(PluginParams):
+        init_rank: int = Field(8, ge=1, description="components per site at the start (capped at min(out, in))")
+        alpha: float = Field(8.0, gt=0.0, description="scaling = alpha / init_rank (PEFT's lora_alpha)")
+        init_std: float = Field(0.02, gt=0.0, description="std of the normal initialisation of P and Q")
+        orth_reg: float = Field(0.1, ge=0.0, description="weight of AdaLoRA's orthogonality regulariser")
+
+    def attach(self, model: nn.Module, site_names: list[str], seed: int) -> dict[str, SVDAdapter]:
+        generator = torch.Generator().manual_seed(int(seed))
+        adapters = {}
+        for name in site_names:
+            base = model.get_submodule(name)
+            if not isinstance(base, nn.Linear):
+                raise TypeError(f"site {name!r} is a {type(base).__name__}, not a Linear")
+            adapter = SVDAdapter(base, self.params.init_rank, self.params.alpha, self.params.init_std, generator)
+            model.set_submodule(name, adapter)
+            adapters[name] = adapter
+        return adapters
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptationSettings:
+    """How a task fine-tunes: ``steps`` optimiser steps per cell, of which the last ``retrain_steps`` follow a post-hoc
+    selection; Adam's learning rate for the adapters (``lr``) and for full fine-tuning in the reference cell."""
+
+    steps: int
+    retrain_steps: int
+    lr: float
+    reference_lr: float
+
+
+class AdapterTrainer:
+    """Fine-tunes the adapters of one cell with Adam on ``task.training_loss`` + ``orth_reg`` * regulariser.
+
+    ``step(after)`` runs backward, the optimiser step, then ``after(trainer)`` while the gradients are still in
+    ``.grad`` (where PEFT calls ``update_and_allocate``), then clears them. ``steps_left`` counts down from the
+    cell's total, so a selector that drives training (``adapt``) cannot use more steps than any other selector.
+    """
+
+    def __init__(self, task: AdaptationTask, ctx, model: nn.Module, adapters: dict[str, SVDAdapter],
+                 settings: AdaptationSettings, orth_reg: float):
+        self.task, self.ctx, self.model, self.adapters = task, ctx, model, adapters
+        self.lr, self.orth_reg = float(settings.lr), float(orth_reg)
+        self.total_steps = int(settings.steps)
+        self.retrain_steps = int(settings.retrain_steps)  # what post-hoc selection leaves for training afterwards
+        self.step_count = 0
+        self.loss_curve: list[tuple[int, float]] = []
+        self.rank_curve: list[tuple[int, int]] = [(0, self.rank_total())]
+        # modules the task trains fully beside the adapters (PEFT's ``modules_to_save``, e.g. a new head)
+        self.extra_params = [p for p in task.trained_beside_adapters(model)]
+        for p in self.extra_params:
+            p.requires_grad_(True)
+        self.optimizer = self._new_optimizer()
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for a in self.adapters.values() for p in (a.P, a.E, a.Q) if p.numel()] + self.extra_params
+        return torch.optim.Adam(params, lr=self.lr) if params else None
+
+    @property
+    def steps_left(self) -> int:
+        return self.total_steps - self.step_count
+
+    def rank_total(self) -> int:
+        return sum(a.rank for a in self.adapters.values())
+
+    def regulariser(self) -> torch.Tensor:
+        terms = [a.orthogonality() for a in self.adapters.values() if a.init_rank]
+        return torch.stack(terms).mean() if terms else torch.zeros(())
+
+    def step(self, after: Callable[[AdapterTrainer], None] | None = None) -> float:
+        if self.steps_left <= 0:
+            raise RuntimeError(f"the cell's {self.total_steps} fine-tuning steps are used up")
+        loss = self.task.training_loss(self.ctx, self.model)
+        if not torch.isfinite(loss):
+            raise Diverged(f"non-finite training loss at fine-tuning step {self.step_count}")
+        total = loss + self.orth_reg * self.regulariser() if self.orth_reg else loss
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            self.optimizer.step()
+        self.step_count += 1
+        if after is not None:
+            after(self)
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+        value = loss.item()
+        every = max(1, self.total_steps // 200)
+        if self.step_count % every == 0 or self.step_count == self.total_steps:
+            self.loss_curve.append((self.step_count, value))
+            self.rank_curve.append((self.step_count, self.rank_total()))
+        return value
+
+    def train(self, steps: int, after: Callable[[AdapterTrainer], None] | None = None) -> None:
+        for _ in range(min(int(steps), self.steps_left)):
+            self.step(after)
+
+    def sigma_loss(self, sigmas: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss (no regulariser) with each named adapter's E replaced by ``sigmas[name]`` (the mask still
+        applies), differentiable in ``sigmas``; the adapters' own parameters are left untouched."""
+        try:
+            for name, sigma in sigmas.items():
+                self.adapters[name].sigma_override = sigma
+            # Fused attention kernels have no double backward; the math kernel does (Hessian-vector products).
+            with sdpa_kernel(SDPBackend.MATH):
+                return self.task.training_loss(self.ctx, self.model)
+        finally:
+            for name in sigmas:
+                self.adapters[name].sigma_override = None
+
+    def truncate(self, ranks: Ranks) -> None:
+        """Truncate every adapter to its rank (SVD of its update) and restart Adam's moments on the new factors."""
+        for name, adapter in self.adapters.items():
+            adapter.truncate(int(ranks[name]))
+        self.optimizer = self._new_optimizer()
+        self.rank_curve.append((self.step_count, self.rank_total()))
+
+
+class AdaptationTask:
+    """What a task of the adaptation kind provides (mixed into a ``Task``); ``run_adaptation`` is the protocol."""
+
+    def trained_beside_adapters(self, model: nn.Module) -> list[nn.Parameter]:
+        """Parameters fully trained together with the adapters (a classification head; PEFT's ``modules_to_save``).
+        They are trained in every cell alike and recorded as ``extra_trained_params``, not charged to the rank
+        budget. Default: none (everything but the adapters stays frozen)."""
+        return []
+
+    def pretrained_model(self, ctx) -> nn.Module:
+        """The pretrained model (memoised; never modified: every cell fine-tunes a deep copy)."""
+        raise NotImplementedError
+
+    def adaptation_sites(self, model: nn.Module) -> list[str]:
+        """Qualified names of the Linears that get adapters."""
+        raise NotImplementedError
+
+    def training_loss(self, ctx, model: nn.Module) -> torch.Tensor:
+        """The fine-tuning objective on the target problem (a scalar, differentiable in the adapters)."""
+        raise NotImplementedError
+
+    def evaluate_adapted(self, ctx, model: nn.Module) -> None:
+        """Record the quality metrics of a fine-tuned model through ``ctx.metric``."""
+        raise NotImplementedError
+
+    def adaptation_settings(self) -> AdaptationSettings:
+        raise NotImplementedError
+
+
+def dense_sites_params(model: nn.Module, names: list[str]) -> int:
+    return sum(model.get_submodule(n).weight.numel() for n in names)
+
+
+def run_adaptation_reference(task: AdaptationTask, ctx) -> None:
+    """Full fine-tuning of every weight for the same steps (the dense reference of an adaptation cell)."""
+    settings = task.adaptation_settings()
+    steps = settings.steps
+    model = copy.deepcopy(task.pretrained_model(ctx))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.reference_lr)
+    curve = []
+    with ctx.phase("finetune"):
+        for step in range(1, steps + 1):
+            optimizer.zero_grad(set_to_none=True)
+            loss = task.training_loss(ctx, model)
+            loss.backward()
+            optimizer.step()
+            if step % max(1, steps // 200) == 0 or step == steps:
+                curve.append((step, loss.item()))
+    if curve:
+        ctx.curve("train_loss", [v for _, v in curve], [s for s, _ in curve])
+    with ctx.phase("evaluate"):
+        task.evaluate_adapted(ctx, model)
+    names = task.adaptation_sites(model)
+    ctx.metric("params", dense_sites_params(model, names), "", None)
+    ctx.metric("param_ratio", 1.0)
+
+
+def run_adaptation(task: AdaptationTask, ctx, selector, factorization: AdapterFactorization) -> None:
+    """One adaptation cell: attach adapters, let the selector drive or follow training, evaluate, record."""
+    settings = task.adaptation_settings()
+    model = copy.deepcopy(task.pretrained_model(ctx))
+    names = task.adaptation_sites(model)
+    adapters = factorization.attach(model, names, seed=ctx.seed)
+    trainer = AdapterTrainer(task, ctx, model, adapters, settings, factorization.params.orth_reg)
+    problem = RankProblem(
+        sites=[adapter_site(name, a) for name, a in adapters.items()],
+        budget=ctx.budget,
+        budget_kind=ctx.budget_kind,
+        seed=ctx.seed,
+        statistics=lambda what, site: _statistic(trainer, what, site),
+        device=ctx.device,
+    )
+    with ctx.phase("finetune"):
+        if hasattr(selector, "adapt"):
+            ranks = _checked(selector.adapt(problem, trainer), adapters, selector.name)
+            trainer.train(trainer.steps_left)
+            if ranks != {name: a.rank for name, a in adapters.items()}:
+                raise RuntimeError(f"{selector.name} answered ranks {ranks} but left the adapters masked otherwise")
+        else:
+            trainer.train(settings.steps - settings.retrain_steps)
+            problem.sites = [adapter_site(name, a, with_update=True) for name, a in adapters.items()]
+            with ctx.phase("select"):
+                ranks = selector.select(problem)
+            trainer.truncate(_checked(ranks, adapters, selector.name))
+            trainer.train(trainer.steps_left)
+    with ctx.phase("evaluate"):
+        task.evaluate_adapted(ctx, model)
+    final = {name: a.rank for name, a in adapters.items()}
+    if ctx.budget_kind == RANK_TOTAL and ctx.budget is not None and sum(final.values()) > ctx.budget:
+        raise RuntimeError(f"{selector.name} kept {sum(final.values())} components, over the budget {ctx.budget:g}")
+    kept = 0
+    for name, adapter in adapters.items():
+        params = adapter.params_at_rank(final[name])
+        kept += params
+        ctx.ranks(name, final[name], params)
+    ctx.metric("params", kept, "", None)
+    if trainer.extra_params:
+        ctx.metric("extra_trained_params", sum(p.numel() for p in trainer.extra_params), "", None)
+    ctx.metric("rank_total", sum(final.values()), "", None)
+    ctx.metric("param_ratio", kept / dense_sites_params(model, [n + ".base" for n in names]))
+    if trainer.loss_curve:
+        ctx.curve("train_loss", [v for _, v in trainer.loss_curve], [s for s, _ in trainer.loss_curve])
+    ctx.curve("rank_total", [r for _, r in trainer.rank_curve], [s for s, _ in trainer.rank_curve])
+
+
+def adapter_site(name: str, adapter: SVDAdapter, with_update: bool = False) -> Site:
+    """The selector's view of one adapter; with ``with_update`` the learned update and its spectrum."""
+    shape = tuple(adapter.base.weight.shape)
+    site = Site(
+        name=name,
+        shape=shape,
+        params_at_rank=adapter.params_at_rank,
+        dense_params=int(np.prod(shape)),
+        max_rank=adapter.init_rank,
+    )
+    if with_update:
+        with torch.no_grad():
+            delta = adapter.delta_weight().to(torch.float64).cpu().numpy()
+        site.data = delta
+        site.singular_values = np.linalg.svd(delta, compute_uv=False)[: adapter.init_rank]
+    return site
+
+
+def _statistic(trainer: AdapterTrainer, what: str, site: str) -> Any:
+    """What adaptation selectors may ask for: ``adapter`` (the ``SVDAdapter``) and ``sigma_loss``."""
+    if what == "adapter":
+        return trainer.adapters[site]
+    if what == "sigma_loss":
+        return trainer.sigma_loss
+    raise KeyError(f"the adaptation kind offers no statistic {what!r} (known: adapter, sigma_loss)")
+
+
+def _checked(ranks: Ranks, adapters: dict[str, SVDAdapter], who: str) -> dict[str, int]:
+    missing = set(adapters) - set(ranks)
+    if missing:
+        raise ValueError(f"selector {who} gave no rank for sites {sorted(missing)}")
+    out = {}
+    for name, adapter in adapters.items():
+        k = ranks[name]
+        k = int(max(k) if isinstance(k, (tuple, list)) else k)
+        if not 0 <= k <= adapter.init_rank:
+            raise ValueError(f"selector {who} gave site {name!r} rank {k}, outside 0..{adapter.init_rank}")
+        out[name] = k
+    return out
+
+
+
+def mask_components(adapter: SVDAdapter, keep: torch.Tensor) -> None:
+    """Switch the components where ``keep`` is False off for good: E := 0 and mask := 0 (no gradient revives them)."""
+    with torch.no_grad():
+        keep = keep.to(device=adapter.E.device, dtype=torch.bool)
+        adapter.E.masked_fill_(~keep, 0.0)
+        adapter.mask.copy_(keep.to(adapter.mask.dtype))
+
+
+
+class CompressOrAdaptTask(CompressionTask, AdaptationTask):
+    """Base of a task that offers both kinds on one trained model, chosen by its ``problem`` parameter
+    (``"compression"`` or ``"adaptation"``): its params carry ``problem``, ``steps``, ``retrain_steps``,
+    ``adapter_lr`` (adapters) and ``lr`` (full fine-tuning in the reference cell). The memoised compression model is
+    the pretrained model; the subclass supplies the CompressionTask hooks plus ``training_loss``."""
+
+    @property
+    def adapting(self) -> bool:
+        return self.params.problem == "adaptation"
+
+    @property
+    def problem_kind(self) -> str:  # type: ignore[override]
+        return ADAPTATION if self.adapting else super().problem_kind
+
+    @property
+    def budget_kind(self) -> str:  # type: ignore[override]
+        return RANK_TOTAL if self.adapting else PARAM_RATIO
+
+    def skip(self, selector, factorization) -> str | None:
+        if not self.adapting:
+            return super().skip(selector, factorization)
+        if not isinstance(factorization, AdapterFactorization):
+            return f"factorization {factorization.name} builds no adapters"
+        return None
+
+    def pretrained_model(self, ctx) -> nn.Module:
+        return self.model(ctx)
+
+    def adaptation_sites(self, model: nn.Module) -> list[str]:
+        return list(self.target_sites(model))
+
+    def evaluate_adapted(self, ctx, model: nn.Module) -> None:
+        self.evaluate(ctx, model)
+
+    def adaptation_settings(self) -> AdaptationSettings:
+        p = self.params
+        return AdaptationSettings(steps=p.steps, retrain_steps=p.retrain_steps, lr=p.adapter_lr, reference_lr=p.lr)
+
+    def run_reference(self, ctx) -> None:
+        if self.adapting:
+            run_adaptation_reference(self, ctx)
+        else:
+            super().run_reference(ctx)
+
+    def run(self, ctx, selector, factorization) -> None:
+        if self.adapting:
+            run_adaptation(self, ctx, selector, factorization)
+        else:
+            super().run(ctx, selector, factorization)

@@ -1,0 +1,587 @@
+"""The ``compression`` problem kind: post-training low-rank compression of a model's Linear layers.
+
+Flow of one cell (``CompressionTask.run``):
+
+1. ``load_model`` (memoised, see *Memoisation* below) gives the dense model; ``target_sites`` names its Linears.
+   ``CompressionTask.setup`` loads it, so loading is timed as phase ``setup``.
+2. Calibration statistics are computed once for each kind that the factorization and the selector ask for
+   (``LowRankFactorization.needs``; selectors ask lazily through ``problem.statistic``) and memoised
+   (phase ``calibrate``).
+3. The factorization *decomposes* every site once (``Decomposition``: W = L diag(s) R, where ``s`` are the singular
+   values of the matrix that the method actually truncates -- W for SVD, W S for ASVD, diag(sqrt I) W for FWSVD,
+   W Chol(XᵀX) for SVD-LLM). Decompositions are memoised per (factorization and its parameters, site): every
+   selector and every budget reuses them, and selectors see the spectrum that matters for the chosen factorization.
+4. The selector gets a ``RankProblem`` whose sites carry those spectra and the factorization's exact parameter
+   cost, plus ``CompressionStatistics`` for data-aware selectors.
+5. Each site is replaced by ``LowRankLinear`` (two Linears: in -> k -> out) at its rank; the task evaluates, records
+   ``params`` / ``param_ratio`` (weights of the targeted sites only; biases are unchanged and not counted) and the
+   ranks; then the dense Linears are put back, so one loaded model serves every cell.
+
+Memoisation. ``ctx.shared`` lives for one task configuration and device but is shared by all suite seeds. The model
+is therefore memoised under ``model_key(ctx)`` and the statistics and decompositions under
+``calibration_key(ctx)``; both default to ``ctx.task_seed`` (always correct). A task whose model does not depend on
+the seed (a pretrained checkpoint) overrides ``model_key`` to return a constant, and one whose calibration data does
+not depend on it overrides ``calibration_key`` likewise, so a second suite seed reuses them. One model and one set of
+statistics are held at a time: a new key replaces the old entry (the runner groups cells by task and seed).
+Counters of the expensive work are kept in ``ctx.shared["counters"]``: ``calibration_passes``, ``decompositions``,
+``calibration_evaluations`` and ``sigma_loss_evaluations``; every cell records what it performed itself as metrics
+``work_<counter>`` (so their sum over a results folder is the suite's total).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import uuid
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.utils import skip_init
+
+from rankbench.api import COMPRESSION, PARAM_RATIO, Factorization, RankProblem, Selector, Site, Task
+from rankbench.kinds.tensor_compression import TensorFactorization, run_tensor_compression
+
+STATISTIC_KINDS = ("gram", "input_abs_mean", "fisher_rows", "weight_grad")
+
+_MODEL = "compression.model"  # ctx.shared key: {"key", "model", "sites"}
+_CALIBRATION = "compression.calibration"  # ctx.shared key: {"key", "statistics", "done", "decompositions"}
+
+
+def _count(ctx, name: str) -> None:
+    counters = ctx.shared.setdefault("counters", {})
+    counters[name] = counters.get(name, 0) + 1
+
+
+@dataclasses.dataclass
+class Decomposition:
+    """W ≈ left[:, :k] @ diag(s[:k]) @ right[:k] for every k; exact at k = len(s) (up to round-off)."""
+
+    left: torch.Tensor  # out x p
+    s: torch.Tensor  # p, descending, >= 0
+    right: torch.Tensor  # p x in
+    note: str = ""  # a fallback the factorization took for this weight (recorded in the cell's notes)
+
+    @property
+    def rank(self) -> int:
+        """p: the largest rank this decomposition offers."""
+        return int(self.s.shape[0])
+
+    def factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) with W_k = A @ B, A: out x k, B: k x in; the singular values are split evenly (sqrt) between them."""
+        k = int(k)
+        if k < 0:
+            raise ValueError(f"rank must be >= 0, got {k}")
+        root = self.s[:k].clamp_min(0).sqrt()
+        return self.left[:, :k] * root, root[:, None] * self.right[:k]
+
+    def matrix(self, k: int | None = None) -> torch.Tensor:
+        """The rank-k approximation W_k = left[:, :k] diag(s[:k]) right[:k] (k = None: all of it)."""
+        k = self.rank if k is None else int(k)
+        return (self.left[:, :k] * self.s[:k]) @ self.right[:k]
+
+
+class LowRankLinear(nn.Module):
+    """y = A (B x) + bias, as two Linears (in -> rank -> out); stores rank * (in + out) weights."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        out_features, rank = A.shape
+        in_features = B.shape[1]
+        if B.shape[0] != rank:
+            raise ValueError(f"factor shapes do not chain: A {tuple(A.shape)}, B {tuple(B.shape)}")
+        kw = {"device": A.device, "dtype": A.dtype}
+        # skip_init: no random initialisation of weights that are overwritten at once.
+        self.down = skip_init(nn.Linear, in_features, rank, bias=False, **kw)
+        self.up = skip_init(nn.Linear, rank, out_features, bias=bias is not None, **kw)
+        with torch.no_grad():
+            self.down.weight.copy_(B)
+            self.up.weight.copy_(A)
+            if bias is not None:
+                self.up.bias.copy_(bias)
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class SigmaLinear(nn.Module):
+    """A Linear whose weight is left[:, :k] diag(sigma) right[:k] with ``sigma`` a (differentiable) input."""
+
+    def __init__(self, decomposition: Decomposition, sigma: torch.Tensor, dense: nn.Linear):
+        super().__init__()
+        if sigma.ndim != 1 or not 1 <= sigma.shape[0] <= decomposition.rank:
+            raise ValueError(
+                f"sigma must be a vector of length 1..{decomposition.rank}, got shape {tuple(sigma.shape)}"
+            )
+        k = sigma.shape[0]
+        weight = dense.weight
+        self.left = decomposition.left[:, :k].to(device=weight.device, dtype=weight.dtype)
+        self.right = decomposition.right[:k].to(device=weight.device, dtype=weight.dtype)
+        self.sigma = sigma
+        self.bias = dense.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sigma = self.sigma.to(device=x.device, dtype=x.dtype)
+        y = ((x @ self.right.T) * sigma) @ self.left.T
+        return y if self.bias is None else y + self.bias
+
+
+class LowRankFactorization(Factorization):
+    """Base of the matrix factorizations of Linear weights (``svd``, ``asvd``, ``fwsvd``, ``svd-llm``, ...).
+
+    ``decompose`` is called once per site (under ``torch.no_grad``) with the weight as float64 on the task's device
+    and the ``SiteStatistics`` of the kinds listed in ``needs``; it returns the full ``Decomposition``.
+    """
+
+    problem_kinds: ClassVar[frozenset[str]] = frozenset({COMPRESSION})
+    needs: ClassVar[frozenset[str]] = frozenset()  # calibration statistics it uses (STATISTIC_KINDS)
+
+    def params_at_rank(self, shape: tuple[int, int], rank: int) -> int:
+        out_features, in_features = shape
+        return int(rank) * (int(out_features) + int(in_features))
+
+    def decompose(self, weight: torch.Tensor, stats: SiteStatistics) -> Decomposition:
+        """The full decomposition of one weight (out x in, float64) given its calibration statistics."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass
+class SiteStatistics:
+    """Calibration statistics of one Linear (float64, on the task's device); None where not computed."""
+
+    gram: torch.Tensor | None = None  # Σ over calibration tokens of x xᵀ (in x in): XᵀX
+    input_abs_mean: torch.Tensor | None = None  # mean over tokens of |x| per input channel (in)
+    fisher_rows: torch.Tensor | None = None  # Σ_j E_batches[(∂L/∂W_ij)²] per output row (out)
+    weight_grad: torch.Tensor | None = None  # ∂L/∂W of the mean calibration loss at the dense model (out x in)
+    tokens: int = 0
+
+
+def save_weights(path: Path, model: nn.Module) -> None:
+    """Write ``model``'s state dict to ``path`` atomically (a temporary file, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def cached_weights(model: nn.Module, path: Path | None, train: Callable[[nn.Module], object]) -> nn.Module:
+    """``model`` with the trained weights cached at ``path``; when there are none, ``train(model)`` runs and its
+    result is cached (``path`` None: no cache). How tasks share one trained network between cells and processes."""
+    if path is not None and path.is_file():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    else:
+        train(model)
+        if path is not None:
+            save_weights(path, model)
+    return model
+
+
+class CompressionTask(Task):
+    """Base for tasks of the compression kind. Subclasses provide the model, its data and its evaluation."""
+
+    problem_kind: ClassVar[str] = COMPRESSION
+    budget_kind: ClassVar[str | None] = PARAM_RATIO
+
+    # -- what a concrete task provides ---------------------------------------------------------------------------
+    def load_model(self, ctx) -> nn.Module:
+        """The dense model in eval mode on ``ctx.device`` (called once per ``model_key``; memoised)."""
+        raise NotImplementedError
+
+    def target_sites(self, model: nn.Module) -> dict[str, nn.Linear]:
+        """Qualified name -> Linear for every site to compress."""
+        raise NotImplementedError
+
+    def calibration_batches(self, ctx) -> Iterable[Any]:
+        """Model inputs for calibration (fixed for a ``calibration_key``)."""
+        raise NotImplementedError
+
+    def calibration_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Mean loss of the model on one calibration batch (a scalar tensor)."""
+        raise NotImplementedError
+
+    def evaluate(self, ctx, model: nn.Module) -> None:
+        """Record the task's quality metrics for ``model`` through ``ctx.metric``."""
+        raise NotImplementedError
+
+    def model_key(self, ctx) -> Hashable:
+        """What ``load_model`` depends on besides the task parameters; return a constant if not the seed."""
+        return ctx.task_seed
+
+    def calibration_key(self, ctx) -> Hashable:
+        """What ``calibration_batches`` depends on besides the task parameters; a constant if not the seed."""
+        return ctx.task_seed
+
+    # -- shared machinery ---------------------------------------------------------------------------------------
+    def setup(self, ctx) -> None:
+        self.model(ctx)
+
+    def model(self, ctx) -> nn.Module:
+        """The dense model, loaded once per ``model_key`` (a new key frees the old model and its statistics)."""
+        key = self.model_key(ctx)
+        slot = ctx.shared.get(_MODEL)
+        if slot is None or slot["key"] != key:
+            ctx.shared.pop(_MODEL, None)
+            ctx.shared.pop(_CALIBRATION, None)
+            model = self.load_model(ctx)
+            sites = dict(self.target_sites(model))
+            if not sites:
+                raise ValueError(f"task {self.name!r} names no sites to compress")
+            slot = ctx.shared[_MODEL] = {"key": key, "model": model, "sites": sites}
+        return slot["model"]
+
+    def sites(self, ctx) -> dict[str, nn.Linear]:
+        """The dense site Linears, memoised with the model (still the dense ones while a cell has them swapped out)."""
+        self.model(ctx)
+        return ctx.shared[_MODEL]["sites"]
+
+    def _calibration(self, ctx) -> dict:
+        self.model(ctx)
+        key = self.calibration_key(ctx)
+        slot = ctx.shared.get(_CALIBRATION)
+        if slot is None or slot["key"] != key:
+            slot = ctx.shared[_CALIBRATION] = {
+                "key": key,
+                "statistics": {},
+                "done": set(),
+                "decompositions": {},
+                "stores": {},
+            }
+        return slot
+
+    def _check_dense(self, ctx, doing: str) -> None:
+        model = self.model(ctx)
+        for name, linear in self.sites(ctx).items():
+            if model.get_submodule(name) is not linear:
+                raise RuntimeError(f"{doing} needs the dense model, but site {name!r} is replaced")
+
+    def statistics(self, ctx, kinds: Iterable[str]) -> dict[str, SiteStatistics]:
+        """Calibration statistics of every site, computed once per ``calibration_key`` for each kind asked for."""
+        wanted = set(kinds)
+        unknown = wanted - set(STATISTIC_KINDS)
+        if unknown:
+            raise ValueError(f"unknown statistics {sorted(unknown)}; known: {STATISTIC_KINDS}")
+        slot = self._calibration(ctx)
+        store: dict[str, SiteStatistics] = slot["statistics"]
+        missing = wanted - slot["done"]
+        if missing:
+            self._check_dense(ctx, "computing calibration statistics")
+            _count(ctx, "calibration_passes")
+            collect_statistics(self, ctx, self.model(ctx), missing, store)
+            slot["done"] |= missing
+        return store
+
+    def decomposition(self, ctx, factorization: LowRankFactorization, name: str) -> Decomposition:
+        """The factorization's full decomposition of site ``name``, computed once per calibration_key.
+
+        Only one factorization's decompositions are held at a time (float64, about twice the sites' weights): the
+        suite runs a task configuration's cells factorization by factorization, so switching to another one frees
+        the previous set (an LLM cell then peaks near one set instead of one per factorization decomposed so far).
+        """
+        slot = self._calibration(ctx)
+        cache = slot["decompositions"]
+        owner = (factorization.name, factorization.params.model_dump_json())
+        if slot.get("decomposed_by") != owner:
+            cache.clear()
+            slot["decomposed_by"] = owner
+        key = (*owner, name)
+        if key not in cache:
+            stats = self.statistics(ctx, factorization.needs).get(name, SiteStatistics())
+            weight = self.sites(ctx)[name].weight.detach().to(torch.float64)
+            _count(ctx, "decompositions")
+            with torch.no_grad():
+                result = factorization.decompose(weight, stats)
+            out_features, in_features = weight.shape
+            p = result.s.shape[0]
+            if result.left.shape != (out_features, p) or result.right.shape != (p, in_features):
+                raise ValueError(
+                    f"{factorization.name} returned factors {tuple(result.left.shape)}, {tuple(result.s.shape)}, "
+                    f"{tuple(result.right.shape)} for a {out_features} x {in_features} weight"
+                )
+            cache[key] = result
+        return cache[key]
+
+    def skip(self, selector: Selector, factorization: Factorization) -> str | None:
+        if not isinstance(factorization, (LowRankFactorization, TensorFactorization)):
+            return f"factorization {factorization.name} cannot compress Linear weights"
+        return None
+
+    def run_reference(self, ctx) -> None:
+        model = self.model(ctx)
+        dense = sum(m.weight.numel() for m in self.sites(ctx).values())
+        with ctx.phase("evaluate"):
+            self.evaluate(ctx, model)
+        ctx.metric("params", dense)
+        ctx.metric("param_ratio", 1.0)
+
+    def run(self, ctx, selector: Selector, factorization: LowRankFactorization | TensorFactorization) -> None:
+        before = dict(ctx.shared.get("counters", {}))
+        if isinstance(factorization, TensorFactorization):
+            run_tensor_compression(self, ctx, selector, factorization)
+        else:
+            self._run_low_rank(ctx, selector, factorization)
+        for name, total in sorted(ctx.shared.get("counters", {}).items()):
+            ctx.metric(f"work_{name}", total - before.get(name, 0), "", None)
+
+    def _run_low_rank(self, ctx, selector: Selector, factorization: LowRankFactorization) -> None:
+        model = self.model(ctx)
+        sites = self.sites(ctx)
+        with ctx.phase("calibrate"):
+            self.statistics(ctx, factorization.needs)
+        with ctx.phase("decompose"):
+            decompositions = {name: self.decomposition(ctx, factorization, name) for name in sites}
+        fallbacks = {name: d.note for name, d in decompositions.items() if d.note}
+        if fallbacks:
+            ctx.note(f"{factorization.name}_fallbacks", json.dumps(fallbacks, sort_keys=True))
+        problem = RankProblem(
+            sites=[
+                Site(
+                    name=name,
+                    shape=tuple(linear.weight.shape),
+                    singular_values=decompositions[name].s.detach().cpu().numpy(),
+                    params_at_rank=lambda k, shape=tuple(linear.weight.shape): factorization.params_at_rank(shape, k),
+                    max_rank=decompositions[name].rank,
+                )
+                for name, linear in sites.items()
+            ],
+            budget=ctx.budget,
+            budget_kind=ctx.budget_kind,
+            seed=ctx.seed,
+            statistics=CompressionStatistics(self, ctx, factorization).get,
+            device=ctx.device,
+        )
+        with ctx.phase("select"):
+            ranks = selector.select(problem)
+        dense = kept = 0
+        with swapped(model, sites, factorization, decompositions, ranks) as chosen:
+            for name, linear in sites.items():
+                shape = tuple(linear.weight.shape)
+                dense += linear.weight.numel()
+                params = factorization.params_at_rank(shape, chosen[name])
+                kept += params
+                ctx.ranks(name, chosen[name], params)
+            with ctx.phase("evaluate"):
+                self.evaluate(ctx, model)
+        ctx.metric("params", kept)
+        ctx.metric("param_ratio", kept / dense)
+
+
+class CompressionStatistics:
+    """What data-aware selectors may ask of a compression task: ``problem.statistic(name, site)``.
+
+    Names: the ``STATISTIC_KINDS`` of the site; ``"decomposition"`` (the factorization's ``Decomposition``);
+    ``"store"`` (site ignored) -> a dict that selectors may memoise their own expensive work in: one per
+    factorization (and its parameters), living exactly as long as that factorization's decompositions (same
+    calibration key, same worker process), so every budget and selector cell of the configuration sees it;
+    ``"calibration_loss"`` (site ignored) -> a function ``ranks -> mean calibration loss`` with the given sites
+    compressed at the given ranks (the others dense); ``"sigma_loss"`` (site ignored) -> a differentiable function
+    ``{site: sigma} -> mean calibration loss`` where each listed site's weight is left diag(sigma) right of its
+    decomposition (sigma of any length <= p: the leading components), for first and second derivatives with respect
+    to singular values (autograd gradients and Hessian-vector products). The model's own parameters are frozen
+    while the graph is built, so the graph leads to the sigmas only (no weight gradients are computed or stored).
+    The mean calibration loss is the plain mean of the per-batch ``calibration_loss`` values.
+    """
+
+    def __init__(self, task: CompressionTask, ctx, factorization: LowRankFactorization):
+        self.task, self.ctx, self.factorization = task, ctx, factorization
+
+    def get(self, name: str, site: str) -> Any:
+        if name in STATISTIC_KINDS:
+            return getattr(self.task.statistics(self.ctx, [name])[site], name)
+        if name == "decomposition":
+            return self.task.decomposition(self.ctx, self.factorization, site)
+        if name == "store":
+            stores = self.task._calibration(self.ctx)["stores"]
+            return stores.setdefault((self.factorization.name, self.factorization.params.model_dump_json()), {})
+        if name == "calibration_loss":
+            return self.calibration_loss
+        if name == "sigma_loss":
+            return self.sigma_loss
+        raise KeyError(f"no statistic {name!r}")
+
+    def _sites(self, names: Iterable[str]) -> dict[str, nn.Linear]:
+        sites = self.task.sites(self.ctx)
+        unknown = set(names) - set(sites)
+        if unknown:
+            raise KeyError(f"unknown sites {sorted(unknown)}")
+        return {name: linear for name, linear in sites.items() if name in set(names)}
+
+    def sigma_loss(self, sigmas: dict[str, torch.Tensor], max_batches: int | None = None) -> torch.Tensor:
+        task, ctx = self.task, self.ctx
+        model = task.model(ctx)
+        sites = self._sites(sigmas)
+        decompositions = {name: task.decomposition(ctx, self.factorization, name) for name in sites}
+        _count(ctx, "sigma_loss_evaluations")
+        frozen = [p for p in model.parameters() if p.requires_grad]
+        try:
+            for p in frozen:
+                p.requires_grad_(False)
+            for name, linear in sites.items():
+                model.set_submodule(name, SigmaLinear(decompositions[name], sigmas[name], linear))
+            # Fused attention kernels (flash / memory-efficient SDPA) have no double backward; the math kernel
+            # does, so Hessian-vector products through attention models work.
+            with sdpa_kernel(SDPBackend.MATH):
+                batches = _first(task.calibration_batches(ctx), max_batches)
+                losses = [task.calibration_loss(model, batch) for batch in batches]
+        finally:
+            for name, linear in sites.items():
+                model.set_submodule(name, linear)
+            for p in frozen:
+                p.requires_grad_(True)
+        if not losses:
+            raise ValueError("the task yielded no calibration batches")
+        return torch.stack(losses).mean()
+
+    def calibration_loss(self, ranks: dict[str, int], max_batches: int | None = None) -> float:
+        task, ctx = self.task, self.ctx
+        model = task.model(ctx)
+        sites = self._sites(ranks)
+        decompositions = {name: task.decomposition(ctx, self.factorization, name) for name in sites}
+        _count(ctx, "calibration_evaluations")
+        with swapped(model, sites, self.factorization, decompositions, ranks), torch.no_grad():
+            losses = [float(task.calibration_loss(model, batch)) for batch in _first(task.calibration_batches(ctx), max_batches)]
+        if not losses:
+            raise ValueError("the task yielded no calibration batches")
+        return sum(losses) / len(losses)
+
+
+class swapped:
+    """Context manager: replace each site by ``LowRankLinear`` at its rank (clipped to [1, p]), and put the dense
+    Linears back after -- also when building or installing the replacements fails half-way."""
+
+    def __init__(self, model, sites, factorization, decompositions, ranks):
+        self.model, self.sites, self.factorization = model, sites, factorization
+        self.decompositions, self.ranks = decompositions, ranks
+
+    def __enter__(self) -> dict[str, int]:
+        chosen, modules = {}, {}
+        for name, linear in self.sites.items():  # build everything first: nothing is touched if a rank is bad
+            if name not in self.ranks:
+                raise ValueError(f"the selector gave no rank for site {name!r}")
+            try:
+                rank = int(self.ranks[name])
+            except (TypeError, ValueError):
+                raise ValueError(f"site {name!r} takes one integer rank, got {self.ranks[name]!r}") from None
+            decomposition = self.decompositions[name]
+            rank = max(1, min(rank, decomposition.rank))
+            A, B = decomposition.factors(rank)
+            weight = linear.weight
+            bias = None if linear.bias is None else linear.bias.detach()
+            module = LowRankLinear(A.to(device=weight.device, dtype=weight.dtype), B.to(weight), bias)
+            module.requires_grad_(weight.requires_grad)
+            modules[name], chosen[name] = module, rank
+        try:
+            for name, module in modules.items():
+                self.model.set_submodule(name, module)
+        except BaseException:
+            self.__exit__()
+            raise
+        return chosen
+
+    def __exit__(self, *exc) -> None:
+        for name, linear in self.sites.items():
+            self.model.set_submodule(name, linear)
+
+
+def _first(batches: Iterable[Any], max_batches: int | None) -> Iterable[Any]:
+    """The first ``max_batches`` calibration batches (all of them for None): cheaper estimates for selectors that
+    evaluate the loss many times (ASVD's sensitivity table, SubLoRA's Hessian)."""
+    return batches if max_batches is None else itertools.islice(batches, max_batches)
+
+
+
+def collect_statistics(task: CompressionTask, ctx, model: nn.Module, kinds: set[str], store: dict) -> None:
+    """One calibration pass over ``task.calibration_batches(ctx)``, filling ``store[site]`` for ``kinds``.
+
+    Forward hooks accumulate, in float64, XᵀX and Σ|x| of every site's input (all leading dimensions are tokens).
+    With ``fisher_rows``/``weight_grad`` each batch's loss is also differentiated with respect to the site weights
+    only (every other parameter is frozen for the pass): ``fisher_rows`` = the per-batch empirical Fisher as FWSVD
+    computes it, Σ_j (∂L_batch/∂W_ij)² averaged over batches; ``weight_grad`` = the mean of the per-batch gradients,
+    i.e. the gradient of the mean calibration loss. A site that the batches never reach gets zeros.
+    """
+    kinds = set(kinds)
+    sites = dict(task.target_sites(model))
+    for name in sites:
+        store.setdefault(name, SiteStatistics())
+    need_inputs = bool(kinds & {"gram", "input_abs_mean"})
+    need_grads = bool(kinds & {"fisher_rows", "weight_grad"})
+    sums: dict[str, dict[str, torch.Tensor]] = {name: {} for name in sites}
+    counts = dict.fromkeys(sites, 0)
+
+    def hook(name):
+        def record(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
+            acc = sums[name]
+            if "gram" in kinds:
+                acc["gram"] = acc.get("gram", 0) + x.T @ x
+            if "input_abs_mean" in kinds:
+                acc["abs"] = acc.get("abs", 0) + x.abs().sum(dim=0)
+            counts[name] += x.shape[0]
+
+        return record
+
+    site_params = [linear.weight for linear in sites.values()]
+    site_ids = {id(p) for p in site_params}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in site_ids] if need_grads else []
+    flags = [p.requires_grad for p in site_params]
+    handles = [linear.register_forward_hook(hook(name)) for name, linear in sites.items()] if need_inputs else []
+    batches = 0
+    try:
+        for p in site_params:
+            p.requires_grad_(need_grads)
+        for p in others:
+            p.requires_grad_(False)
+        for batch in task.calibration_batches(ctx):
+            batches += 1
+            if need_grads:
+                loss = task.calibration_loss(model, batch)
+                grads = torch.autograd.grad(loss, site_params, allow_unused=True)
+                for (name, linear), grad in zip(sites.items(), grads):
+                    if grad is None:
+                        grad = torch.zeros_like(linear.weight)
+                    g = grad.detach().to(torch.float64)
+                    acc = sums[name]
+                    acc["fisher"] = acc.get("fisher", 0) + (g * g).sum(dim=1)
+                    acc["grad"] = acc.get("grad", 0) + g
+            else:
+                with torch.no_grad():
+                    task.calibration_loss(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in zip(site_params, flags):
+            p.requires_grad_(flag)
+        for p in others:
+            p.requires_grad_(True)
+    if batches == 0:
+        raise ValueError("the task yielded no calibration batches")
+    for name, linear in sites.items():
+        acc, stats = sums[name], store[name]
+        out_features, in_features = linear.weight.shape
+        zeros = {"dtype": torch.float64, "device": linear.weight.device}
+        if "gram" in kinds:
+            stats.gram = acc.get("gram", torch.zeros(in_features, in_features, **zeros))
+        if "input_abs_mean" in kinds:
+            stats.input_abs_mean = acc.get("abs", torch.zeros(in_features, **zeros)) / max(counts[name], 1)
+        if "fisher_rows" in kinds:
+            stats.fisher_rows = acc["fisher"] / batches
+        if "weight_grad" in kinds:
+            stats.weight_grad = acc["grad"] / batches
+        if need_inputs:
+            stats.tokens = counts[name]
+
+
+def iter_named_linears(module: nn.Module, include: Iterable[str]) -> Iterator[tuple[str, nn.Linear]]:
+    """Linears whose qualified name contains one of ``include`` (e.g. ``("self_attn", "mlp")``)."""
+    patterns = tuple(include)
+    for name, child in module.named_modules():
+        if isinstance(child, nn.Linear) and any(p in name for p in patterns):
+            yield name, child

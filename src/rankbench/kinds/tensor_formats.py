@@ -1,0 +1,694 @@
+"""Tensor-format factorizations of a Linear layer's weight: CP, Tucker, tensor train (TT) and TT-matrix (TTM).
+
+A helper module (no plugin is registered here): it fits a weight ``W`` (out x in) in one of four tensor formats and
+returns an ``nn.Module`` whose forward pass works on the factors directly -- the dense weight is never formed
+(``to_dense()`` exists for tests and diagnostics only). All fitting runs in float64 on W's device; the returned layer
+keeps W's dtype and device.
+
+Reshaping convention
+--------------------
+``factor_dims(n, order)`` splits n into ``order`` integer factors whose product is exactly n, as balanced as a
+simple deterministic rule allows: take the prime factorisation of n, hand the primes out largest first, each to the
+currently smallest factor (the first one on ties), and sort the result descending. 768 -> (12, 8, 8) for order 3,
+3072 -> (64, 48) for order 2; a prime n (or n = 1) leaves factors equal to 1, which is allowed.
+
+``cp``, ``tucker``, ``tt``: with ``out_dims = (o_1, ..., o_p)`` (prod = out) and ``in_dims = (i_1, ..., i_q)``
+(prod = in; by default p = q = 2 via ``factor_dims``), the weight is viewed as the (p + q)-way tensor
+
+    T[o_1, ..., o_p, i_1, ..., i_q] = W[row, col],   row = row-major index of (o_1..o_p), col = that of (i_1..i_q)
+
+i.e. ``T = W.reshape(*out_dims, *in_dims)``. Tensor modes are numbered 0..p+q-1, output modes first; factor lists
+and rank tuples follow that order.
+
+``ttm``: the TT-matrix format pairs each output mode with one input mode (p = q = d, usually 2 or 3):
+
+    W[(o_1..o_d), (i_1..i_d)] = G_1[o_1, i_1] G_2[o_2, i_2] ... G_d[o_d, i_d],
+
+each ``G_k[o_k, i_k]`` an r_{k-1} x r_k matrix (r_0 = r_d = 1), i.e. cores of shape (r_{k-1}, o_k, i_k, r_k). It is
+the TT format of T with modes permuted to (o_1, i_1, o_2, i_2, ...) and each pair merged into one mode of size o_k i_k.
+
+Formats, papers, equations
+--------------------------
+* CP / CANDECOMP-PARAFAC (Hitchcock 1927, "The expression of a tensor or a polyadic as a sum of products"; Kolda &
+  Bader 2009, "Tensor Decompositions and Applications", SIAM Review 51(3), §3): T ~ sum_r lambda_r a^(1)_r o ... o
+  a^(N)_r with factor matrices A_k (dim_k x R) of unit-norm columns and weights lambda (R). Fitted by CP-ALS (Kolda &
+  Bader Fig. 3.3): for each mode n, A_n <- X_(n) (A_N (.) ... (.) A_1, skipping n) V^+ with V the Hadamard product of
+  the A_j^T A_j (j != n) (Kolda & Bader unfold column-major; with this module's row-major unfoldings the Khatri-Rao
+  product runs A_1 (.) ... (.) A_N instead), then columns normalised into lambda. The MTTKRP X_(n) (...) is computed
+  through a two-level split of the modes (one GEMM of |T| R per half per sweep, shared by the modes of that half).
+  Initialised with the leading R left singular vectors of each unfolding X_(n) (deterministic; columns beyond
+  rank(X_(n)) are filled with seeded Gaussian noise) or fully at random (seeded). Stops when the relative error ||T -
+  T_hat||_F / ||T||_F changes by less than ``tol`` between sweeps, the error computed without forming T_hat from
+  ||T||^2 - 2 <T, T_hat> + ||T_hat||^2.
+  Stored: R (sum_k dim_k + 1) numbers (lambda is kept as its own vector).
+* Tucker / HOOI (De Lathauwer, De Moor & Vandewalle 2000, "A multilinear singular value decomposition" (HOSVD) and
+  "On the best rank-(R1, ..., RN) approximation of higher-order tensors" (HOOI)): T ~ G x_1 U_1 ... x_N U_N
+  with orthonormal U_k (dim_k x r_k) and core G (r_1 x ... x r_N). HOSVD init (U_k = leading r_k left singular
+  vectors of T_(k)), then HOOI sweeps: U_k <- leading r_k left singular vectors of (T x_{j != k} U_j^T)_(k); the core
+  is G = T x_1 U_1^T ... x_N U_N^T and ||T - T_hat||^2 = ||T||^2 - ||G||^2 (monotone in the sweeps). Stored:
+  prod_k r_k + sum_k dim_k r_k. Tucker-2 on convolutions / linear layers with per-mode ranks chosen by EVBMF on the
+  mode unfoldings is Kim et al. 2016, "Compression of Deep Convolutional Neural Networks for Fast and Low Power Mobile
+  Applications"; ``mode_spectra`` supplies the spectra such a selector needs.
+* Tensor train (Oseledets 2011, "Tensor-Train Decomposition", SIAM J. Sci. Comput. 33(5), Alg. 1 "TT-SVD"):
+  T[n_1..n_N] = G_1[n_1] ... G_N[n_N] with cores (r_{k-1}, n_k, r_k), fitted by sequential truncated SVDs of the
+  reshaped remainder (deterministic). Error bound (Thm 2.2): ||T - T_tt||^2 <= sum_k sum_{i > r_k} s_i(T_<k>)^2 with
+  T_<k> the k-th sequential unfolding (prod n_1..n_k x prod n_{k+1}..n_N) -- ``tt_spectra`` returns those s_i.
+  Stored: sum_k r_{k-1} n_k r_k.
+* TT-matrix (Novikov, Podoprikhin, Osokin & Vetrov 2015, "Tensorizing Neural Networks"): the format above, fitted by
+  TT-SVD of the permuted tensor; the forward pass contracts x reshaped (batch, i_1..i_d) core by core.
+  Stored: sum_k r_{k-1} o_k i_k r_k.
+
+Forward passes (batch B; no dense W is formed, every step is a GEMM):
+* CP: z = (x @ KR(B_1..B_q)) * lambda, y = z @ KR(A_1..A_p)^T, the Khatri-Rao products (in x R, out x R) rebuilt per
+  call -- B R (in + out) multiply-adds, like a rank-R matrix factorization (at equal parameters R is ~ (in + out) /
+  sum(dims) times larger, so CP is the slowest format per parameter).
+* Tucker: project the input modes (i_k -> r_k), one GEMM with the core as (prod r_out x prod r_in), expand the output
+  modes (r_k -> o_k).
+* TT: input cores last to first (each a GEMM with the core as (r_{k-1}) x (i_k r_k)), then output cores last to first.
+* TTM: one GEMM per core, (B prod_{j<k} i_j prod_{j>k} o_j) x (i_k r_k) times (i_k r_k) x (o_k r_{k-1}), plus one
+  permute of the intermediate; cost grows with r_{k-1} r_k, so TTM is cheap only at small ranks.
+
+Ranks: CP one int R >= 1 (not clipped: CP rank may exceed every dimension); Tucker one rank per tensor mode; TT/TTM
+the internal ranks r_1..r_{N-1} (len = number of cores - 1). Tucker and TT/TTM ranks are clipped to the largest
+feasible value -- Tucker: r_k <= dim_k and r_k <= prod_{j != k} r_j; TT: r_k <= r_{k-1} n_k and r_k <= n_{k+1}
+r_{k+1} -- so a huge rank means "full" and reconstructs T exactly. ``params_*`` use the clipped ranks.
+
+Parameter counts: ``layer.weight_params`` is the number of stored numbers of the factorized weight (the ``params_*``
+closed forms); ``layer.params`` adds the bias (passed through unchanged from the original Linear).
+
+Engine: plain torch (float64 SVDs via ``torch.linalg``), so fitting runs on W's device (GPU included) and the
+module needs nothing beyond torch and numpy. tensorly serves only as the reference in the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "factor_dims",
+    "TensorLinear",
+    "CPLinear",
+    "TuckerLinear",
+    "TTLinear",
+    "TTMLinear",
+    "fit_cp",
+    "fit_tucker",
+    "fit_tt",
+    "fit_ttm",
+    "params_cp",
+    "params_tucker",
+    "params_tt",
+    "params_ttm",
+    "clip_tucker_ranks",
+    "clip_tt_ranks",
+    "mode_spectra",
+    "tt_spectra",
+]
+
+Dims = Sequence[int]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reshaping
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _prime_factors(n: int) -> list[int]:
+    primes, p = [], 2
+    while p * p <= n:
+        while n % p == 0:
+            primes.append(p)
+            n //= p
+        p += 1
+    if n > 1:
+        primes.append(n)
+    return primes
+
+
+def factor_dims(n: int, order: int) -> tuple[int, ...]:
+    """Split n into ``order`` factors (product exactly n), balanced by the greedy prime rule; sorted descending."""
+    n, order = int(n), int(order)
+    if n < 1 or order < 1:
+        raise ValueError(f"factor_dims needs n >= 1 and order >= 1, got n={n}, order={order}")
+    dims = [1] * order
+    for p in sorted(_prime_factors(n), reverse=True):
+        dims[dims.index(min(dims))] *= p
+    return tuple(sorted(dims, reverse=True))
+
+
+def _resolve_dims(W: torch.Tensor, out_dims: Dims | None, in_dims: Dims | None) -> tuple[tuple[int, ...], ...]:
+    if W.ndim != 2:
+        raise ValueError(f"expected a 2-D weight (out x in), got shape {tuple(W.shape)}")
+    out_features, in_features = W.shape
+    out_dims = factor_dims(out_features, 2) if out_dims is None else tuple(int(d) for d in out_dims)
+    in_dims = factor_dims(in_features, 2) if in_dims is None else tuple(int(d) for d in in_dims)
+    if math.prod(out_dims) != out_features or math.prod(in_dims) != in_features:
+        raise ValueError(
+            f"out_dims {out_dims} / in_dims {in_dims} do not multiply to the weight shape {tuple(W.shape)}"
+        )
+    if min(out_dims + in_dims) < 1:
+        raise ValueError("all dims must be >= 1")
+    return out_dims, in_dims
+
+
+def _weight_tensor(W: torch.Tensor, out_dims: Dims, in_dims: Dims) -> torch.Tensor:
+    """The float64 (p + q)-way tensor T = W.reshape(*out_dims, *in_dims), detached."""
+    return W.detach().to(torch.float64).reshape(*out_dims, *in_dims)
+
+
+def _ttm_tensor(W: torch.Tensor, out_dims: Dims, in_dims: Dims) -> torch.Tensor:
+    """The d-way tensor of the TT-matrix format: modes (o_1 i_1, ..., o_d i_d), each pair merged (o_k the slower)."""
+    d = len(out_dims)
+    if len(in_dims) != d:
+        raise ValueError(f"the TT-matrix format pairs modes: len(out_dims)={d} != len(in_dims)={len(in_dims)}")
+    T = _weight_tensor(W, out_dims, in_dims)
+    order = [axis for k in range(d) for axis in (k, d + k)]
+    return T.permute(*order).reshape([o * i for o, i in zip(out_dims, in_dims)])
+
+
+def unfold(T: torch.Tensor, mode: int) -> torch.Tensor:
+    """Mode-n unfolding: dim_n x (product of the other dims, in their original order, row-major)."""
+    return T.movedim(mode, 0).reshape(T.shape[mode], -1)
+
+
+def mode_dot(T: torch.Tensor, M: torch.Tensor, axis: int) -> torch.Tensor:
+    """Contract axis ``axis`` of T with the first axis of M (dim x new); the new axis takes its place.
+
+    T is viewed as (a, dim, b) without copying: one GEMM when a or b is 1, a batched GEMM over a otherwise."""
+    shape = T.shape
+    a, b = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
+    if b == 1:
+        out = T.reshape(a, shape[axis]) @ M
+    else:
+        out = M.T @ T.reshape(a, shape[axis], b)
+    return out.reshape(*shape[:axis], M.shape[1], *shape[axis + 1:])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ranks and closed-form parameter counts
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _as_rank_tuple(ranks, length: int, what: str) -> list[int]:
+    ranks = [int(r) for r in ([ranks] * length if isinstance(ranks, (int, np.integer)) else ranks)]
+    if len(ranks) != length:
+        raise ValueError(f"{what} needs {length} ranks, got {len(ranks)}")
+    if any(r < 1 for r in ranks):
+        raise ValueError(f"{what} ranks must be >= 1, got {ranks}")
+    return ranks
+
+
+def clip_tucker_ranks(dims: Dims, ranks) -> tuple[int, ...]:
+    """Tucker ranks clipped to the feasible set: r_k <= dim_k and r_k <= prod_{j != k} r_j (to a fixed point)."""
+    r = [min(rk, d) for rk, d in zip(_as_rank_tuple(ranks, len(dims), "tucker"), dims)]
+    changed = len(r) > 1
+    while changed:
+        changed = False
+        for k in range(len(r)):
+            bound = math.prod(r[:k] + r[k + 1:])
+            if r[k] > bound:
+                r[k], changed = bound, True
+    return tuple(r)
+
+
+def clip_tt_ranks(dims: Dims, ranks) -> tuple[int, ...]:
+    """Internal TT ranks r_1..r_{N-1} clipped so that r_k <= r_{k-1} n_k and r_k <= n_{k+1} r_{k+1} (r_0 = r_N = 1)."""
+    N = len(dims)
+    r = [1, *_as_rank_tuple(ranks, N - 1, "tt"), 1]
+    for k in range(1, N):  # left to right: r_k <= r_{k-1} n_k
+        r[k] = min(r[k], r[k - 1] * dims[k - 1])
+    for k in range(N - 1, 0, -1):  # right to left: r_k <= n_{k+1} r_{k+1}; keeps the first bound
+        r[k] = min(r[k], dims[k] * r[k + 1])
+    return tuple(r[1:-1])
+
+
+def params_cp(out_dims: Dims, in_dims: Dims, rank: int) -> int:
+    """R (sum of all dims) factor entries + R weights lambda."""
+    rank = _as_rank_tuple(rank, 1, "cp")[0]
+    return rank * (sum(out_dims) + sum(in_dims) + 1)
+
+
+def params_tucker(out_dims: Dims, in_dims: Dims, ranks) -> int:
+    """prod r_k (core) + sum dim_k r_k (factors), at the clipped ranks."""
+    dims = (*out_dims, *in_dims)
+    r = clip_tucker_ranks(dims, ranks)
+    return math.prod(r) + sum(d * rk for d, rk in zip(dims, r))
+
+
+def _tt_count(dims: Dims, ranks: Sequence[int]) -> int:
+    r = (1, *ranks, 1)
+    return sum(r[k] * dims[k] * r[k + 1] for k in range(len(dims)))
+
+
+def params_tt(out_dims: Dims, in_dims: Dims, ranks) -> int:
+    """sum r_{k-1} n_k r_k over the p + q cores, at the clipped ranks."""
+    dims = (*out_dims, *in_dims)
+    return _tt_count(dims, clip_tt_ranks(dims, ranks))
+
+
+def params_ttm(out_dims: Dims, in_dims: Dims, ranks) -> int:
+    """sum r_{k-1} o_k i_k r_k over the d cores, at the clipped ranks."""
+    if len(out_dims) != len(in_dims):
+        raise ValueError("the TT-matrix format needs len(out_dims) == len(in_dims)")
+    dims = [o * i for o, i in zip(out_dims, in_dims)]
+    return _tt_count(dims, clip_tt_ranks(dims, ranks))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Spectra (for rank selectors)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def mode_spectra(W: torch.Tensor, out_dims: Dims | None = None, in_dims: Dims | None = None) -> list[np.ndarray]:
+    """Singular values (descending) of each mode-k unfolding T_(k) of T = W.reshape(*out_dims, *in_dims)."""
+    out_dims, in_dims = _resolve_dims(W, out_dims, in_dims)
+    T = _weight_tensor(W, out_dims, in_dims)
+    return [torch.linalg.svdvals(unfold(T, k)).cpu().numpy() for k in range(T.ndim)]
+
+
+def tt_spectra(
+    W: torch.Tensor, out_dims: Dims | None = None, in_dims: Dims | None = None, matrix_format: bool = False
+) -> list[np.ndarray]:
+    """Singular values of the sequential unfoldings T_<k> (k = 1..N-1): the candidates for the TT rank r_k.
+
+    ``matrix_format=False``: of T = W.reshape(*out_dims, *in_dims) (the ``tt`` format); ``True``: of the permuted
+    tensor with modes (o_1 i_1, ..., o_d i_d) (the ``ttm`` format). Discarding s_i(T_<k>), i > r_k, costs at most
+    their squared sum in ||T - T_tt||_F^2 (Oseledets 2011, Thm 2.2).
+    """
+    out_dims, in_dims = _resolve_dims(W, out_dims, in_dims)
+    T = _ttm_tensor(W, out_dims, in_dims) if matrix_format else _weight_tensor(W, out_dims, in_dims)
+    dims = T.shape
+    return [
+        torch.linalg.svdvals(T.reshape(math.prod(dims[:k]), -1)).cpu().numpy() for k in range(1, len(dims))
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class TensorLinear(nn.Module):
+    """Base: y = W x + bias with W held in a tensor format; x (..., in) -> y (..., out).
+
+    Subclasses implement ``_apply_weight`` (x as (batch, in) -> (batch, out), without bias) and ``to_dense``.
+    ``weight_params``: stored numbers of the factorized weight; ``params``: that plus the bias.
+    """
+
+    format_name = "tensor"
+
+    def __init__(self, out_dims: Dims, in_dims: Dims, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_dims, self.in_dims = tuple(int(d) for d in out_dims), tuple(int(d) for d in in_dims)
+        if not self.out_dims or not self.in_dims:
+            raise ValueError("out_dims and in_dims need at least one mode each")
+        self.out_features, self.in_features = math.prod(self.out_dims), math.prod(self.in_dims)
+        if bias is not None:
+            if bias.shape != (self.out_features,):
+                raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+            self.bias = nn.Parameter(bias.detach().clone())
+        else:
+            self.register_parameter("bias", None)
+
+    @staticmethod
+    def _param(t: torch.Tensor) -> nn.Parameter:
+        return nn.Parameter(t.detach().clone(memory_format=torch.contiguous_format))
+
+    @property
+    def weight_params(self) -> int:
+        return sum(p.numel() for name, p in self.named_parameters() if name != "bias")
+
+    @property
+    def params(self) -> int:
+        return self.weight_params + (0 if self.bias is None else self.bias.numel())
+
+    def _apply_weight(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense out x in weight the factors represent (differentiable; for tests and diagnostics)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = self._apply_weight(x.reshape(-1, self.in_features)).reshape(*lead, self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, out_dims={self.out_dims}, "
+            f"in_dims={self.in_dims}, {self._rank_repr()}, bias={self.bias is not None}"
+        )
+
+    def _rank_repr(self) -> str:
+        return ""
+
+
+def _khatri_rao(mats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Column-wise Kronecker product, first matrix's row index slowest: (prod dims) x R."""
+    K = mats[0]
+    for M in mats[1:]:
+        K = (K[:, None, :] * M[None, :, :]).reshape(-1, K.shape[1])
+    return K
+
+
+class CPLinear(TensorLinear):
+    """W = sum_r lambda_r a^(1)_r o ... o a^(p+q)_r, reshaped; factors[k] is dims[k] x R (output modes first)."""
+
+    format_name = "cp"
+
+    def __init__(self, factors: Sequence[torch.Tensor], weights: torch.Tensor, out_dims: Dims, in_dims: Dims,
+                 bias: torch.Tensor | None = None):
+        super().__init__(out_dims, in_dims, bias)
+        dims = (*self.out_dims, *self.in_dims)
+        self.rank = int(weights.shape[0])
+        if len(factors) != len(dims) or any(tuple(A.shape) != (d, self.rank) for A, d in zip(factors, dims)):
+            raise ValueError(f"CP factors {[tuple(A.shape) for A in factors]} do not match dims {dims}, R={self.rank}")
+        self.factors = nn.ParameterList([self._param(A) for A in factors])
+        self.weights = self._param(weights)
+
+    def _rank_repr(self) -> str:
+        return f"rank={self.rank}"
+
+    def _apply_weight(self, x: torch.Tensor) -> torch.Tensor:
+        # z[b, r] = lambda_r sum_j x[b, j_1..j_q] prod_k B_k[j_k, r] = (x @ KR(B_1..B_q))[b, r] lambda_r, then
+        # y[b, o] = sum_r z[b, r] KR(A_1..A_p)[o, r]. The Khatri-Rao products (in x R and out x R, rebuilt per call at
+        # (in + out) R multiplications) turn both contractions into one GEMM each: B (in + out) R multiply-adds for a
+        # batch of B, like a rank-R matrix factorization, and no (batch, in / i_q, R) intermediate.
+        p = len(self.out_dims)
+        z = (x @ _khatri_rao(list(self.factors[p:]))) * self.weights
+        return z @ _khatri_rao(list(self.factors[:p])).T
+
+    def to_dense(self) -> torch.Tensor:
+        p = len(self.out_dims)
+        left = _khatri_rao(list(self.factors[:p])) * self.weights  # (out, R)
+        return left @ _khatri_rao(list(self.factors[p:])).T
+
+
+class TuckerLinear(TensorLinear):
+    """W = (core x_1 U_1 ... x_N U_N) reshaped; factors[k] is dims[k] x r_k (output modes first)."""
+
+    format_name = "tucker"
+
+    def __init__(self, core: torch.Tensor, factors: Sequence[torch.Tensor], out_dims: Dims, in_dims: Dims,
+                 bias: torch.Tensor | None = None):
+        super().__init__(out_dims, in_dims, bias)
+        dims = (*self.out_dims, *self.in_dims)
+        self.ranks = tuple(int(r) for r in core.shape)
+        if (core.ndim != len(dims) or len(factors) != len(dims)
+                or any(tuple(U.shape) != (d, r) for U, d, r in zip(factors, dims, self.ranks))):
+            raise ValueError(f"Tucker factors {[tuple(U.shape) for U in factors]} do not match dims {dims}, "
+                             f"core {self.ranks}")
+        self.core = self._param(core)
+        self.factors = nn.ParameterList([self._param(U) for U in factors])
+
+    def _rank_repr(self) -> str:
+        return f"ranks={self.ranks}"
+
+    def _apply_weight(self, x: torch.Tensor) -> torch.Tensor:
+        p, n = len(self.out_dims), x.shape[0]
+        t = x.reshape(n, *self.in_dims)
+        for k, U in enumerate(self.factors[p:]):  # project each input mode: i_k -> r_k
+            t = mode_dot(t, U, 1 + k)
+        r_out, r_in = math.prod(self.ranks[:p]), math.prod(self.ranks[p:])
+        t = (t.reshape(n, r_in) @ self.core.reshape(r_out, r_in).T).reshape(n, *self.ranks[:p])  # contract the core
+        for k, U in enumerate(self.factors[:p]):  # expand each output mode: r_k -> o_k
+            t = mode_dot(t, U.T, 1 + k)
+        return t.reshape(n, self.out_features)
+
+    def to_dense(self) -> torch.Tensor:
+        t = self.core
+        for k, U in enumerate(self.factors):
+            t = mode_dot(t, U.T, k)
+        return t.reshape(self.out_features, self.in_features)
+
+
+def _tt_full(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Contract TT cores (r_{k-1}, n_k, r_k) into the full tensor (n_1, ..., n_N)."""
+    t = cores[0].reshape(-1, cores[0].shape[-1])
+    for G in cores[1:]:
+        t = (t @ G.reshape(G.shape[0], -1)).reshape(-1, G.shape[-1])
+    return t.reshape([G.shape[1] for G in cores])
+
+
+class TTLinear(TensorLinear):
+    """W = TT(cores) reshaped; cores[k] is (r_{k-1}, dims[k], r_k) over the p + q modes (output modes first)."""
+
+    format_name = "tt"
+
+    def __init__(self, cores: Sequence[torch.Tensor], out_dims: Dims, in_dims: Dims, bias: torch.Tensor | None = None):
+        super().__init__(out_dims, in_dims, bias)
+        dims = (*self.out_dims, *self.in_dims)
+        _check_tt_cores(cores, dims)
+        self.ranks = tuple(int(G.shape[-1]) for G in cores[:-1])
+        self.cores = nn.ParameterList([self._param(G) for G in cores])
+
+    def _rank_repr(self) -> str:
+        return f"ranks={self.ranks}"
+
+    def _apply_weight(self, x: torch.Tensor) -> torch.Tensor:
+        p, n = len(self.out_dims), x.shape[0]
+        # Input cores, last first. State t: (n, P, i_k * r_k) with P = i_1..i_{k-1}; each step is one GEMM with the
+        # core reshaped (r_{k-1}, i_k r_k), and the result (n, P', i_{k-1}, r_{k-1}) is already the next state.
+        t = x.reshape(n, self.in_features, 1)
+        for G in reversed(self.cores[p:]):
+            r_prev, i_k, r_k = G.shape
+            t = t.reshape(n, -1, i_k * r_k) @ G.reshape(r_prev, i_k * r_k).T
+        # Output cores, last first. State t: (n, r_k, Q) with Q = o_{k+1}..o_p; G_k reshaped (r_{k-1} o_k, r_k) @ t
+        # gives (n, r_{k-1}, o_k Q). At the end r_0 = 1 and the output index is row-major in (o_1..o_p).
+        t = t.reshape(n, -1, 1)
+        for G in reversed(self.cores[:p]):
+            r_prev, o_k, r_k = G.shape
+            t = (G.reshape(r_prev * o_k, r_k) @ t).reshape(n, r_prev, -1)
+        return t.reshape(n, self.out_features)
+
+    def to_dense(self) -> torch.Tensor:
+        return _tt_full(list(self.cores)).reshape(self.out_features, self.in_features)
+
+
+class TTMLinear(TensorLinear):
+    """W[(o_1..o_d), (i_1..i_d)] = G_1[o_1, i_1] ... G_d[o_d, i_d]; cores[k] is (r_{k-1}, o_k, i_k, r_k)."""
+
+    format_name = "ttm"
+
+    def __init__(self, cores: Sequence[torch.Tensor], out_dims: Dims, in_dims: Dims,
+                 bias: torch.Tensor | None = None):
+        super().__init__(out_dims, in_dims, bias)
+        if len(self.out_dims) != len(self.in_dims):
+            raise ValueError("the TT-matrix format needs len(out_dims) == len(in_dims)")
+        if any(tuple(G.shape[1:3]) != (o, i) for G, o, i in zip(cores, self.out_dims, self.in_dims)):
+            raise ValueError(f"TTM cores {[tuple(G.shape) for G in cores]} do not match {self.out_dims}/{self.in_dims}")
+        _check_tt_cores([G.reshape(G.shape[0], -1, G.shape[-1]) for G in cores],
+                        [o * i for o, i in zip(self.out_dims, self.in_dims)])
+        self.ranks = tuple(int(G.shape[-1]) for G in cores[:-1])
+        self.cores = nn.ParameterList([self._param(G) for G in cores])
+
+    def _rank_repr(self) -> str:
+        return f"ranks={self.ranks}"
+
+    def _apply_weight(self, x: torch.Tensor) -> torch.Tensor:
+        # Novikov et al. 2015: contract x (batch, i_1..i_d) with the cores, last first. State t: (Q, n P, i_k r_k),
+        # Q = o_{k+1}..o_d (the output modes done so far, o_{k+1} slowest), P = i_1..i_{k-1}. One GEMM with the core
+        # as (i_k r_k) x (o_k r_{k-1}), then o_k moves to the front (one permute-copy) and (i_{k-1}, r_{k-1}) merge.
+        n, d = x.shape[0], len(self.cores)
+        t = x.reshape(1, n * self.in_features, 1)
+        for k in range(d - 1, -1, -1):
+            r_prev, o_k, i_k, r_k = self.cores[k].shape
+            i_prev = self.in_dims[k - 1] if k > 0 else 1
+            q, rows = t.shape[0], t.numel() // (t.shape[0] * i_prev * i_k * r_k)  # rows = n P'
+            core = self.cores[k].permute(2, 3, 1, 0).reshape(i_k * r_k, o_k * r_prev).contiguous()
+            y = t.reshape(-1, i_k * r_k) @ core  # a contiguous operand keeps the GEMM output row-major
+            y = y.reshape(q, rows, i_prev, o_k, r_prev).permute(3, 0, 1, 2, 4)  # (o_k, Q, n P', i_{k-1}, r_{k-1})
+            t = y.reshape(o_k * q, rows, i_prev * r_prev)
+        # t: (out, n, 1) with the output index row-major in (o_1..o_d).
+        return t.reshape(self.out_features, n).T.contiguous()
+
+    def to_dense(self) -> torch.Tensor:
+        d = len(self.cores)
+        full = _tt_full([G.reshape(G.shape[0], -1, G.shape[-1]) for G in self.cores])
+        full = full.reshape([s for o, i in zip(self.out_dims, self.in_dims) for s in (o, i)])
+        order = [2 * k for k in range(d)] + [2 * k + 1 for k in range(d)]
+        return full.permute(*order).reshape(self.out_features, self.in_features)
+
+
+def _check_tt_cores(cores: Sequence[torch.Tensor], dims: Dims) -> None:
+    shapes = [tuple(G.shape) for G in cores]
+    ok = len(cores) == len(dims) and all(len(s) == 3 for s in shapes)
+    ok = ok and shapes[0][0] == 1 and shapes[-1][-1] == 1
+    ok = ok and all(s[1] == d for s, d in zip(shapes, dims))
+    ok = ok and all(a[-1] == b[0] for a, b in zip(shapes[:-1], shapes[1:]))
+    if not ok:
+        raise ValueError(f"TT cores {shapes} do not chain over dims {tuple(dims)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fitting
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _solve_gram(M: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """M V^+ for the symmetric positive semi-definite R x R matrix V: a Cholesky solve where V is positive definite
+    (about 8x cheaper than the pseudo-inverse at R ~ 100; what tensorly does with a plain solve), the
+    pseudo-inverse where it is singular (collinear factors). Both give the same least-squares update."""
+    L, info = torch.linalg.cholesky_ex(V)
+    if int(info) == 0:
+        return torch.cholesky_solve(M.T, L).T
+    return M @ torch.linalg.pinv(V, hermitian=True)
+
+
+def fit_cp(
+    W: torch.Tensor,
+    out_dims: Dims | None = None,
+    in_dims: Dims | None = None,
+    rank: int = 1,
+    n_iter: int = 200,
+    tol: float = 1e-9,
+    init: str = "svd",
+    seed: int = 0,
+    bias: torch.Tensor | None = None,
+) -> CPLinear:
+    """CP-ALS at rank R (Kolda & Bader 2009, Fig. 3.3); stops after ``n_iter`` sweeps or when the relative error
+    changes by less than ``tol``. ``init``: "svd" (leading left singular vectors of each unfolding) or "random"."""
+    out_dims, in_dims = _resolve_dims(W, out_dims, in_dims)
+    R = _as_rank_tuple(rank, 1, "cp")[0]
+    T = _weight_tensor(W, out_dims, in_dims)
+    N, dims = T.ndim, T.shape
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+
+    def noise(rows: int, cols: int) -> torch.Tensor:
+        return torch.randn(rows, cols, generator=gen, dtype=torch.float64).to(T.device)
+
+    if init == "svd":
+        factors = []
+        for k in range(N):
+            U = torch.linalg.svd(unfold(T, k), full_matrices=False)[0][:, :R]
+            factors.append(torch.cat([U, noise(dims[k], R - U.shape[1])], dim=1) if U.shape[1] < R else U)
+    elif init == "random":
+        factors = [noise(d, R) for d in dims]
+    else:
+        raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
+    factors = [A / A.norm(dim=0).clamp_min(torch.finfo(A.dtype).tiny) for A in factors]
+    grams = [A.T @ A for A in factors]
+    weights = torch.ones(R, dtype=T.dtype, device=T.device)
+    # MTTKRP (X_(k) times the Khatri-Rao product of the other factors) through a two-level split of the modes into
+    # halves (a dimension tree): P = T_(left x right) @ KR(right factors) is computed once per sweep and serves every
+    # left mode (the right factors do not change while the left ones are updated), then the same for the right half.
+    # Two GEMMs of |T| R per sweep instead of N, and no |T| / dim_k x R Khatri-Rao matrix. Same iterates as plain ALS.
+    s = N // 2
+    left, right = range(0, s), range(s, N)
+    T2 = T.reshape(math.prod(dims[:s]), -1)  # (left modes) x (right modes)
+    norm2 = float(T.square().sum())
+    previous = None
+    for _ in range(n_iter):
+        for half, other, unfolded in ((left, right, T2), (right, left, T2.T)):
+            P = unfolded @ _khatri_rao([factors[j] for j in other])  # (prod of the half's dims, R)
+            P = P.reshape(*(dims[j] for j in half), R)
+            for k in half:
+                V = torch.ones(R, R, dtype=T.dtype, device=T.device)
+                for j in range(N):
+                    if j != k:
+                        V = V * grams[j]
+                M = P.movedim(k - half.start, 0).reshape(dims[k], -1, R)  # (dims[k], other modes of the half, R)
+                rest = [factors[j] for j in half if j != k]
+                M = (M * _khatri_rao(rest)).sum(dim=1) if rest else M[:, 0]  # MTTKRP: dims[k] x R
+                A = _solve_gram(M, V)
+                weights = A.norm(dim=0)
+                factors[k] = A / weights.clamp_min(torch.finfo(A.dtype).tiny)
+                grams[k] = factors[k].T @ factors[k]
+        # ||T - T_hat||^2 = ||T||^2 - 2 <T, T_hat> + ||T_hat||^2, from the last mode's MTTKRP and the Gram matrices.
+        inner = float((weights * (factors[-1] * M).sum(dim=0)).sum())
+        norm_hat2 = float(weights @ (V * grams[-1]) @ weights)
+        error = math.sqrt(max(norm2 - 2 * inner + norm_hat2, 0.0) / norm2) if norm2 > 0 else 0.0
+        if previous is not None and abs(previous - error) < tol:
+            break
+        previous = error
+    return CPLinear([A.to(W.dtype) for A in factors], weights.to(W.dtype), out_dims, in_dims, bias)
+
+
+def _leading_left_vectors(M: torch.Tensor, r: int) -> torch.Tensor:
+    return torch.linalg.svd(M, full_matrices=False)[0][:, :r]
+
+
+def fit_tucker(
+    W: torch.Tensor,
+    out_dims: Dims | None = None,
+    in_dims: Dims | None = None,
+    ranks=None,
+    n_iter: int = 100,
+    tol: float = 1e-10,
+    bias: torch.Tensor | None = None,
+) -> TuckerLinear:
+    """HOSVD init + HOOI sweeps (De Lathauwer et al. 2000) at the (clipped) per-mode ranks; stops after ``n_iter``
+    sweeps or when the relative error sqrt(||T||^2 - ||G||^2) / ||T|| changes by less than ``tol``."""
+    out_dims, in_dims = _resolve_dims(W, out_dims, in_dims)
+    T = _weight_tensor(W, out_dims, in_dims)
+    N = T.ndim
+    r = clip_tucker_ranks(T.shape, T.shape if ranks is None else ranks)
+    factors = [_leading_left_vectors(unfold(T, k), r[k]) for k in range(N)]  # HOSVD
+    norm2 = float(T.square().sum())
+
+    def project(skip: int | None) -> torch.Tensor:
+        t = T
+        for j in range(N):
+            if j != skip:
+                t = mode_dot(t, factors[j], j)
+        return t
+
+    core, previous = project(skip=None), None
+    for _ in range(n_iter):
+        for k in range(N):
+            factors[k] = _leading_left_vectors(unfold(project(skip=k), k), r[k])
+        core = project(skip=None)
+        error = math.sqrt(max(norm2 - float(core.square().sum()), 0.0) / norm2) if norm2 > 0 else 0.0
+        if previous is not None and abs(previous - error) < tol:
+            break
+        previous = error
+    return TuckerLinear(core.to(W.dtype), [U.to(W.dtype) for U in factors], out_dims, in_dims, bias)
+
+
+def _tt_svd(T: torch.Tensor, ranks) -> list[torch.Tensor]:
+    """TT-SVD (Oseledets 2011, Alg. 1) at the (clipped) internal ranks: cores (r_{k-1}, n_k, r_k)."""
+    dims = T.shape
+    r = (1, *clip_tt_ranks(dims, ranks), 1)
+    cores, C = [], T
+    for k in range(len(dims) - 1):
+        C = C.reshape(r[k] * dims[k], -1)
+        U, s, Vh = torch.linalg.svd(C, full_matrices=False)
+        cores.append(U[:, : r[k + 1]].reshape(r[k], dims[k], r[k + 1]))
+        C = s[: r[k + 1], None] * Vh[: r[k + 1]]
+    cores.append(C.reshape(r[-2], dims[-1], 1))
+    return cores
+
+
+def fit_tt(
+    W: torch.Tensor,
+    out_dims: Dims | None = None,
+    in_dims: Dims | None = None,
+    ranks=None,
+    bias: torch.Tensor | None = None,
+) -> TTLinear:
+    """TT-SVD of T = W.reshape(*out_dims, *in_dims) at the internal ranks (len p + q - 1; None = full)."""
+    out_dims, in_dims = _resolve_dims(W, out_dims, in_dims)
+    T = _weight_tensor(W, out_dims, in_dims)
+    cores = _tt_svd(T, [T.numel()] * (T.ndim - 1) if ranks is None else ranks)
+    return TTLinear([G.to(W.dtype) for G in cores], out_dims, in_dims, bias)
+
+
+def fit_ttm(
+    W: torch.Tensor,
+    out_dims: Dims | None = None,
+    in_dims: Dims | None = None,
+    ranks=None,
+    bias: torch.Tensor | None = None,
+) -> TTMLinear:
+    """TT-SVD of the permuted tensor (o_1 i_1, ..., o_d i_d) at the internal ranks (len d - 1; None = full)."""
+    out_dims, in_dims = _resolve_dims(W, out_dims, in_dims)
+    T = _ttm_tensor(W, out_dims, in_dims)
+    cores = _tt_svd(T, [T.numel()] * (T.ndim - 1) if ranks is None else ranks)
+    cores = [G.reshape(G.shape[0], o, i, G.shape[-1]).to(W.dtype) for G, o, i in zip(cores, out_dims, in_dims)]
+    return TTMLinear(cores, out_dims, in_dims, bias)

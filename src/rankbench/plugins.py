@@ -1,0 +1,237 @@
+"""The plugin host: discovers plugins, isolates their failures, and keeps a registry of plugin classes.
+
+Load order (simonw/llm and datasette do the same):
+1. every entry point in group ``rankbench`` -- the built-ins are registered this way too;
+2. every ``*.py`` file in ``--plugins-dir`` (sorted by name).
+
+``RANKBENCH_LOAD_PLUGINS`` (comma-separated entry-point names, distribution names or plugin-file stems) restricts
+which of those load; set to the empty string it loads none. ``RANKBENCH_TRACE_PLUGINS=1`` logs every hook call.
+
+A plugin that fails to import, implements a hook that has no spec (a typo such as ``rankbench_register_selector``),
+raises inside its register hook, or registers something that is not a valid plugin class, is recorded in
+``Registry.failures`` -- shown by ``bench plugins`` -- and skipped. It never takes the host down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib.util
+import inspect
+import os
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pluggy
+
+from rankbench import hookspecs
+from rankbench.api import Executor, Factorization, Plugin, Selector, Task
+
+ENTRY_POINT_GROUP = "rankbench"
+LOAD_ENV = "RANKBENCH_LOAD_PLUGINS"
+TRACE_ENV = "RANKBENCH_TRACE_PLUGINS"
+
+# kind -> (register hook, required base class)
+KINDS: dict[str, tuple[str, type[Plugin]]] = {
+    "task": ("rankbench_register_tasks", Task),
+    "selector": ("rankbench_register_selectors", Selector),
+    "factorization": ("rankbench_register_factorizations", Factorization),
+    "executor": ("rankbench_register_executors", Executor),
+}
+
+
+@dataclasses.dataclass
+class PluginInfo:
+    name: str
+    kind: str
+    cls: type[Plugin]
+    distribution: str
+    dist_version: str
+    source: str  # entry point "name = module" or the loose file's path
+    code_hash: str
+
+    @property
+    def version(self) -> str:
+        """What goes into cell ids: the plugin's declared version and a hash of the file that defines it."""
+        return f"{self.cls.version}+{self.code_hash}"
+
+
+@dataclasses.dataclass
+class LoadFailure:
+    plugin: str
+    distribution: str
+    error: str
+
+
+@dataclasses.dataclass
+class Registry:
+    plugins: dict[str, dict[str, PluginInfo]] = dataclasses.field(default_factory=lambda: {kind: {} for kind in KINDS})
+    failures: list[LoadFailure] = dataclasses.field(default_factory=list)
+    plugins_dir: str | None = None
+    hook: object = None  # pluggy's hook relay, for hooks the host calls directly (environment info)
+
+    def get(self, kind: str, name: str) -> PluginInfo:
+        return self.plugins[kind][name]
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.plugins[kind])
+
+    def all(self) -> list[PluginInfo]:
+        return [info for kind in KINDS for info in sorted(self.plugins[kind].values(), key=lambda i: i.name)]
+
+
+@functools.lru_cache(maxsize=None)
+def file_hash(path: str) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+    except OSError:
+        return "unknown"
+
+
+# Host modules whose code is part of a plugin's behaviour (the problem-kind protocols and their numerics): hashed
+# into a plugin's code hash like the plugin's own helpers.
+HASHED_HOST_PACKAGE = "rankbench.kinds"
+
+
+def code_hash(cls: type) -> str:
+    """Hash of the file defining ``cls`` and of every module it uses, found transitively through module globals, of
+    the same top-level package or of ``rankbench.kinds`` (the protocols and numerics every method runs through) -- so
+    editing a shared helper module or a protocol also changes the plugin's cell ids."""
+    root_module = sys.modules.get(cls.__module__)
+    if root_module is None:
+        return "unknown"
+    package = cls.__module__.split(".")[0]
+
+    def hashed(name: str) -> bool:
+        return name.split(".")[0] == package or name == HASHED_HOST_PACKAGE or name.startswith(HASHED_HOST_PACKAGE + ".")
+    seen: dict[str, str] = {}
+    stack = [root_module]
+    while stack:
+        module = stack.pop()
+        path = getattr(module, "__file__", None)
+        if module.__name__ in seen or path is None:
+            continue
+        seen[module.__name__] = file_hash(path)
+        for value in vars(module).values():
+            name = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+            if isinstance(name, str) and hashed(name) and name not in seen and name in sys.modules:
+                stack.append(sys.modules[name])
+    digest = hashlib.sha256("".join(f"{k}={v};" for k, v in sorted(seen.items())).encode())
+    return digest.hexdigest()[:12]
+
+
+def _allowed() -> set[str] | None:
+    value = os.environ.get(LOAD_ENV)
+    if value is None:
+        return None
+    return {item.strip() for item in value.split(",") if item.strip()}
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".strip()
+
+
+class _Loader:
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+        self.pm.add_hookspecs(hookspecs)
+        self.registry = Registry()
+        self.origin: dict[str, tuple[str, str, str]] = {}  # pluggy plugin name -> (distribution, version, source)
+        if os.environ.get(TRACE_ENV):
+            self.pm.trace.root.setwriter(lambda message: print(message, end="", file=sys.stderr))
+            self.pm.enable_tracing()
+
+    def add_module(self, plugin_name: str, module: object, distribution: str, version: str, source: str) -> None:
+        try:
+            self.pm.register(module, name=plugin_name)
+        except Exception as exc:  # PluginValidationError: a hook with a wrong signature
+            self.registry.failures.append(LoadFailure(plugin_name, distribution, _describe(exc)))
+            return
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            self.pm.unregister(module)
+            self.registry.failures.append(LoadFailure(plugin_name, distribution, f"hook without a spec: {exc}"))
+            return
+        self.origin[plugin_name] = (distribution, version, source)
+
+    def load_entry_points(self, allowed: set[str] | None) -> None:
+        for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            dist = ep.dist.name if ep.dist else "unknown"
+            version = ep.dist.version if ep.dist else ""
+            if allowed is not None and ep.name not in allowed and dist not in allowed:
+                continue
+            if self.pm.has_plugin(ep.name):
+                continue
+            try:
+                module = ep.load()
+            except BaseException as exc:  # a plugin may even call sys.exit at import
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                self.registry.failures.append(LoadFailure(ep.name, dist, f"import failed: {_describe(exc)}"))
+                continue
+            self.add_module(ep.name, module, dist, version, f"{ep.name} = {ep.value}")
+
+    def load_directory(self, directory: Path, allowed: set[str] | None) -> None:
+        self.registry.plugins_dir = str(directory)
+        for path in sorted(directory.glob("*.py")):
+            if allowed is not None and path.stem not in allowed:
+                continue
+            module_name = f"rankbench_local_plugins.{path.stem}"
+            try:
+                spec = importlib.util.spec_from_file_location(module_name, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[module_name] = module
+                spec.loader.exec_module(module)
+            except BaseException as exc:
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                sys.modules.pop(module_name, None)
+                self.registry.failures.append(
+                    LoadFailure(path.name, "(plugins-dir)", f"import failed: {_describe(exc)}")
+                )
+                continue
+            self.add_module(path.stem, module, "(plugins-dir)", file_hash(str(path)), str(path))
+
+    def collect(self) -> None:
+        for kind, (hook_name, base) in KINDS.items():
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                distribution, dist_version, source = self.origin[impl.plugin_name]
+
+                def register(
+                    cls, *, _kind=kind, _base=base, _impl=impl, _dist=distribution, _ver=dist_version, _src=source
+                ):
+                    self._register_class(_kind, _base, cls, _impl.plugin_name, _dist, _ver, _src)
+
+                try:
+                    impl.function(register=register)
+                except Exception as exc:
+                    self.registry.failures.append(
+                        LoadFailure(impl.plugin_name, distribution, f"{hook_name} raised {_describe(exc)}")
+                    )
+
+    def _register_class(self, kind, base, cls, plugin_name, distribution, dist_version, source) -> None:
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise TypeError(f"{cls!r} is not a subclass of rankbench.{base.__name__}")
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{cls.__name__} has no `name`")
+        known = self.registry.plugins[kind].get(name)
+        if known is not None and known.cls is not cls:
+            raise ValueError(f"{kind} name {name!r} is already registered by {known.source}")
+        self.registry.plugins[kind][name] = PluginInfo(
+            name, kind, cls, distribution, dist_version, source, code_hash(cls)
+        )
+
+
+def load_plugins(plugins_dir: str | os.PathLike | None = None) -> Registry:
+    loader = _Loader()
+    allowed = _allowed()
+    loader.load_entry_points(allowed)
+    if plugins_dir is not None:
+        loader.load_directory(Path(plugins_dir), allowed)
+    loader.collect()
+    loader.registry.hook = loader.pm.hook
+    return loader.registry

@@ -1,0 +1,58 @@
+"""``ttm``: a Linear's weight in the TT-matrix format -- Novikov, Podoprikhin, Osokin & Vetrov, "Tensorizing Neural
+Networks" (NeurIPS 2015), Eq. 4-5; fitted by TT-SVD (Oseledets 2011).
+
+With out = prod_k o_k and in = prod_k i_k (d = order_out = order_in pairs),
+
+    W[(o_1..o_d), (i_1..i_d)] ~ G_1[o_1, i_1] G_2[o_2, i_2] ... G_d[o_d, i_d],   G_k[o_k, i_k]: r_{k-1} x r_k,
+
+with sum_k r_{k-1} o_k i_k r_k parameters: the TT format of W's tensor with output and input modes paired. A
+selector sets the d - 1 internal ranks from the spectra of that tensor's sequential unfoldings; ranks are clipped to
+the feasible set. The layer multiplies the input reshaped (batch, i_1, ..., i_d) core by core (never forming W).
+"""
+
+from __future__ import annotations
+
+import math
+
+from pydantic import model_validator
+
+from rankbench.api import hookimpl
+from rankbench.kinds import tensor_formats as tf
+from rankbench.kinds.tensor_compression import TensorFactorization
+
+
+class TTM(TensorFactorization):
+    name = "ttm"
+    version = "1"
+    description = "TT-matrix layer (Novikov et al. 2015): output and input modes paired, one rank per bond."
+
+    class Params(TensorFactorization.Params):
+        @model_validator(mode="after")
+        def _paired(self):
+            if self.order_out != self.order_in:
+                raise ValueError("ttm pairs output and input modes: order_out must equal order_in")
+            return self
+
+    def slots(self, weight):
+        out_dims, in_dims = self.dims(tuple(weight.shape))
+        dims = [o * i for o, i in zip(out_dims, in_dims)]
+        total = weight.numel()
+        shapes = [(math.prod(dims[:k]), total // math.prod(dims[:k])) for k in range(1, len(dims))]
+        return tf.tt_spectra(weight, out_dims, in_dims, matrix_format=True), shapes, [min(s) for s in shapes]
+
+    def feasible(self, shape, ranks):
+        out_dims, in_dims = self.dims(shape)
+        return tf.clip_tt_ranks([o * i for o, i in zip(out_dims, in_dims)], ranks)
+
+    def params_at_ranks(self, shape, ranks):
+        out_dims, in_dims = self.dims(shape)
+        return tf.params_ttm(out_dims, in_dims, ranks)
+
+    def fit(self, weight, bias, ranks):
+        out_dims, in_dims = self.dims(tuple(weight.shape))
+        return tf.fit_ttm(weight, out_dims, in_dims, ranks, bias=bias)
+
+
+@hookimpl
+def rankbench_register_factorizations(register):
+    register(TTM)

@@ -1,0 +1,70 @@
+"""Solver ``altmin``: alternating least squares for matrix completion (Jain, Netrapalli & Sanghavi, "Low-rank matrix
+completion using alternating minimization", STOC 2013).
+
+    U0 = U_k S_k^{1/2}, V0 = V_k S_k^{1/2} from the top-k SVD of P_Omega(Y) / p
+    repeat:
+        V <- argmin_V ||P_Omega(U V^T - Y)||_F^2 + reg ||V||_F^2      one k x k least-squares problem per column
+        U <- argmin_U ||P_Omega(U V^T - Y)||_F^2 + reg ||U||_F^2      one k x k least-squares problem per row
+
+Column j solves (sum_{i in Omega_j} u_i u_i^T + reg I) v_j = sum_{i in Omega_j} Y_ij u_i. All n2 (then n1) Gram
+matrices are formed at once as mask^T (u_i u_i^T)_i, a single (n2 x n1) by (n1 x k^2) matrix product, and solved
+with one batched Cholesky factorisation. ``reg`` is an absolute ridge added for conditioning (rows or columns with
+fewer than k observations). The paper's sample splitting and row clipping are omitted (an unverified outline of the
+method is in the harness's ALGORITHMS.md, section 6.5).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from rankbench.api import PluginParams, hookimpl
+from rankbench.kinds.recovery import RecoverySolver
+from rankbench_plugins.solvers._factored import Clock, Objective, finish, iterate, spectral_factors
+
+
+def least_squares_rows(mask: torch.Tensor, Y: torch.Tensor, F: torch.Tensor, reg: float) -> torch.Tensor:
+    """For each row i of Y: argmin_g sum_{j: mask_ij} (Y_ij - <g, F_j>)^2 + reg ||g||^2 (batched)."""
+    n, k = F.shape
+    outer = (F[:, :, None] * F[:, None, :]).reshape(n, k * k)
+    gram = (mask @ outer).reshape(-1, k, k) + reg * torch.eye(k, dtype=F.dtype, device=F.device)
+    rhs = (mask * Y) @ F
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if bool((info > 0).any()):
+        return torch.linalg.lstsq(gram, rhs.unsqueeze(-1)).solution.squeeze(-1)
+    return torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
+
+
+class AltMin(RecoverySolver):
+    name = "altmin"
+    version = "1"
+    description = "Alternating least squares for matrix completion (Jain-Netrapalli-Sanghavi 2013)"
+    problems = frozenset({"completion", "ratings"})
+
+    class Params(PluginParams):
+        reg: float = Field(1e-9, ge=0, description="absolute ridge added to every k x k Gram matrix")
+        rank_multiplier: int = Field(1, ge=1, description="fit rank x rank_multiplier columns")
+
+    def solve(self, problem, rank, *, seed, device, max_iters, tol):
+        p = self.params
+        clock = Clock(device)
+        obj = Objective(problem, device)
+        k = int(rank) * p.rank_multiplier
+        U, V = spectral_factors(obj.init_matrix(), k)
+        state = {"U": U, "V": V}
+        mask, Y = obj.mask, obj.Y
+
+        def step(t):
+            V = least_squares_rows(mask.T, Y.T, state["U"], p.reg)
+            state["V"] = V
+            state["U"] = least_squares_rows(mask, Y, V, p.reg)
+
+        errors, times, iterations, converged = iterate(
+            step, lambda: obj.error(state["U"], state["V"]), max_iters=max_iters, tol=tol, clock=clock
+        )
+        return finish(state["U"], state["V"], errors, times, iterations, converged)
+
+
+@hookimpl
+def rankbench_register_factorizations(register):
+    register(AltMin)

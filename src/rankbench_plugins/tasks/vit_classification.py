@@ -1,0 +1,394 @@
+"""Task ``vit-classification``: a small Vision Transformer trained here on a real image dataset, then compressed.
+
+Model (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021, in the pre-norm form): the image is cut into
+non-overlapping ``patch`` x ``patch`` patches, each flattened and embedded by a Linear (``patch_embed``); a learned
+class token is prepended and learned position embeddings added; ``depth`` blocks of
+
+    h = h + proj(MHA(LN(h)))          (qkv: one Linear dim -> 3 dim, ``heads`` heads, scaled dot-product attention)
+    h = h + fc2(GELU(fc1(LN(h))))     (hidden ``mlp_ratio`` x dim)
+
+then LN and a Linear ``head`` on the class token. Sites: the qkv, proj, fc1 and fc2 Linears of every block (the
+patch embedding and the head are not targeted).
+
+Or ``model``: any transformers image classifier, from a local Hugging Face folder or a hub id (one
+``from_pretrained`` path for both; the hub only where reachable), with its head resized to the dataset's classes and
+the images resized to its input side and repeated over its channels; its sites are every Linear but the head and
+the embeddings. It
+is then fine-tuned on the dataset exactly as the built-in ViT is trained (cached by a digest of the folder's files).
+timm checkpoints are not supported (timm is not installed here).
+
+Training: AdamW (lr ``lr``, weight decay 0.05), cross-entropy, ``epochs`` passes over the training split in
+minibatches of ``batch_size`` shuffled by a generator seeded from the task seed; the trained weights are cached on
+disk per configuration and seed (``$RANKBENCH_CACHE/vit-classification/``), so every cell of a configuration
+compresses the same network. Data: ``_vision_data`` (sklearn digits, MNIST-5k, Fashion-MNIST).
+
+Problem kinds (``problem``)
+    ``compression`` (budget kind ``param_ratio``): the compression protocol with the matrix (svd, asvd, fwsvd,
+        svd-llm) and tensor (cp, tucker, tt, ttm) factorizations; calibration batches are the first
+        ``calib_samples`` training images.
+    ``adaptation`` (budget kind ``rank_total``): the network trained on ``dataset`` is fine-tuned on ``target``
+        with LoRA adapters on the sites (``rankbench.kinds.adaptation``; everything else, the head included,
+        stays frozen) for ``steps`` Adam steps (``adapter_lr``) on minibatches of ``batch_size`` drawn per cell;
+        the reference cell fine-tunes every weight with ``lr``; ``train_head`` trains the head fully beside the
+        adapters in every cell alike (PEFT's ``modules_to_save``; its size is ``extra_trained_params``, outside
+        the rank budget). Metrics on ``target``'s test split.
+    ``training``: the network trained from scratch (``rankbench.kinds.training``) with constant-rate AdamW
+        (``lr``, weight decay 0.05) for ``epochs`` epochs, by a rank-adaptive method in its layer format, or densely
+        (the reference; its weights are what the compression selectors of the same task compress).
+
+Metrics: ``accuracy`` (top-1 on the test split, primary), ``test_loss``, ``latency_ms`` (median of ``latency_repeats``
+forward passes over one batch of ``batch_size`` test images, device-synchronised), and the protocol's ``params`` /
+``param_ratio``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from rankbench.api import PluginParams, hookimpl
+from rankbench.cells import derived_seed
+from rankbench.kinds.compression import cached_weights
+from rankbench.kinds.training import CompressAdaptOrTrainTask, TrainingSettings
+from rankbench_plugins.tasks import _vision_data as data
+
+CACHE_VERSION = 1
+
+
+class ViTParams(PluginParams):
+    model: str | None = Field(
+        None,
+        description="a transformers image classifier (a local Hugging Face folder, or a hub id where the hub is "
+        "reachable) used instead of the built-in ViT; its head is resized to the dataset's classes",
+    )
+    dataset: Literal["digits", "mnist", "fashion-mnist"] = "digits"
+    max_train: int | None = Field(None, ge=10, description="cap on training images (stratified subset)")
+    max_test: int | None = Field(None, ge=10, description="cap on test images (stratified subset)")
+    patch: int = Field(2, ge=1, description="patch side in pixels (must divide the image side)")
+    dim: int = Field(64, ge=8, description="embedding width")
+    depth: int = Field(4, ge=1, description="transformer blocks")
+    heads: int = Field(4, ge=1, description="attention heads (must divide dim)")
+    mlp_ratio: int = Field(2, ge=1, description="MLP hidden width / dim")
+    epochs: int = Field(10, ge=0, description="training epochs (cached)")
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(3e-3, gt=0.0)
+    calib_samples: int = Field(256, ge=1, description="training images used as calibration data")
+    latency_repeats: int = Field(5, ge=1)
+    problem: Literal["compression", "adaptation", "training"] = "compression"
+    target: Literal["digits", "mnist", "fashion-mnist"] | None = Field(
+        None, description="adaptation: the dataset to fine-tune on (None: the training dataset)"
+    )
+    steps: int = Field(300, ge=1, description="adaptation: fine-tuning steps per cell")
+    retrain_steps: int = Field(100, ge=0, description="adaptation: steps after a post-hoc rank selection")
+    adapter_lr: float = Field(1e-2, gt=0.0, description="adaptation: Adam learning rate of the adapters")
+    train_head: bool = Field(False, description="adaptation: train the classification head fully beside the adapters")
+
+    @model_validator(mode="after")
+    def _check(self) -> ViTParams:
+        if self.dim % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide dim ({self.dim})")
+        if self.retrain_steps >= self.steps:
+            raise ValueError(f"retrain_steps ({self.retrain_steps}) must be smaller than steps ({self.steps})")
+        return self
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.fc1, self.fc2 = nn.Linear(dim, mlp_ratio * dim), nn.Linear(mlp_ratio * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class ViT(nn.Module):
+    def __init__(self, image_size: int, patch: int, classes: int, dim: int, depth: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"patch {patch} does not divide the image side {image_size}")
+        self.patch = patch
+        tokens = (image_size // patch) ** 2
+        self.patch_embed = nn.Linear(patch * patch, dim)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        p = self.patch
+        patches = F.unfold(images, kernel_size=p, stride=p).transpose(1, 2)  # (batch, tokens, p*p)
+        h = self.patch_embed(patches)
+        h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], dim=1) + self.pos
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h[:, 0]))
+
+
+class PretrainedImageClassifier(nn.Module):
+    """A transformers image classifier (``AutoModelForImageClassification``) on this task's grayscale images: they
+    are resized to the model's input side and repeated over its input channels."""
+
+    def __init__(self, net: nn.Module, image_size: int, channels: int):
+        super().__init__()
+        self.net, self.image_size, self.channels = net, image_size, channels
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-1] != self.image_size:
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
+                                   align_corners=False)
+        return self.net(pixel_values=images.expand(-1, self.channels, -1, -1)).logits
+
+    def head(self) -> nn.Module:
+        """The classification head (``classifier`` in transformers' ViT, DeiT, BEiT, Swin...; ``head`` elsewhere)."""
+        return getattr(self.net, "classifier", None) or self.net.head
+
+
+def load_pretrained_classifier(name: str, classes: int) -> PretrainedImageClassifier:
+    """``from_pretrained`` on a local folder or a hub id (one path for both), head resized to ``classes``."""
+    from transformers import AutoModelForImageClassification
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the resized head's "newly initialized" warning is expected here
+    try:
+        net = AutoModelForImageClassification.from_pretrained(name, num_labels=classes, ignore_mismatched_sizes=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    size = net.config.image_size
+    return PretrainedImageClassifier(net, size if isinstance(size, int) else int(size[0]), net.config.num_channels)
+
+
+def _folder_digest(name: str) -> str:
+    """sha256 over a local model folder's files (names and bytes); a hub id stands for itself. Hashed once per
+    process for an unchanged folder (a ViT-B checkpoint is ~350 MB; every cell asks for its cache key)."""
+    folder = Path(name)
+    if not folder.is_dir():
+        return name
+    files = tuple((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in sorted(folder.rglob("*")) if p.is_file())
+    return _files_digest(str(folder.resolve()), files)
+
+
+@functools.lru_cache(maxsize=8)
+def _files_digest(folder: str, files: tuple[tuple[str, int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for relative, _size, _mtime in files:
+        digest.update(relative.encode())
+        with (Path(folder) / relative).open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ViTClassification(CompressAdaptOrTrainTask):
+    name = "vit-classification"
+    version = "1"
+    description = "Small ViT trained here on digits / MNIST / Fashion-MNIST: top-1 accuracy and latency"
+    Params = ViTParams
+    primary_metric = "accuracy"
+
+    @classmethod
+    def conformance_params(cls) -> list[dict]:
+        tiny = {"dataset": "digits", "max_train": 200, "max_test": 100, "patch": 4, "dim": 16, "depth": 1, "heads": 2,
+                "epochs": 1, "batch_size": 64, "calib_samples": 64, "latency_repeats": 1}
+        return [
+            {**tiny, "problem": "compression"},
+            {**tiny, "problem": "adaptation", "target": "digits", "steps": 6, "retrain_steps": 3},
+            {**tiny, "problem": "training"},
+        ]
+
+    def dataset(self, ctx, name: str | None = None) -> data.ImageDataset:
+        """The training dataset (``name`` None) or another one, loaded once per process."""
+        p = self.params
+        name = name or p.dataset
+        key = ("vit_data", name, p.max_train, p.max_test)
+        if key not in ctx.shared:
+            ctx.shared[key] = data.load_dataset(name, Path(ctx.cache_dir).parent, p.max_train, p.max_test)
+        return ctx.shared[key]
+
+    def evaluated_dataset(self, ctx) -> data.ImageDataset:
+        p = self.params
+        return self.dataset(ctx, p.target if p.problem == "adaptation" else None)
+
+    # -- the trained network (memoised by model_key, cached on disk) ------------------------------------------------
+    def model_key(self, ctx):
+        return ctx.task_seed
+
+    def calibration_key(self, ctx):
+        return ctx.task_seed
+
+    def build_network(self, ds: data.ImageDataset) -> nn.Module:
+        """The untrained network (the built-in ViT, or the ``model`` classifier with a fresh head)."""
+        p = self.params
+        if p.model is not None:
+            return load_pretrained_classifier(p.model, ds.num_classes)
+        return ViT(ds.image_size, p.patch, ds.num_classes, p.dim, p.depth, p.heads, p.mlp_ratio)
+
+    def seeded_network(self, ctx) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's generator
+            torch.manual_seed(derived_seed(ctx.task_seed, "init"))
+            return self.build_network(self.dataset(ctx))
+
+    def network_digest(self, ctx, kind: str) -> str:
+        """What a trained network depends on (not the compression or fine-tuning settings)."""
+        p = self.params
+        unused = {"model", "calib_samples", "latency_repeats", "problem", "target", "steps", "retrain_steps",
+                  "adapter_lr", "train_head"}
+        config = {**p.model_dump(exclude=unused), "seed": ctx.task_seed, "version": CACHE_VERSION}
+        if getattr(p, "model", None) is not None:
+            config["model"] = _folder_digest(p.model)
+        if kind != "pretrained":
+            config["kind"] = kind
+        return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+    def load_model(self, ctx) -> nn.Module:
+        if self.training:  # the dense network of the training kind (trained like every training cell)
+            return super().load_model(ctx)
+        p, ds = self.params, self.dataset(ctx)
+        path = Path(ctx.cache_dir) / f"vit-{p.dataset}-{self.network_digest(ctx, 'pretrained')}.pt"
+        model = cached_weights(self.seeded_network(ctx), path, lambda m: self.train(ctx, m, ds))
+        return model.to(ctx.device).eval()
+
+    def train(self, ctx, model: nn.Module, ds: data.ImageDataset) -> None:
+        p = self.params
+        model.to(ctx.device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=0.05)
+        generator = torch.Generator().manual_seed(derived_seed(ctx.task_seed, "batches"))
+        n = ds.train_x.shape[0]
+        steps = p.epochs * math.ceil(n / p.batch_size)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=p.lr, total_steps=max(steps, 1))
+        for _ in range(p.epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, p.batch_size):
+                index = order[start : start + p.batch_size]
+                x, y = ds.train_x[index].to(ctx.device), ds.train_y[index].to(ctx.device)
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y).backward()
+                optimizer.step()
+                schedule.step()
+        model.cpu().eval()
+
+    def target_sites(self, model: nn.Module) -> dict[str, nn.Linear]:
+        if isinstance(model, PretrainedImageClassifier):  # every Linear but the head and the embeddings
+            head = {id(m) for m in model.head().modules()}
+            return {name: m for name, m in model.named_modules()
+                    if isinstance(m, nn.Linear) and id(m) not in head and "embed" not in name}
+        return {
+            f"blocks.{i}.{name}": module
+            for i, block in enumerate(model.blocks)
+            for name, module in (("attn.qkv", block.attn.qkv), ("attn.proj", block.attn.proj), ("fc1", block.fc1),
+                                 ("fc2", block.fc2))
+        }
+
+    # -- compression hooks ----------------------------------------------------------------------------------------
+    def calibration_batches(self, ctx) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        ds, size = self.dataset(ctx), self.params.batch_size
+        x, y = ds.train_x[: self.params.calib_samples], ds.train_y[: self.params.calib_samples]
+        return [(x[i : i + size].to(ctx.device), y[i : i + size].to(ctx.device)) for i in range(0, len(x), size)]
+
+    def calibration_loss(self, model: nn.Module, batch) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+
+    def evaluate(self, ctx, model: nn.Module) -> None:
+        ds, size = self.evaluated_dataset(ctx), self.params.batch_size
+        correct, loss = 0, 0.0
+        with torch.no_grad():
+            for start in range(0, ds.test_x.shape[0], size):
+                x, y = ds.test_x[start : start + size].to(ctx.device), ds.test_y[start : start + size].to(ctx.device)
+                logits = model(x)
+                correct += int((logits.argmax(dim=1) == y).sum())
+                loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        n = ds.test_x.shape[0]
+        ctx.metric("accuracy", correct / n, "", True)
+        ctx.metric("test_loss", loss / n, "", False)
+        ctx.metric("latency_ms", self.latency_ms(ctx, model, ds.test_x[:size].to(ctx.device)), "ms", False)
+
+    def latency_ms(self, ctx, model: nn.Module, batch: torch.Tensor) -> float:
+        """Median wall time of one forward pass over ``batch`` (device-synchronised on CUDA)."""
+        times = []
+        with torch.no_grad():
+            model(batch)  # warm-up
+            for _ in range(self.params.latency_repeats):
+                if ctx.device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(batch)
+                if ctx.device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+        return 1000.0 * sorted(times)[len(times) // 2]
+
+    # -- training hooks (``problem: training``: from scratch with constant-rate AdamW, weight decay 0.05) ----------
+    def fresh_model(self, ctx) -> nn.Module:
+        return self.seeded_network(ctx).to(ctx.device).train()
+
+    def training_batches(self, ctx, epoch: int):
+        ds, size = self.dataset(ctx), self.params.batch_size
+        order = torch.randperm(ds.train_x.shape[0], generator=torch.Generator().manual_seed(
+            derived_seed(ctx.task_seed, "batches", epoch)))
+        for start in range(0, len(order), size):
+            index = order[start : start + size]
+            yield ds.train_x[index].to(ctx.device), ds.train_y[index].to(ctx.device)
+
+    def batch_loss(self, model: nn.Module, batch) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+
+    def training_settings(self) -> TrainingSettings:
+        return TrainingSettings(epochs=self.params.epochs, lr=self.params.lr, optimizer="adamw", weight_decay=0.05)
+
+    def dense_cache_path(self, ctx) -> Path:
+        return Path(ctx.cache_dir) / f"{self.name}-{self.params.dataset}-{self.network_digest(ctx, 'scratch')}.pt"
+
+    # -- adaptation hooks (LoRA fine-tuning on ``target``; the rest of the network stays frozen, the head too unless
+    # ``train_head``) ------------------------------------------------------------------------------------------------
+    def trained_beside_adapters(self, model: nn.Module) -> list[nn.Parameter]:
+        if not self.params.train_head:
+            return []
+        return list((model.head() if isinstance(model, PretrainedImageClassifier) else model.head).parameters())
+
+    def training_loss(self, ctx, model: nn.Module) -> torch.Tensor:
+        """Cross-entropy on the next minibatch of the target's training split, drawn by a generator seeded per cell
+        (so SubLoRA's derivatives, which also call this, are minibatch estimates)."""
+        ds, p = self.evaluated_dataset(ctx), self.params
+        key = ("vit_minibatches", ctx.cell_id)
+        if key not in ctx.shared:
+            ctx.shared[key] = torch.Generator().manual_seed(derived_seed(ctx.task_seed, "finetune", ctx.seed))
+        index = torch.randint(ds.train_x.shape[0], (p.batch_size,), generator=ctx.shared[key])
+        x, y = ds.train_x[index].to(ctx.device), ds.train_y[index].to(ctx.device)
+        with torch.enable_grad():
+            return F.cross_entropy(model(x), y)
+
+
+@hookimpl
+def rankbench_register_tasks(register):
+    register(ViTClassification)

@@ -1,0 +1,170 @@
+"""What ``dlrt`` and ``tdlrt`` share: the rank-adaptive integrator's minibatch loop, its truncation rule and its knobs.
+
+Both methods (Schotthöfer et al., NeurIPS 2022; Zangrando et al., NeurIPS 2024; ALGORITHMS.md §5.1, §5.2) take one
+minibatch in three stages, on every replaced layer at once:
+
+1. *basis update* -- one forward/backward at the current weight; each layer reads the gradients of its K-form factors
+   (K = U S, L = V S^T for a matrix; K_i per Tucker mode) from that single backward, takes an SGD step on them and
+   augments each basis with the new K: U_hat = orth([K_new, U]) (``augment``);
+2. *Galerkin step* -- a second forward/backward at the same weight written in the augmented bases, an SGD step on the
+   augmented core (S_hat, C_hat) and on the layer's bias (``galerkin``); the network's other parameters take one step
+   of the task's optimiser with this second pass's gradient (the reference steps everything that is not a low-rank
+   factor once per minibatch, in its S phase, with the same gradient);
+3. *truncation* -- by the SVD of the augmented core: the smallest rank whose discarded singular tail has 2-norm below
+   ``tau`` times the norm of all singular values (``tail_rank``), clipped to [rank_min, rank cap] (``truncate``).
+
+The loss of an epoch is the mean of the first pass's minibatch losses (the loss at the weights the step starts from,
+as the reference logs it).
+
+Knob names: ``tau`` here is the relative truncation tolerance (the DLRT reference code calls it ``theta`` and calls its
+learning rate ``tau``); ``lr`` is the integrator's SGD step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from rankbench.api import Diverged, PluginParams
+from rankbench.kinds.training import RankAdaptiveLayer, RankAdaptiveTrainer, TrainingRun
+
+
+class IntegratorParams(PluginParams):
+    tau: float = Field(
+        0.1, ge=0.0, lt=1.0,
+        description="relative truncation tolerance: keep the smallest rank whose discarded singular tail has norm "
+                    "< tau * (norm of all singular values of the augmented core); 0 = never truncate. Default 0.1 = "
+                    "the DLRT reference optimiser's default (its 'theta'); its LeNet5 runs used 0.09/0.15/0.3/0.45",
+    )
+    lr: float = Field(
+        0.05, gt=0.0,
+        description="SGD step of the integrator on the K/L factors, the augmented core and the layer bias "
+                    "(the DLRT reference's LeNet5 run: 0.05)",
+    )
+    init_rank: int | None = Field(
+        None, ge=1,
+        description="starting rank (per mode for Tucker), clipped to the rank cap; None = the cap, as the DLRT "
+                    "reference's adaptive layers start at their rmax",
+    )
+    rank_min: int = Field(2, ge=1, description="smallest rank truncation may give (the DLRT reference: 2)")
+    rank_max: int | None = Field(
+        None, ge=1,
+        description="rank cap (per mode for Tucker); None = half the smaller dimension (per mode: half the mode "
+                    "size), the DLRT reference's rmax for adaptive layers",
+    )
+    init: Literal["dense", "random"] = Field(
+        "dense",
+        description="'dense': the truncated SVD (Tucker: HOSVD) of the site's initial dense weight, so the run starts "
+                    "from the dense reference's initialisation; 'random': the reference codes' random start",
+    )
+
+
+def tail_rank(d: torch.Tensor, tau: float) -> int:
+    """Smallest j with ||d[j:]||_2 < tau * ||d||_2 (d: singular values, descending); len(d) when none is (tau = 0)."""
+    d = d.detach().double().cpu()
+    tails = torch.cat([d.square().flip(0).cumsum(0).flip(0), d.new_zeros(1)]).sqrt()  # tails[j] = ||d[j:]||
+    below = torch.nonzero(tails < tau * tails[0]).flatten()
+    return int(below[0]) if below.numel() else int(d.numel())
+
+
+def clip_rank(rank: int, rank_min: int, cap: int) -> int:
+    """``rank`` clipped to [min(rank_min, cap), cap] (rank_min wins over the rule, the cap over rank_min)."""
+    return max(min(rank, cap), min(rank_min, cap))
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+def orth(M: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of M's columns: Q of the reduced QR (min(rows, cols) columns; orthonormal even when M is
+    rank-deficient, Householder QR)."""
+    return torch.linalg.qr(M.to(_work_dtype(M)), mode="reduced")[0].to(M.dtype)
+
+
+def svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    U, s, Vh = torch.linalg.svd(M.to(_work_dtype(M)), full_matrices=False)
+    return U.to(M.dtype), s.to(M.dtype), Vh.to(M.dtype)
+
+
+def sgd(t: torch.Tensor, lr: float) -> torch.Tensor:
+    """t - lr * t.grad, detached (t unchanged when it got no gradient)."""
+    return t.detach() if t.grad is None else (t - lr * t.grad).detach()
+
+
+class IntegratorLayer(RankAdaptiveLayer):
+    """A layer the integrator drives: ``begin_basis_step`` (the next forward is the K-step pass), ``augment(lr)``,
+    ``galerkin(lr)``, ``truncate(tau)``."""
+
+    def begin_basis_step(self) -> None:
+        raise NotImplementedError
+
+    def augment(self, lr: float) -> None:
+        raise NotImplementedError
+
+    def galerkin(self, lr: float) -> None:
+        raise NotImplementedError
+
+    def truncate(self, tau: float) -> None:
+        raise NotImplementedError
+
+    def _step_bias(self, lr: float) -> None:
+        bias = getattr(self, "bias", None)
+        if bias is not None and bias.grad is not None:
+            bias.data.add_(bias.grad, alpha=-lr)
+
+
+def integrator_step(model: torch.nn.Module, layers: Sequence[IntegratorLayer], loss_fn: Callable[[], torch.Tensor],
+                    lr: float, tau: float, optimizer: Any = None) -> float:
+    """One minibatch of the rank-adaptive integrator (stages 1-3 above); returns the first pass's loss."""
+    model.zero_grad(set_to_none=True)
+    for layer in layers:
+        layer.begin_basis_step()
+    loss = loss_fn()
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise Diverged(f"training loss is {value}")
+    loss.backward()
+    with torch.no_grad():
+        for layer in layers:
+            layer.augment(lr)
+    model.zero_grad(set_to_none=True)  # the first pass's bias and network gradients are not used
+    loss_fn().backward()
+    with torch.no_grad():
+        for layer in layers:
+            layer.galerkin(lr)
+            layer.truncate(tau)
+    if optimizer is not None:
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return value
+
+
+class IntegratorTrainer(RankAdaptiveTrainer):
+    """Replaces every site by ``make_layer(...)`` and runs ``integrator_step`` over the task's epochs."""
+
+    Params = IntegratorParams
+
+    def make_layer(self, linear: torch.nn.Linear, factorization, generator: torch.Generator) -> IntegratorLayer:
+        raise NotImplementedError
+
+    def train(self, run: TrainingRun) -> None:
+        generator = torch.Generator(device="cpu").manual_seed(int(getattr(run.ctx, "seed", 0)))
+        layers = []
+        for name, linear in run.sites.items():
+            layer = self.make_layer(linear, run.factorization, generator)
+            run.replace(name, layer)
+            layers.append(layer)
+        outside = [p for p in run.parameters_outside_layers() if p.requires_grad]
+        optimizer = run.optimizer(outside) if outside else None
+        p = self.params
+        for epoch, batches in run.epochs():
+            losses = [
+                integrator_step(run.model, layers, lambda batch=batch: run.loss(batch), p.lr, p.tau, optimizer)
+                for batch in batches
+            ]
+            run.end_epoch(epoch, sum(losses) / max(len(losses), 1))
