@@ -22,6 +22,7 @@ from rankbench.kinds.compression import (
     swapped,
 )
 from rankbench_plugins.selectors.uniform import UniformSelector
+from rankbench.kinds import run_cell
 
 IN, H1, H2, OUT = 12, 16, 10, 4
 SITES = ("body.0", "body.2", "head")
@@ -242,28 +243,28 @@ def test_statistics_are_computed_once_per_kind(make_ctx, shared):
 def test_decompositions_are_reused_across_cells(make_ctx, shared):
     task = Tiny()
     for budget in (0.8, 0.5, 0.3):
-        task.run(make_ctx(budget), UniformSelector(), SVDLLM())
+        run_cell(task, make_ctx(budget), UniformSelector(), SVDLLM())
     counters = shared["counters"]
     assert counters["decompositions"] == len(SITES) and counters["calibration_passes"] == 1
     for budget in (0.8, 0.5):
-        task.run(make_ctx(budget), UniformSelector(), ASVD())
+        run_cell(task, make_ctx(budget), UniformSelector(), ASVD())
     assert counters["decompositions"] == 2 * len(SITES) and counters["calibration_passes"] == 2
-    task.run(make_ctx(0.5), UniformSelector(), SVD())  # needs nothing: no calibration pass
+    run_cell(task, make_ctx(0.5), UniformSelector(), SVD())  # needs nothing: no calibration pass
     assert counters["decompositions"] == 3 * len(SITES) and counters["calibration_passes"] == 2
-    task.run(make_ctx(0.5), UniformSelector(), ASVD(ASVD.Params(alpha=1.0)))  # other parameters: decomposed again
+    run_cell(task, make_ctx(0.5), UniformSelector(), ASVD(ASVD.Params(alpha=1.0)))  # other parameters: decomposed again
     assert counters["decompositions"] == 4 * len(SITES) and counters["calibration_passes"] == 2
     assert task.loads == 1
     # only the latest factorization's decompositions are held; going back recomputes them (statistics stay)
-    assert len(task._calibration(make_ctx())["decompositions"]) == len(SITES)
-    task.run(make_ctx(0.3), UniformSelector(), SVDLLM())
+    assert len(task.calibration_memo(make_ctx())["decompositions"]) == len(SITES)
+    run_cell(task, make_ctx(0.3), UniformSelector(), SVDLLM())
     assert counters["decompositions"] == 5 * len(SITES) and counters["calibration_passes"] == 2
 
 
 def test_seed_dependent_work_is_keyed_by_task_seed(make_ctx, shared):
     task = Tiny()
-    task.run(make_ctx(0.5, task_seed=0), UniformSelector(), SVDLLM())
+    run_cell(task, make_ctx(0.5, task_seed=0), UniformSelector(), SVDLLM())
     gram0 = task.statistics(make_ctx(task_seed=0), ["gram"])["head"].gram
-    task.run(make_ctx(0.5, task_seed=1), UniformSelector(), SVDLLM())
+    run_cell(task, make_ctx(0.5, task_seed=1), UniformSelector(), SVDLLM())
     assert task.loads == 2
     assert shared["counters"]["calibration_passes"] == 2 and shared["counters"]["decompositions"] == 2 * len(SITES)
     gram1 = task.statistics(make_ctx(task_seed=1), ["gram"])["head"].gram
@@ -278,7 +279,7 @@ def test_seed_dependent_work_is_keyed_by_task_seed(make_ctx, shared):
 
     other, store = SeedFree(), {}
     for seed in (0, 1, 2):
-        other.run(make_ctx(0.5, task_seed=seed, store=store), UniformSelector(), SVDLLM())
+        run_cell(other, make_ctx(0.5, task_seed=seed, store=store), UniformSelector(), SVDLLM())
     assert other.loads == 1 and store["counters"]["calibration_passes"] == 1
 
 
@@ -290,10 +291,10 @@ def test_seed_dependent_work_is_keyed_by_task_seed(make_ctx, shared):
 def test_full_rank_cell_gives_the_dense_metric(make_ctx, factorization, dtype, rtol):
     task = Tiny(Tiny.Params(dtype=dtype))
     reference = make_ctx(None)
-    task.run_reference(reference)
+    run_cell(task, reference)
     ctx = make_ctx(1.0)
     selector = FullRank()
-    task.run(ctx, selector, factorization)
+    run_cell(task, ctx, selector, factorization)
     assert metric(ctx, "loss") == pytest.approx(metric(reference, "loss"), rel=rtol)
     ranks = {row["site"]: row["rank"] for row in ctx.ranks_rows}
     assert ranks == {"body.0": IN, "body.2": H2, "head": OUT}
@@ -315,13 +316,13 @@ def test_full_rank_cell_gives_the_dense_metric(make_ctx, factorization, dtype, r
 def test_budget_cell_compresses_and_restores_the_model(make_ctx):
     task, ctx = Tiny(), make_ctx(0.5)
     reference = make_ctx(None)
-    task.run_reference(reference)
+    run_cell(task, reference)
     model = task.model(ctx)
     snap = snapshot(model)
     x = task.data(7, 5)[0]
     with torch.no_grad():
         before = model(x)
-    task.run(ctx, UniformSelector(), SVDLLM())
+    run_cell(task, ctx, UniformSelector(), SVDLLM())
     # uniform at rho = 0.5: k = floor(0.5 m n / (m + n))
     expected = {"body.0": 3, "body.2": 3, "head": 1}
     assert {row["site"]: row["rank"] for row in ctx.ranks_rows} == expected
@@ -337,7 +338,7 @@ def test_budget_cell_compresses_and_restores_the_model(make_ctx):
 
 def test_reference_cell(make_ctx):
     task, ctx = Tiny(), make_ctx(None)
-    task.run_reference(ctx)
+    run_cell(task, ctx)
     assert metric(ctx, "params") == DENSE and metric(ctx, "param_ratio") == 1.0
     model = task.model(ctx)
     x, y = task.data(300, 20)
@@ -351,14 +352,14 @@ def test_bad_ranks_leave_the_model_dense(make_ctx):
     model = task.model(ctx)
     snap = snapshot(model)
     with pytest.raises(ValueError, match="no rank for site 'head'"):
-        task.run(ctx, Fixed({"body.0": 2, "body.2": 2}), SVD())
+        run_cell(task, ctx, Fixed({"body.0": 2, "body.2": 2}), SVD())
     assert_unchanged(model, snap)
     with pytest.raises(ValueError, match="one integer rank"):
-        task.run(make_ctx(0.5), Fixed({"body.0": 2, "body.2": (2, 2), "head": 1}), SVD())
+        run_cell(task, make_ctx(0.5), Fixed({"body.0": 2, "body.2": (2, 2), "head": 1}), SVD())
     assert_unchanged(model, snap)
     # out-of-range ranks are clipped to [1, p] and recorded as used
     ctx = make_ctx(0.5)
-    task.run(ctx, Fixed({"body.0": 0, "body.2": 99, "head": 2}), SVD())
+    run_cell(task, ctx, Fixed({"body.0": 0, "body.2": 99, "head": 2}), SVD())
     assert {row["site"]: row["rank"] for row in ctx.ranks_rows} == {"body.0": 1, "body.2": H2, "head": 2}
     assert_unchanged(model, snap)
 
@@ -380,26 +381,26 @@ def test_statistics_refuse_a_swapped_model(make_ctx):
 def test_calibration_loss_and_sigma_loss(make_ctx, factorization):
     task, ctx = Tiny(), make_ctx(0.5)
     selector = FullRank()
-    task.run(ctx, selector, factorization)
+    run_cell(task, ctx, selector, factorization)
     problem = selector.problem
     model = task.model(ctx)
     snap = snapshot(model)
     dense = dense_calibration_loss(task, ctx, model)
 
-    calibration_loss = problem.statistic("calibration_loss", "")
+    calibration_loss = problem.stats.calibration_loss
     full = {name: task.decomposition(ctx, factorization, name).rank for name in SITES}
     assert calibration_loss(full) == pytest.approx(dense, rel=1e-10)
     assert calibration_loss({"body.2": 1}) > dense  # one site compressed, the others dense
     assert_unchanged(model, snap)
 
-    sigma_loss = problem.statistic("sigma_loss", "")
-    decompositions = {name: problem.statistic("decomposition", name) for name in SITES}
+    sigma_loss = problem.stats.sigma_loss
+    decompositions = {name: problem.stats.decomposition(name) for name in SITES}
     sigmas = {name: d.s.clone().requires_grad_(True) for name, d in decompositions.items()}
     loss = sigma_loss(sigmas)
     assert float(loss.detach()) == pytest.approx(dense, rel=1e-10)
     grads = torch.autograd.grad(loss, [sigmas[n] for n in SITES], create_graph=True)
     for name, grad in zip(SITES, grads):
-        d, G = decompositions[name], problem.statistic("weight_grad", name)
+        d, G = decompositions[name], problem.stats.weight_grad(name)
         expected = torch.diagonal(d.left.T @ G @ d.right.T)  # ∂L/∂σ_i = u_iᵀ (∂L/∂W) r_i
         torch.testing.assert_close(grad, expected, rtol=1e-8, atol=1e-12)
     # second order: a Hessian-vector product matches a central difference of the gradient
@@ -428,16 +429,16 @@ def test_calibration_loss_and_sigma_loss(make_ctx, factorization):
 def test_compression_statistics_names(make_ctx):
     task, ctx = Tiny(), make_ctx(0.5)
     stats = CompressionStatistics(task, ctx, ASVD())
-    assert torch.equal(stats.get("input_abs_mean", "head"), task.statistics(ctx, [])["head"].input_abs_mean)
-    assert stats.get("decomposition", "head") is task.decomposition(ctx, ASVD(), "head")
+    assert torch.equal(stats.input_abs_mean("head"), task.statistics(ctx, [])["head"].input_abs_mean)
+    assert stats.decomposition("head") is task.decomposition(ctx, ASVD(), "head")
     # the selector-side store: one per factorization configuration, kept across cells, new with new calibration
-    store = stats.get("store", "")
+    store = stats.store()
     store["x"] = 1
-    assert CompressionStatistics(task, make_ctx(0.3), ASVD()).get("store", "any") is store
-    assert CompressionStatistics(task, ctx, ASVD(ASVD.Params(alpha=1.0))).get("store", "") == {}
-    assert CompressionStatistics(task, make_ctx(0.3, task_seed=1), ASVD()).get("store", "") == {}
+    assert CompressionStatistics(task, make_ctx(0.3), ASVD()).store() is store
+    assert CompressionStatistics(task, ctx, ASVD(ASVD.Params(alpha=1.0))).store() == {}
+    assert CompressionStatistics(task, make_ctx(0.3, task_seed=1), ASVD()).store() == {}
     with pytest.raises(KeyError):
-        stats.get("hessian", "head")
+        stats.gram("nope")
     with pytest.raises(KeyError):
         stats.calibration_loss({"nope": 1})
 

@@ -21,6 +21,7 @@ from rankbench.context import CellContext
 from rankbench.kinds.compression import Decomposition, LowRankFactorization, LowRankLinear
 from rankbench_plugins.tasks import _llm_assets as assets
 from rankbench_plugins.tasks.llm_perplexity import LLMPerplexity, LLMPerplexityParams
+from rankbench.kinds import run_cell
 
 SEQ = 64
 SITE_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -475,12 +476,12 @@ def test_end_to_end_full_rank_equals_dense(tiny_dir, text_file, llm_cache):
     shared: dict = {}
     ref = make_ctx(llm_cache, shared)
     task.setup(ref)
-    task.run_reference(ref)
+    run_cell(task, ref)
     dense = metrics(ref)
     sites_before = dict(task.target_sites(task.model(ref)))
 
     full = make_ctx(llm_cache, shared)
-    task.run(full, FullRank(), svd_factorization())
+    run_cell(task, full, FullRank(), svd_factorization())
     got = metrics(full)
     for name in ("ppl_token", "word_perplexity", "byte_perplexity", "bits_per_byte"):
         assert got[name] == pytest.approx(dense[name], rel=1e-4), name
@@ -489,7 +490,7 @@ def test_end_to_end_full_rank_equals_dense(tiny_dir, text_file, llm_cache):
     assert task.target_sites(task.model(ref)) == sites_before  # the dense Linears are back
 
     half = make_ctx(llm_cache, shared)
-    task.run(half, HalfRank(), svd_factorization())
+    run_cell(task, half, HalfRank(), svd_factorization())
     got_half = metrics(half)
     assert math.isfinite(got_half["ppl_token"]) and got_half["ppl_token"] != pytest.approx(dense["ppl_token"])
     assert got_half["param_ratio"] < 1.0 and got_half["model_params"] < dense["model_params"]
@@ -497,7 +498,7 @@ def test_end_to_end_full_rank_equals_dense(tiny_dir, text_file, llm_cache):
     # another suite seed reuses the loaded model and the decompositions
     model = task.model(ref)
     other_seed = make_ctx(llm_cache, shared, seed=5, task_seed=99)
-    task.run(other_seed, HalfRank(), svd_factorization())
+    run_cell(task, other_seed, HalfRank(), svd_factorization())
     assert task.model(other_seed) is model and shared["counters"]["decompositions"] == 14
     assert metrics(other_seed)["ppl_token"] == got_half["ppl_token"]
 
@@ -516,9 +517,9 @@ def test_data_aware_factorizations_at_full_rank(tiny_dir, calib_file, llm_cache,
                      max_eval_tokens=4 * SEQ, calib_samples=6, lm_eval=False)
     shared: dict = {}
     ref = make_ctx(llm_cache, shared)
-    task.run_reference(ref)
+    run_cell(task, ref)
     full = make_ctx(llm_cache, shared)
-    task.run(full, FullRank(), factorization)
+    run_cell(task, full, FullRank(), factorization)
     assert metrics(full)["ppl_token"] == pytest.approx(metrics(ref)["ppl_token"], rel=1e-4)
     assert shared["counters"]["calibration_passes"] == 1
 
@@ -585,7 +586,7 @@ def test_second_derivatives_through_attention(tiny_dir, calib_file, llm_cache):
     task.setup(ctx)
     name = next(iter(task.target_sites(task.model(ctx))))
     stats = CompressionStatistics(task, ctx, SVD())
-    sigma = stats.get("decomposition", name).s[:4].clone().requires_grad_(True)
+    sigma = stats.decomposition(name).s[:4].clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(stats.sigma_loss({name: sigma}), sigma, create_graph=True)
     (hvp,) = torch.autograd.grad(grad[0], sigma)
     assert torch.isfinite(hvp).all() and hvp.abs().sum() > 0

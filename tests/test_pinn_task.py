@@ -17,6 +17,7 @@ from rankbench_plugins.factorizations.svd import SVD
 from rankbench_plugins.selectors.uniform import UniformSelector
 from rankbench_plugins.tasks import _pde
 from rankbench_plugins.tasks.pinn import PINN, PINNParams
+from rankbench.kinds import run_cell
 
 TINY = dict(width=8, depth=2, pretrain_steps=30, steps=12, retrain_steps=4, n_interior=64, n_boundary=16, test_grid=9)
 
@@ -97,7 +98,7 @@ def test_adaptation_cell_end_to_end(tmp_path):
     ctx = make_ctx(tmp_path, budget=3, budget_kind=RANK_TOTAL)
     task.setup(ctx)
     before = copy.deepcopy(task.pretrained_model(ctx).state_dict())
-    task.run(ctx, UniformSelector(), LoRA(LoRA.Params(init_rank=2)))
+    run_cell(task, ctx, UniformSelector(), LoRA(LoRA.Params(init_rank=2)))
     got = metrics(ctx)
     ranks = {row["site"]: row["rank"] for row in ctx.ranks_rows}
     assert sum(ranks.values()) == got["rank_total"] <= 3
@@ -115,7 +116,7 @@ def test_reference_cell_fine_tunes_every_weight(tmp_path):
     task = make(pde="poisson", source=1.0, target=2.0, steps=40, retrain_steps=4)
     ctx = make_ctx(tmp_path)
     task.setup(ctx)
-    task.run_reference(ctx)
+    run_cell(task, ctx)
     got = metrics(ctx)
     assert got["param_ratio"] == 1.0 and got["l2re"] < got["l2re_pretrained"]
 
@@ -129,7 +130,7 @@ def test_compression_cell_at_full_rank_reproduces_the_pretrained_errors(tmp_path
         def select(self, problem):
             return {site.name: site.max_rank for site in problem.sites}
 
-    task.run(ctx, FullRank(), SVD())
+    run_cell(task, ctx, FullRank(), SVD())
     got = metrics(ctx)
     assert got["l2re"] == pytest.approx(got["l2re_pretrained"], rel=1e-9)
 

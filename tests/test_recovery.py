@@ -20,6 +20,7 @@ from rankbench_plugins.solvers.scaledgd import ScaledGD
 from rankbench_plugins.solvers.subgradient_l1 import SubgradientL1
 from rankbench_plugins.tasks import matrix_recovery
 from rankbench_plugins.tasks.matrix_recovery import MatrixRecovery, load_movielens_100k, make_problem
+from rankbench.kinds import run_cell
 
 Params = MatrixRecovery.Params
 
@@ -319,7 +320,7 @@ def test_task_cell_end_to_end(tmp_path):
     ctx = context(tmp_path, shared)
     task.setup(ctx)
     selector = FixedRank(3)
-    task.run(ctx, selector, ScaledGD())
+    run_cell(task, ctx, selector, ScaledGD())
 
     seen = selector.seen
     assert seen.budget == 5 and seen.budget_kind == "rank_cap" and seen.sites[0].shape == (80, 60)
@@ -337,13 +338,13 @@ def test_task_cell_end_to_end(tmp_path):
 
     # the instance is memoised per task seed: every cell of this configuration sees the same problem
     problem = shared[("matrix-recovery", 0)][0]
-    task.run(context(tmp_path, shared, seed=1), FixedRank(2), GD())
+    run_cell(task, context(tmp_path, shared, seed=1), FixedRank(2), GD())
     assert shared[("matrix-recovery", 0)][0] is problem
-    task.setup(context(tmp_path, shared, task_seed=1))
+    task.recovery_instance(context(tmp_path, shared, task_seed=1))
     assert shared[("matrix-recovery", 1)][0] is not problem
 
     reference = context(tmp_path, shared)
-    task.run_reference(reference)
+    run_cell(task, reference)
     ref = metrics_of(reference)
     assert ref["params"] == 4800 and ref["param_ratio"] == 1.0
     assert ref["rel_error"] == pytest.approx(problem.error(problem.backprojection()))
@@ -352,7 +353,7 @@ def test_task_cell_end_to_end(tmp_path):
 def test_task_records_no_seconds_to_tol_when_not_converged(tmp_path):
     task = MatrixRecovery(Params(problem="sensing", shape=[20, 20], rank=2, psd=True, max_iters=50))
     ctx = context(tmp_path)
-    task.run(ctx, FixedRank(2), GDSym(GDSym.Params(rank_multiplier=2)))
+    run_cell(task, ctx, FixedRank(2), GDSym(GDSym.Params(rank_multiplier=2)))
     m = metrics_of(ctx)
     assert m["converged"] == 0.0 and m["iterations"] == 50 and m["rank_selected"] == 4
     assert "iterations_to_tol" not in m and "seconds_to_tol" not in m
@@ -362,7 +363,7 @@ def test_task_records_no_seconds_to_tol_when_not_converged(tmp_path):
 def test_task_on_movielens_records_rmse(tmp_path):
     task = MatrixRecovery(Params(data="movielens-100k", max_iters=8))
     ctx = context(tmp_path)
-    task.run(ctx, FixedRank(2), AltMin(AltMin.Params(reg=1.0)))
+    run_cell(task, ctx, FixedRank(2), AltMin(AltMin.Params(reg=1.0)))
     m = metrics_of(ctx)
     assert m["rmse"] < 1.0 and "rel_error" not in m and "rank_true" not in m
     assert m["converged"] == 0.0 and m["params"] == 2 * (943 + 1682)
@@ -389,14 +390,14 @@ class ScriptedSolver(RecoverySolver):
 def test_task_raises_diverged(tmp_path, errors):
     task = MatrixRecovery(Params(shape=[30, 20], rank=2))
     with pytest.raises(Diverged):
-        task.run(context(tmp_path), FixedRank(2), ScriptedSolver(errors))
+        run_cell(task, context(tmp_path), FixedRank(2), ScriptedSolver(errors))
 
 
 def test_task_tensor_site_uses_the_largest_mode_rank_and_estimated_time(tmp_path):
     task = MatrixRecovery(Params(problem="tensor-completion", shape=[10, 9, 8], rank=2, tol=1e-3))
     ctx = context(tmp_path)
     solver = ScriptedSolver([1.0, 1e-2, 1e-4, 1e-5])
-    task.run(ctx, FixedRank((2, 3, 2)), solver)
+    run_cell(task, ctx, FixedRank((2, 3, 2)), solver)
     assert solver.got == 3
     m = metrics_of(ctx)
     assert m["rank_selected"] == 3 and m["params"] == 3 * 27 and m["iterations_to_tol"] == 2
@@ -405,7 +406,7 @@ def test_task_tensor_site_uses_the_largest_mode_rank_and_estimated_time(tmp_path
     assert ctx.ranks_rows == [{"site": "X", "rank": 3, "rank_per_mode": "2x3x2", "params": 81}]
 
     ctx = context(tmp_path)
-    task.run(ctx, FixedRank((2, 3, 2)), ScriptedSolver([1.0, 1e-4], rank=5))  # the solver determined the rank
+    run_cell(task, ctx, FixedRank((2, 3, 2)), ScriptedSolver([1.0, 1e-4], rank=5))  # the solver determined the rank
     assert metrics_of(ctx)["rank_selected"] == 5 and ctx.ranks_rows[0]["rank_per_mode"] == "5"
 
 
@@ -437,7 +438,7 @@ def test_default_sized_cells_converge(tmp_path, problem, solvers):
     shared = {}
     for solver in solvers:
         ctx = context(tmp_path, shared)
-        task.run(ctx, FixedRank(5), solver)
+        run_cell(task, ctx, FixedRank(5), solver)
         m = metrics_of(ctx)
         assert m["converged"] == 1.0 and m["rel_error"] < 1e-10, solver.name
 
@@ -457,4 +458,4 @@ class NamedRanks(Selector):
 def test_task_rejects_unusable_selector_answers(tmp_path, ranks, message):
     task = MatrixRecovery(Params(shape=[30, 20], rank=2))
     with pytest.raises(CellFailure, match=message):
-        task.run(context(tmp_path), NamedRanks(ranks), GD())
+        run_cell(task, context(tmp_path), NamedRanks(ranks), GD())

@@ -28,6 +28,7 @@ from rankbench_plugins.selectors._allocation import (
     strs_search,
     submodular_value,
 )
+from rankbench.kinds import run_cell
 
 MODULES = {"welore": welore, "sensitivity": sensitivity, "adalora": adalora, "sublora": sublora}
 BUDGETS = (0.3, 0.5, 0.8)
@@ -123,13 +124,13 @@ class Capture(Selector):
 
 def built_problem(tmp_path, shared, budget=0.5):
     task, capture = TinyTask(), Capture()
-    task.run(context(tmp_path, shared, budget), capture, PlainSVD())
+    run_cell(task, context(tmp_path, shared, budget), capture, PlainSVD())
     return task, capture.problem
 
 
-def run_cell(tmp_path, shared, selector, budget):
+def run_tiny_cell(tmp_path, shared, selector, budget):
     ctx = context(tmp_path, shared, budget)
-    TinyTask().run(ctx, selector, PlainSVD())
+    run_cell(TinyTask(), ctx, selector, PlainSVD())
     ranks = {row["site"]: row["rank"] for row in ctx.ranks_rows}
     metrics = {m["metric"]: m["value"] for m in ctx.metrics}
     return ranks, metrics
@@ -171,7 +172,7 @@ def test_budget_met_through_the_task(name, tmp_path):
     shared: dict = {}
     selector = make(name)
     for budget in BUDGETS:
-        ranks, metrics = run_cell(tmp_path, shared, selector, budget)
+        ranks, metrics = run_tiny_cell(tmp_path, shared, selector, budget)
         assert set(ranks) == {"0", "2", "4"}
         assert all(1 <= ranks[s] <= cap for s, cap in {"0": 8, "2": 10, "4": 4}.items())
         assert metrics["param_ratio"] <= budget + 1e-12
@@ -179,7 +180,7 @@ def test_budget_met_through_the_task(name, tmp_path):
             ranks[s] * (m + n) for s, (m, n) in {"0": (12, 8), "2": (10, 12), "4": (4, 10)}.items()
         )
     # Too small for rank 1 everywhere (56 parameters): rank 1 everywhere, the documented fallback.
-    ranks, _ = run_cell(tmp_path, shared, selector, 0.1)
+    ranks, _ = run_tiny_cell(tmp_path, shared, selector, 0.1)
     assert ranks == {"0": 1, "2": 1, "4": 1}
 
 
@@ -266,19 +267,16 @@ class FakeStatistics:
     """Fixed decomposition objects and a counting calibration loss looked up in a table."""
 
     def __init__(self, table):
-        self.decompositions = {}
+        self.decompositions, self.stored = {}, {}
         self.table, self.calls = table, 0
 
-    def get(self, name, site):
-        if name == "decomposition":
-            return self.decompositions.setdefault(
-                site, Decomposition(torch.zeros(1, 1), torch.ones(1), torch.zeros(1, 1))
-            )
-        if name == "calibration_loss":
-            return self.loss
-        raise KeyError(name)
+    def decomposition(self, site):
+        return self.decompositions.setdefault(site, Decomposition(torch.zeros(1, 1), torch.ones(1), torch.zeros(1, 1)))
 
-    def loss(self, ranks, max_batches=None):
+    def store(self):
+        return self.stored
+
+    def calibration_loss(self, ranks, max_batches=None):
         ((site, k),) = ranks.items()
         self.calls += 1
         return self.table[(site, k)]
@@ -293,7 +291,7 @@ def fake_sensitivity_problem(seed):
             # loss falls with rank, plus noise so the per-site order of ratios is not always monotone
             table[(site.name, k)] = 2.0 + 3.0 / k * rng.uniform(0.5, 2.0) + rng.uniform(0, 0.05)
     stats = FakeStatistics(table)
-    return RankProblem(sites=sites, budget=None, budget_kind=PARAM_RATIO, seed=0, statistics=stats.get), stats
+    return RankProblem(sites=sites, budget=None, budget_kind=PARAM_RATIO, seed=0, stats=stats), stats
 
 
 def strs_brute_force(problem, table, ratios, budget):
@@ -344,7 +342,7 @@ def test_strs_cut_is_maximal():
 def test_sensitivity_table_reused_across_cells(tmp_path):
     shared: dict = {}
     selector = make("sensitivity", ratios=[0.2, 0.5, 0.8])
-    run_cell(tmp_path, shared, selector, 0.4)
+    run_tiny_cell(tmp_path, shared, selector, 0.4)
     evaluations = shared["counters"]["calibration_evaluations"]
     distinct = {
         (n, max(1, int(r * m * k // (m + k))))
@@ -352,7 +350,7 @@ def test_sensitivity_table_reused_across_cells(tmp_path):
         for r in (0.2, 0.5, 0.8)
     }
     assert evaluations == len(distinct)
-    run_cell(tmp_path, shared, make("sensitivity", ratios=[0.2, 0.5, 0.8]), 0.7)  # a new cell, another budget
+    run_tiny_cell(tmp_path, shared, make("sensitivity", ratios=[0.2, 0.5, 0.8]), 0.7)  # a new cell, another budget
     assert shared["counters"]["calibration_evaluations"] == evaluations
 
 
@@ -380,10 +378,10 @@ def test_adalora_chain_rule_matches_autograd(tmp_path):
     shared: dict = {}
     task, problem = built_problem(tmp_path, shared)
     ctx = context(tmp_path, shared, 0.5)
-    sigma_loss = problem.statistic("sigma_loss", "0")
+    sigma_loss = problem.stats.sigma_loss
     for site in problem.sites:
-        dec = problem.statistic("decomposition", site.name)
-        grad = problem.statistic("weight_grad", site.name)
+        dec = problem.stats.decomposition(site.name)
+        grad = problem.stats.weight_grad(site.name)
         e, u, v = adalora.sensitivity_scores(grad, dec.left, dec.s, dec.right)
         ae, au, av, euler = autograd_scores(task, ctx, site.name, dec)
         np.testing.assert_allclose(e, ae, rtol=1e-9, atol=1e-12)
@@ -561,9 +559,9 @@ def test_sublora_full_hessian_matches_finite_differences(tmp_path):
     ((idx, H),) = blocks
     assert list(idx) == list(range(22))
     np.testing.assert_allclose(H, H.T, atol=1e-10)
-    loss = problem.statistic("sigma_loss", "0")
+    loss = problem.stats.sigma_loss
     names = ["0", "2", "4"]
-    base = torch.cat([problem.statistic("decomposition", n).s for n in names])
+    base = torch.cat([problem.stats.decomposition(n).s for n in names])
 
     def f(x):
         with torch.no_grad():

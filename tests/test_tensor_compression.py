@@ -16,6 +16,7 @@ from rankbench_plugins.selectors.energy import EnergySelector
 from rankbench_plugins.selectors.sensitivity import SensitivitySelector
 from rankbench_plugins.selectors.uniform import UniformSelector
 from rankbench_plugins.selectors.welore import WeLoreSelector
+from rankbench.kinds import run_cell
 
 FORMATS = {"tucker": Tucker, "tt": TT, "ttm": lambda: TTM(TTM.Params(order_out=3, order_in=3))}
 
@@ -30,7 +31,7 @@ def make_ctx(tmp_path, shared, budget=None):
 
 def dense_loss(task, tmp_path):
     ctx = make_ctx(tmp_path, {})
-    task.run_reference(ctx)
+    run_cell(task, ctx)
     return metric(ctx, "loss")
 
 
@@ -41,7 +42,7 @@ def test_full_ranks_reproduce_the_dense_model(name, tmp_path):
     model = task.model(ctx)
     snap = snapshot(model)
     selector = FullRank()
-    task.run(ctx, selector, FORMATS[name]())
+    run_cell(task, ctx, selector, FORMATS[name]())
     assert metric(ctx, "loss") == pytest.approx(dense_loss(Tiny(), tmp_path), rel=1e-9)
     assert_unchanged(model, snap)
     # every slot at its cap: the ranks are per slot (tuples) and the cost is the format's exact count
@@ -71,7 +72,7 @@ def test_budgeted_selectors_meet_param_ratio_on_the_exact_cost(name, budget, tmp
     for selector in (UniformSelector(), EnergySelector()):
         task, shared = Tiny(), {}
         ctx = make_ctx(tmp_path, shared, budget)
-        task.run(ctx, selector, factorization)
+        run_cell(task, ctx, selector, factorization)
         assert metric(ctx, "param_ratio") <= budget + 1e-12
         assert metric(ctx, "params") == sum(row["params"] for row in ctx.ranks_rows) <= budget * DENSE
         assert set(row["site"] for row in ctx.ranks_rows) == set(SITES)
@@ -88,7 +89,7 @@ def test_fits_and_spectra_are_memoised_per_task_configuration(tmp_path, monkeypa
 
     monkeypatch.setattr(Tucker, "fit", counting)
     for _ in range(2):
-        task.run(make_ctx(tmp_path, shared, 0.5), UniformSelector(), Tucker())
+        run_cell(task, make_ctx(tmp_path, shared, 0.5), UniformSelector(), Tucker())
     assert len(calls) == len(SITES)  # the second cell reused every fitted layer
     first = tensor_sites(task, make_ctx(tmp_path, shared), Tucker())
     assert tensor_sites(task, make_ctx(tmp_path, shared), Tucker())[0] is first[0]

@@ -12,6 +12,7 @@ from rankbench_plugins.factorizations.tt import TT
 from rankbench_plugins.selectors.uniform import UniformSelector
 from rankbench_plugins.tasks.mlp_classification import MLPClassification, MLPParams
 from rankbench_plugins.trainers.dlrt import DLRT
+from rankbench.kinds import run_cell
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -47,7 +48,7 @@ def test_reference_trains_and_posthoc_cells_compress_that_network(tmp_path):
     task, shared = make(), {}
     ref = make_ctx(tmp_path, shared)
     task.setup(ref)
-    task.run_reference(ref)
+    run_cell(task, ref)
     dense = metrics(ref)
     assert dense["params"] == 64 * 24 + 24 * 10 and dense["param_ratio"] == 1.0 and dense["accuracy"] > 0.5
     assert [r["step"] for r in ref.curve_rows if r["curve"] == "train_loss"] == [1.0, 2.0, 3.0]
@@ -56,14 +57,14 @@ def test_reference_trains_and_posthoc_cells_compress_that_network(tmp_path):
     task.evaluate(fresh, task.model(fresh))
     assert metrics(fresh)["accuracy"] == dense["accuracy"]
     half = make_ctx(tmp_path, {}, budget=0.5)
-    task.run(half, UniformSelector(), TT())
+    run_cell(task, half, UniformSelector(), TT())
     assert metrics(half)["param_ratio"] <= 0.5
 
 
 def test_trainer_cell_records_ranks_params_and_trajectories(tmp_path):
     task = make()
     ctx = make_ctx(tmp_path, {})
-    task.run(ctx, DLRT(DLRT.Params(tau=0.2)), SVD())
+    run_cell(task, ctx, DLRT(DLRT.Params(tau=0.2)), SVD())
     got = metrics(ctx)
     ranks = {row["site"]: row for row in ctx.ranks_rows}
     assert set(ranks) == {"layers.0", "layers.1"}
@@ -85,7 +86,7 @@ def test_a_diverging_trainer_ends_the_cell_as_diverged(tmp_path):
 
     task = make(epochs=1)
     with pytest.raises(Diverged):
-        task.run(make_ctx(tmp_path, {}), DLRT(DLRT.Params(lr=1e6)), SVD())
+        run_cell(task, make_ctx(tmp_path, {}), DLRT(DLRT.Params(lr=1e6)), SVD())
 
 
 def test_the_suites_with_trainers_list_them_in_slices():

@@ -11,6 +11,7 @@ from rankbench_plugins.factorizations.svd import SVD
 from rankbench_plugins.factorizations.tucker import Tucker
 from rankbench_plugins.selectors.uniform import UniformSelector
 from rankbench_plugins.tasks.vit_classification import ViT, ViTClassification, ViTParams
+from rankbench.kinds import run_cell
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -46,19 +47,19 @@ def test_training_reaches_the_floor_reproducibly_and_is_cached(tmp_path):
     task = make()
     ctx = make_ctx(tmp_path)
     task.setup(ctx)
-    task.run_reference(ctx)
+    run_cell(task, ctx)
     first = metrics(ctx)
     assert first["accuracy"] >= ACCURACY_FLOOR
     cached = list((tmp_path / "vit-classification").glob("vit-digits-*.pt"))
     assert len(cached) == 1
     # a second process (fresh shared store) loads the cached weights: identical accuracy
     again = make_ctx(tmp_path)
-    make().run_reference(again)
+    run_cell(make(), again)
     assert metrics(again)["accuracy"] == first["accuracy"]
     # training again from scratch with the same seed reproduces the weights exactly
     cached[0].unlink()
     fresh = make_ctx(tmp_path)
-    make().run_reference(fresh)
+    run_cell(make(), fresh)
     assert metrics(fresh)["accuracy"] == first["accuracy"]
 
 
@@ -67,7 +68,7 @@ def test_compression_cells(tmp_path, factorization):
     task, shared = make(epochs=4), {}
     ctx = make_ctx(tmp_path, shared, budget=0.5)
     task.setup(ctx)
-    task.run(ctx, UniformSelector(), factorization)
+    run_cell(task, ctx, UniformSelector(), factorization)
     got = metrics(ctx)
     assert got["param_ratio"] <= 0.5 and 0.0 <= got["accuracy"] <= 1.0 and got["latency_ms"] > 0
     assert len(ctx.ranks_rows) == 8
@@ -85,7 +86,7 @@ def test_adaptation_cell_fine_tunes_adapters_only(tmp_path):
                       cache_dir=tmp_path / "vit-classification")
     task.setup(ctx)
     before = {k: v.clone() for k, v in task.pretrained_model(ctx).state_dict().items()}
-    task.run(ctx, UniformSelector(), LoRA(LoRA.Params(init_rank=4)))
+    run_cell(task, ctx, UniformSelector(), LoRA(LoRA.Params(init_rank=4)))
     got = metrics(ctx)
     assert got["rank_total"] == sum(row["rank"] for row in ctx.ranks_rows) <= 12
     assert 0.0 <= got["accuracy"] <= 1.0
@@ -102,7 +103,7 @@ def test_sublora_derivatives_go_through_attention(tmp_path):
     ctx = CellContext(cell_id="s", seed=0, task_seed=0, device="cpu", budget=4, budget_kind="rank_total", shared={},
                       cache_dir=tmp_path / "vit-classification")
     task.setup(ctx)
-    task.run(ctx, SubLoraSelector(), LoRA(LoRA.Params(init_rank=2)))
+    run_cell(task, ctx, SubLoraSelector(), LoRA(LoRA.Params(init_rank=2)))
     assert metrics(ctx)["rank_total"] <= 4
 
 
@@ -122,7 +123,7 @@ def test_train_head_trains_the_head_beside_the_adapters(tmp_path, monkeypatch):
         seen = []
         evaluate = task.evaluate_adapted
         monkeypatch.setattr(task, "evaluate_adapted", lambda ctx, model, seen=seen, evaluate=evaluate: (seen.append(model), evaluate(ctx, model)))
-        task.run(ctx, UniformSelector(), LoRA(LoRA.Params(init_rank=2)))
+        run_cell(task, ctx, UniformSelector(), LoRA(LoRA.Params(init_rank=2)))
         adapted = seen[0]
         moved[train_head] = not torch.equal(adapted.head.weight, head_before)
         assert torch.equal(pretrained.head.weight, head_before)  # the memoised pretrained network is untouched
@@ -147,11 +148,11 @@ def test_a_local_hugging_face_folder_is_the_model(tmp_path):
     assert len(sites) == 6  # q, k, v, output, and the two MLP Linears of the one layer
     assert model.head().out_features == 10 and all(site is not model.head() for site in sites.values())
     assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
-    task.run_reference(ctx)
+    run_cell(task, ctx)
     dense = metrics(ctx)["accuracy"]
     assert dense > 0.3  # ten classes: well above chance (0.1) after five epochs
     half = make_ctx(tmp_path, ctx.shared, budget=0.5)
-    task.run(half, UniformSelector(), SVD())
+    run_cell(task, half, UniformSelector(), SVD())
     assert metrics(half)["param_ratio"] <= 0.5 and {row["site"] for row in half.ranks_rows} == set(sites)
     again = make_ctx(tmp_path, {})  # a fresh process loads the trained classifier from the cache
     task.evaluate(again, task.model(again))
@@ -167,7 +168,7 @@ def test_training_kind_reference_and_posthoc_cells(tmp_path):
     shared = {}
     ctx = make_ctx(tmp_path, shared)
     task.setup(ctx)
-    task.run_reference(ctx)
+    run_cell(task, ctx)
     got = metrics(ctx)
     assert got["epochs"] == 2 and got["param_ratio"] == 1.0
     assert [row["step"] for row in ctx.curve_rows if row["curve"] == "train_loss"] == [1.0, 2.0]

@@ -346,12 +346,10 @@ def summarize(folder: str | Path, configs: dict[str, Config]) -> dict[str, Any]:
     ``ok``; ``seeds`` (how many ran) and ``failed`` (``[seed, status, reason]`` of the others)."""
     import pandas as pd
 
-    from rankbench.results import read_results, read_table
+    from rankbench.results import latest_cells, read_results, read_table
 
     by_key = {c.key: c for c in configs.values()}
-    cells = read_table(folder, "cells")
-    if not cells.empty:  # a configuration re-run after a plugin changed counts once: its newest cell
-        cells = cells.sort_values("started_at").drop_duplicates("config_key", keep="last")
+    cells = latest_cells(read_table(folder, "cells"))  # a configuration re-run after a plugin changed counts once
     metrics = read_results(folder)
     values: dict[str, dict[str, float]] = {}
     directions: dict[tuple[str, str], Any] = {}

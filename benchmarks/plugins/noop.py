@@ -1,10 +1,10 @@
 """A task and a factorization that do nothing: what is left of a cell's wall time is the host's own overhead
 (cell bookkeeping, measurement, the executor's round trip, and the atomic Parquet writes)."""
 
-from rankbench import COMPRESSION, PARAM_RATIO, Factorization, RankProblem, Site, Task, hookimpl
+from rankbench import COMPRESSION, PARAM_RATIO, Factorization, RankProblem, SelfRunningTask, Site, hookimpl
 
 
-class NoopTask(Task):
+class NoopTask(SelfRunningTask):
     name = "noop"
     problem_kind = COMPRESSION
     budget_kind = PARAM_RATIO

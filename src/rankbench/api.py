@@ -7,8 +7,10 @@ method by name.
 Roles
 -----
 ``Task``           owns a model or target, its data, its metrics and its *sites* (the weights, or the unknown
-                   matrix/tensor, that low-rank methods act on). It orchestrates one cell: it builds a
-                   ``RankProblem`` for the selector, hands the chosen ranks to the factorization, and measures.
+                   matrix/tensor, that low-rank methods act on). It supplies the *capabilities* of the problem kinds
+                   it speaks (``rankbench.kinds``: ``CompressionTask``, ``AdaptationTask``, ``TrainingTask``,
+                   ``RecoveryTask``); each cell runs through its kind's protocol (``rankbench.kinds.PROTOCOLS``),
+                   chosen when the suite is expanded. A task of a kind of its own is a ``SelfRunningTask``.
 ``Selector``       decides a rank per site (or per mode) under a budget, or by itself (budget-free).
 ``Factorization``  how a site is represented and fitted at a given rank (SVD variants, LoRA, CP/Tucker/TT, and for
                    matrix recovery the solvers). The protocol between a task and its factorizations depends on the
@@ -22,6 +24,7 @@ with that reason (benchopt's ``skip()`` idea).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -54,7 +57,7 @@ class PluginParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Plugin:
+class Plugin(abc.ABC):
     """What every plugin class has. ``version`` is folded into cell ids together with a hash of the plugin's file."""
 
     name: ClassVar[str]
@@ -68,6 +71,11 @@ class Plugin:
 
     def __repr__(self) -> str:
         return f"{self.name}[{self.params.model_dump_json()}]"
+
+    @property
+    def identity(self) -> tuple[str, str]:
+        """(name, parameters as canonical JSON): what memoised work done by or for this plugin is keyed on."""
+        return self.name, self.params.model_dump_json()
 
 
 class Task(Plugin):
@@ -97,17 +105,22 @@ class Task(Plugin):
     def setup(self, ctx: CellContext) -> None:
         """Expensive work shared by all cells of one task configuration (and seed: ``ctx.task_seed``).
 
-        Called before every cell; implementations memoise in ``ctx.shared`` so that the work happens once per
-        task configuration and process. Time spent here is recorded as phase ``setup``.
+        Called before every cell, before the protocol's own set-up; implementations memoise with ``ctx.memo`` so that
+        the work happens once per task configuration and process. Time spent here is recorded as phase ``setup``.
         """
 
+
+class SelfRunningTask(Task):
+    """A task that runs its cells itself instead of through a protocol of ``rankbench.kinds``: a problem kind of its
+    own, or an experiment that does not fit the built-in kinds. Its cells are dispatched to these two methods."""
+
+    @abc.abstractmethod
     def run_reference(self, ctx: CellContext) -> None:
         """Measure the uncompressed model (selector ``none``, factorization ``dense``): the baseline row."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def run(self, ctx: CellContext, selector: Selector, factorization: Factorization) -> None:
         """Run one cell: select ranks, factorize/solve, evaluate. Report through ``ctx.metric``/``ctx.ranks``."""
-        raise NotImplementedError
 
 
 @dataclasses.dataclass
@@ -147,21 +160,24 @@ class Site:
             self.params_at_rank = lambda k, m=m, n=n: int(k) * (m + n)
 
 
+class NoStatistics:
+    """The ``RankProblem.stats`` of a problem whose kind offers selectors nothing beyond the sites."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise KeyError(f"this task offers no statistic {name!r}")
+
+
 @dataclasses.dataclass
 class RankProblem:
-    """What a selector sees: the sites, the budget, and the task's statistics on demand."""
+    """What a selector sees: the sites, the budget, and the statistics its problem kind offers (``stats``: an object
+    with methods, e.g. ``rankbench.kinds.compression.CompressionStatistics``; ``NoStatistics`` where there are none)."""
 
     sites: list[Site]
     budget: float | None
     budget_kind: str | None
     seed: int
-    statistics: Callable[[str, str], Any] | None = None  # statistics(name, site) -> value, provided by the task
+    stats: Any = dataclasses.field(default_factory=NoStatistics)
     device: str = "cpu"  # where a selector that computes (e.g. ARD's variational fit) should run
-
-    def statistic(self, name: str, site: str) -> Any:
-        if self.statistics is None:
-            raise KeyError(f"this task offers no statistic {name!r}")
-        return self.statistics(name, site)
 
     @property
     def dense_params(self) -> int:

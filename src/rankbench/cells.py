@@ -54,6 +54,7 @@ class Cell:
     versions: dict[str, str]  # "kind:name" -> plugin version
     timeout: float | None
     skip_reason: str | None = None
+    problem_kind: str | None = None  # the protocol the cell runs through (rankbench.kinds.cell_kind); not in its id
 
     @property
     def is_reference(self) -> bool:
@@ -104,7 +105,8 @@ class Cell:
 
 
 def make_cell(
-    suite, task, selector, factorization, budget, budget_kind, seed, device, timeout, skip_reason=None
+    suite, task, selector, factorization, budget, budget_kind, seed, device, timeout, skip_reason=None,
+    problem_kind=None,
 ) -> Cell:
     """Build a cell from resolved ``PluginSpec``s; selector and factorization None make the dense reference cell."""
     versions = {f"task:{task.name}": task.version}
@@ -126,4 +128,5 @@ def make_cell(
         versions=versions,
         timeout=timeout,
         skip_reason=skip_reason,
+        problem_kind=problem_kind,
     )

@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +75,7 @@ import numpy as np
 import pandas as pd
 
 from rankbench import results
+from rankbench.files import atomic_write
 
 EXIT_OK, EXIT_FAILED = 0, 1  # as in rankbench.cli; bad input (exit 2) is raised as CompareInputError
 
@@ -197,7 +197,7 @@ def load_side(path: str | Path, label: str) -> Side:
         cells = results.read_table(path, "cells")
         metrics = results.read_table(path, "metrics")
         ranks = results.read_table(path, "ranks")
-        cells = _key_columns(cells.sort_values("started_at").drop_duplicates("config_key", keep="last"))
+        cells = _key_columns(results.latest_cells(cells))
     except Exception as exc:  # a damaged or foreign Parquet file: bad input, not a crash
         raise CompareInputError(
             f"{label} {str(path)!r}: cannot read the results tables ({type(exc).__name__}: {exc})"
@@ -292,26 +292,13 @@ def _relative(a: float, b: float) -> float:
     return b / a - 1.0
 
 
-def _labels(keys: pd.DataFrame, name: str, params: str) -> dict[tuple[str, str], str]:
-    """Short labels for (plugin, parameters): the name plus only the parameters that vary between the
-    configurations of that plugin (defaults are spelled out in the results, so showing all of them is noise)."""
-    labels = {}
-    for plugin, group in keys.groupby(name):
-        configs = {text: json.loads(text) for text in group[params].unique()}
-        fields = sorted({k for p in configs.values() for k in p})
-        varying = [k for k in fields if len({json.dumps(p.get(k), sort_keys=True) for p in configs.values()}) > 1]
-        for text, p in configs.items():
-            inner = ", ".join(f"{k}={json.dumps(p.get(k))}" for k in varying)
-            labels[(plugin, text)] = f"{plugin}[{inner}]" if inner else plugin
-    return labels
-
-
 def _add_labels(frame: pd.DataFrame, all_keys: pd.DataFrame) -> pd.DataFrame:
     if frame.empty:
         return frame.assign(task_label=pd.Series(dtype=str), method=pd.Series(dtype=str))
 
     def column(name: str, params: str) -> list[str]:
-        labels = _labels(all_keys, name, params)
+        keys = all_keys[[name, params]].drop_duplicates()
+        labels = dict(zip(zip(keys[name], keys[params]), results.configuration_labels(keys[name], keys[params])))
         return [labels[key] for key in zip(frame[name], frame[params])]
 
     selector, factorization = column("selector", "selector_params"), column("factorization", "factorization_params")
@@ -503,16 +490,6 @@ def format_report(cmp: Comparison) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 VERDICT_COLOURS = {
     "regression": "#d62728",
     "improvement": "#2ca02c",
@@ -573,7 +550,7 @@ def plot(cmp: Comparison, path: Path) -> bool:
         if (data["verdict"] == v).any()
     ]
     ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
     return True
 
@@ -588,11 +565,11 @@ def write_outputs(cmp: Comparison, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     csv = out / "compare.csv"
-    _write_atomic(csv, lambda tmp: cmp.rows[CSV_COLUMNS].to_csv(tmp, index=False))
+    atomic_write(csv, cmp.rows[CSV_COLUMNS].to_csv(index=False))
     written.append(csv)
     unmatched = out / "unmatched.csv"
     columns = ["task_label", "method", "status_a", "seeds_a", "status_b", "seeds_b", *KEY]
-    _write_atomic(unmatched, lambda tmp: cmp.unmatched.reindex(columns=columns).to_csv(tmp, index=False))
+    atomic_write(unmatched, cmp.unmatched.reindex(columns=columns).to_csv(index=False))
     written.append(unmatched)
     png = out / "compare.png"
     if plot(cmp, png):

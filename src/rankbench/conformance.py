@@ -55,6 +55,7 @@ from pathlib import Path
 from rankbench.api import PARAM_RATIO, RANK_CAP, RANK_TOTAL, Executor, PluginParams
 from rankbench.cells import Cell, make_cell
 from rankbench.compare import metric_kind
+from rankbench.kinds import cell_kind
 from rankbench.plugins import KINDS, LoadFailure, PluginInfo, Registry, load_plugins
 from rankbench.suite import PluginSpec, SuiteError, pairing_skip_reason, resolve_ref
 
@@ -395,7 +396,7 @@ def build_cells(exercises: list[Exercise], device: str, timeout: float | None) -
     cells: dict[str, Cell] = {}
     for ex in exercises:
         task = ex.config.spec
-        ref = make_cell(SUITE, task, None, None, None, None, SEED, device, timeout)
+        ref = make_cell(SUITE, task, None, None, None, None, SEED, device, timeout, problem_kind=cell_kind(task.instance))
         cells.setdefault(ref.cell_id, ref)
         if ex.selector is None:
             ex.cells = [ref]
@@ -404,7 +405,8 @@ def build_cells(exercises: list[Exercise], device: str, timeout: float | None) -
         uses = budget_kind in BUDGETS and ex.selector.instance.uses_budget(budget_kind)
         budget = BUDGETS[budget_kind] if uses else None
         cell = make_cell(
-            SUITE, task, ex.selector, ex.factorization, budget, budget_kind if uses else None, SEED, device, timeout
+            SUITE, task, ex.selector, ex.factorization, budget, budget_kind if uses else None, SEED, device, timeout,
+            problem_kind=cell_kind(task.instance, ex.selector.instance, ex.factorization.instance),
         )
         cells.setdefault(cell.cell_id, cell)
         ex.cells = [cell]

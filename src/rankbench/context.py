@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from rankbench.measure import PhaseTimer
+
+T = TypeVar("T")
 
 
 class CellContext:
@@ -18,7 +20,7 @@ class CellContext:
     Attributes a task reads: ``seed`` (this cell's seed, for method randomness), ``task_seed`` (the same for every
     cell of one task configuration and suite seed: use it to generate data, so all methods see the same instance),
     ``device`` (``"cpu"`` or ``"cuda"``), ``budget`` and ``budget_kind``, ``shared`` (a dict that lives as long as the
-    worker process, one per task configuration and device: memoise models and statistics there; it is shared by
+    worker process, one per task configuration and device: memoise models and statistics there with ``memo``; it is shared by
     all suite seeds, so key seed-dependent data by ``task_seed``), ``cache_dir`` (a folder per task for on-disk
     caches that outlive the process).
     """
@@ -48,6 +50,26 @@ class CellContext:
         self.ranks_rows: list[dict[str, Any]] = []
         self.curve_rows: list[dict[str, Any]] = []
         self.notes: dict[str, str] = {}
+
+    def memo(self, key: Hashable, factory: Callable[[], T], *, slot: str | None = None) -> T:
+        """``factory()``, computed once per ``key`` for as long as ``shared`` lives (one task configuration and device
+        in one process). With ``slot`` only the newest key of that slot is kept: a new key drops the old entry first
+        (one model or one set of calibration statistics at a time, instead of one per suite seed)."""
+        if slot is None:
+            if key not in self.shared:
+                self.shared[key] = factory()
+            return self.shared[key]
+        held = self.shared.get(slot)
+        if held is None or held[0] != key:
+            self.shared.pop(slot, None)  # free the old entry before building the new one
+            held = self.shared[slot] = (key, factory())
+        return held[1]
+
+    def record_size(self, kept: int, dense: int) -> None:
+        """The ``params`` (parameters the cell's sites store) and ``param_ratio`` (over their dense parameters)
+        metrics every finished cell records."""
+        self.metric("params", kept, "", None)
+        self.metric("param_ratio", kept / dense, "", None)
 
     def phase(self, name: str):
         """Context manager timing one phase (``time_<name>_s``); device-synchronised on CUDA."""

@@ -11,7 +11,6 @@ Plots (PNG, in ``DIR/report/``):
 
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 
@@ -20,30 +19,17 @@ import pandas as pd
 from tabulate import tabulate
 
 from rankbench import results
+from rankbench.files import atomic_write
 
 METHOD_COLUMNS = ["task_config", "selector", "factorization", "budget"]
-
-
-def _task_labels(cells: pd.DataFrame) -> pd.Series:
-    """Short labels for task configurations: the task name plus only the parameters that vary within the folder."""
-    params = {tp: json.loads(tp) for tp in cells["task_params"].unique()}
-    labels = {}
-    for task, group in cells.groupby("task"):
-        configs = {tp: params[tp] for tp in group["task_params"].unique()}
-        keys = sorted({k for p in configs.values() for k in p})
-        varying = [k for k in keys if len({json.dumps(p.get(k), sort_keys=True) for p in configs.values()}) > 1]
-        for tp, p in configs.items():
-            inner = ", ".join(f"{k}={json.dumps(p.get(k))}" for k in varying)
-            labels[(task, tp)] = f"{task}[{inner}]" if inner else task
-    return pd.Series([labels[(t, tp)] for t, tp in zip(cells["task"], cells["task_params"])], index=cells.index)
 
 
 def load(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     cells = results.read_table(out, "cells")
     if cells.empty:
         return cells, results.read_table(out, "metrics")
-    cells = cells.sort_values("started_at").drop_duplicates("config_key", keep="last")
-    cells["task_config"] = _task_labels(cells)
+    cells = results.latest_cells(cells)
+    cells["task_config"] = results.configuration_labels(cells["task"], cells["task_params"])
     cells["method"] = cells["selector"] + " + " + cells["factorization"]
     metrics = results.read_table(out, "metrics")
     metrics = metrics[metrics["cell_id"].isin(cells["cell_id"])]
@@ -344,7 +330,5 @@ def make_report(out: Path) -> Path:
     summary_path = folder / "summary.csv"
     summary.to_csv(summary_path, index=False)
     report_path = folder / "report.md"
-    tmp = folder / ".report.md.tmp"
-    tmp.write_text("\n".join(lines))
-    tmp.replace(report_path)
+    atomic_write(report_path, "\n".join(lines))
     return report_path

@@ -16,7 +16,6 @@ half a file. Every table has a fixed Arrow schema, so parts always concatenate.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -25,6 +24,7 @@ import pyarrow.parquet as pq
 
 from rankbench.api import FINAL_STATUSES, CellRecord
 from rankbench.cells import Cell
+from rankbench.files import atomic_write
 
 CELL_COLUMNS = [
     ("cell_id", pa.string()),
@@ -84,14 +84,7 @@ TABLES = tuple(SCHEMAS)
 
 
 def _write_atomic(table: pa.Table, folder: Path, cell_id: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"part-{cell_id}.parquet"
-    tmp = folder / f".part-{cell_id}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as fh:
-        pq.write_table(table, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+    atomic_write(folder / f"part-{cell_id}.parquet", lambda handle: pq.write_table(table, handle))
 
 
 def _cell_fields(cell: Cell, status: str) -> dict:
@@ -203,7 +196,31 @@ def read_results(out: str | Path, latest_only: bool = True) -> pd.DataFrame:
     """
     cells = read_table(out, "cells")
     metrics = read_table(out, "metrics")
-    if latest_only and not cells.empty:
-        cells = cells.sort_values("started_at").drop_duplicates("config_key", keep="last")
+    if latest_only:
+        cells = latest_cells(cells)
     metrics = metrics[metrics["cell_id"].isin(cells["cell_id"])]
     return metrics.reset_index(drop=True)
+
+
+def latest_cells(cells: pd.DataFrame) -> pd.DataFrame:
+    """The newest cell of every configuration (``config_key``): a configuration re-run after a plugin changed (new
+    ``cell_id``) counts once, as its latest run."""
+    if cells.empty:
+        return cells
+    return cells.sort_values("started_at").drop_duplicates("config_key", keep="last")
+
+
+def configuration_labels(names: pd.Series, params: pd.Series) -> list[str]:
+    """Short labels for (plugin name, parameters as JSON) pairs: the name plus only the parameters that vary between
+    the configurations of that plugin among the pairs given (defaults are spelled out in the results, so showing
+    all of them is noise), e.g. ``pinn[pde="poisson", target=2]``. One label per pair, in order."""
+    pairs = list(zip(names, params))
+    labels: dict[tuple[str, str], str] = {}
+    for name in dict.fromkeys(n for n, _ in pairs):
+        configs = {text: json.loads(text) for n, text in dict.fromkeys(pairs) if n == name}
+        fields = sorted({k for p in configs.values() for k in p})
+        varying = [k for k in fields if len({json.dumps(p.get(k), sort_keys=True) for p in configs.values()}) > 1]
+        for text, p in configs.items():
+            inner = ", ".join(f"{k}={json.dumps(p.get(k))}" for k in varying)
+            labels[(name, text)] = f"{name}[{inner}]" if inner else name
+    return [labels[pair] for pair in pairs]

@@ -27,6 +27,8 @@ from rankbench import results
 from rankbench.api import CellFailure, CellRecord
 from rankbench.cells import Cell
 from rankbench.context import CellContext
+from rankbench.files import atomic_write
+from rankbench.kinds import run_cell
 from rankbench.measure import peak_rss_mb, reset_peak_rss
 from rankbench.plugins import Registry
 
@@ -133,16 +135,13 @@ def execute_cell(cell: Cell, runtime: Runtime, alarm: bool = False) -> CellRecor
             info = registry.get("task", cell.task)
             task = info.cls(info.cls.Params.model_validate(cell.task_params))
             runtime.tasks[cell.task_key] = task
-        with ctx.phase("setup"):
-            task.setup(ctx)
-        if cell.is_reference:
-            task.run_reference(ctx)
-        else:
+        selector = factorization = None
+        if not cell.is_reference:
             sel_info = registry.get("selector", cell.selector)
             fac_info = registry.get("factorization", cell.factorization)
             selector = sel_info.cls(sel_info.cls.Params.model_validate(cell.selector_params))
             factorization = fac_info.cls(fac_info.cls.Params.model_validate(cell.factorization_params))
-            task.run(ctx, selector, factorization)
+        run_cell(task, ctx, selector, factorization, kind=cell.problem_kind)  # through the kind's protocol
         if not ctx.quality_is_finite():
             bad = [m["metric"] for m in ctx.metrics if not np.isfinite(m["value"])]
             status, reason = "diverged", f"non-finite metrics: {', '.join(bad)}"
@@ -225,9 +224,7 @@ def write_run_info(out: Path, env: dict, suite_path: str, argv: dict) -> Path:
     runs.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     path = runs / f"{stamp}-{os.getpid()}.json"
-    tmp = runs / f".{path.name}.tmp"
-    tmp.write_text(json.dumps({"suite": suite_path, "arguments": argv, "environment": env}, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps({"suite": suite_path, "arguments": argv, "environment": env}, indent=2, default=str))
     return path
 
 

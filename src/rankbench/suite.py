@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rankbench.api import PARAM_RATIO, RANK_CAP, RANK_TOTAL, Plugin
 from rankbench.cells import Cell, make_cell
+from rankbench.kinds import cell_kind, protocol_for
 from rankbench.plugins import Registry
 
 PluginRef = str | dict[str, dict[str, Any] | None]
@@ -207,11 +208,12 @@ def pairing_skip_reason(task: PluginSpec, selector: PluginSpec, factorization: P
         return f"selector {s.name} does not handle {spoken} problems"
     if not kinds & f.problem_kinds:
         return f"factorization {f.name} does not handle {spoken} problems (task {t.name})"
-    if not kinds & s.problem_kinds & f.problem_kinds:
+    kind = cell_kind(t, s, f)
+    if kind is None:
         return f"selector {s.name} and factorization {f.name} share no problem kind of task {t.name}"
     if t.budget_kind not in s.budget_kinds:
         return f"selector {s.name} does not understand budget kind {t.budget_kind}"
-    for reason in (t.skip(s, f), s.skip(t, f), f.skip(t, s)):
+    for reason in (protocol_for(t, kind).skip(t, s, f), t.skip(s, f), s.skip(t, f), f.skip(t, s)):
         if reason:
             return reason
     return None
@@ -257,7 +259,8 @@ def _expand_product(suite: Suite, registry: Registry, device: str, timeout: floa
             raw, key = all_budgets, budgets_key
         budgets = [_check_budget(b, budget_kind, file, f"{key}[{i}]") for i, b in enumerate(raw)]
         for seed in seeds:
-            add(make_cell(suite.name, task, None, None, None, None, seed, device, timeout))
+            add(make_cell(suite.name, task, None, None, None, None, seed, device, timeout,
+                          problem_kind=cell_kind(task.instance)))
             for factorization in factorizations:
                 for selector in selectors:
                     reason = pairing_skip_reason(task, selector, factorization)
@@ -282,5 +285,6 @@ def _expand_product(suite: Suite, registry: Registry, device: str, timeout: floa
                                 device,
                                 timeout,
                                 reason,
+                                cell_kind(task.instance, selector.instance, factorization.instance),
                             )
                         )

@@ -34,10 +34,11 @@ parameters) and the curves ``train_loss`` and ``rank_total``.
 
 from __future__ import annotations
 
+import abc
 import copy
 import dataclasses
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -47,7 +48,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rankbench.api import (
     ADAPTATION,
-    PARAM_RATIO,
     RANK_TOTAL,
     Diverged,
     Factorization,
@@ -55,8 +55,8 @@ from rankbench.api import (
     RankProblem,
     Ranks,
     Site,
+    Task,
 )
-from rankbench.kinds.compression import CompressionTask
 
 
 class SVDAdapter(nn.Module):
@@ -242,8 +242,11 @@ class AdapterTrainer:
         self.rank_curve.append((self.step_count, self.rank_total()))
 
 
-class AdaptationTask:
-    """What a task of the adaptation kind provides (mixed into a ``Task``); ``run_adaptation`` is the protocol."""
+class AdaptationTask(Task):
+    """What a task of the adaptation kind supplies; ``run_adaptation`` is the protocol."""
+
+    problem_kind: ClassVar[str] = ADAPTATION
+    budget_kind: ClassVar[str | None] = RANK_TOTAL
 
     def trained_beside_adapters(self, model: nn.Module) -> list[nn.Parameter]:
         """Parameters fully trained together with the adapters (a classification head; PEFT's ``modules_to_save``).
@@ -251,24 +254,25 @@ class AdaptationTask:
         budget. Default: none (everything but the adapters stays frozen)."""
         return []
 
+    @abc.abstractmethod
     def pretrained_model(self, ctx) -> nn.Module:
         """The pretrained model (memoised; never modified: every cell fine-tunes a deep copy)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def adaptation_sites(self, model: nn.Module) -> list[str]:
         """Qualified names of the Linears that get adapters."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def training_loss(self, ctx, model: nn.Module) -> torch.Tensor:
         """The fine-tuning objective on the target problem (a scalar, differentiable in the adapters)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def evaluate_adapted(self, ctx, model: nn.Module) -> None:
         """Record the quality metrics of a fine-tuned model through ``ctx.metric``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def adaptation_settings(self) -> AdaptationSettings:
-        raise NotImplementedError
+        """Steps, post-hoc retraining steps and learning rates of every cell."""
 
 
 def dense_sites_params(model: nn.Module, names: list[str]) -> int:
@@ -296,9 +300,8 @@ def run_adaptation_reference(task: AdaptationTask, ctx) -> None:
         ctx.curve("train_loss", [v for _, v in curve], [s for s, _ in curve])
     with ctx.phase("evaluate"):
         task.evaluate_adapted(ctx, model)
-    names = task.adaptation_sites(model)
-    ctx.metric("params", dense_sites_params(model, names), "", None)
-    ctx.metric("param_ratio", 1.0)
+    dense = dense_sites_params(model, task.adaptation_sites(model))
+    ctx.record_size(dense, dense)
 
 
 def run_adaptation(task: AdaptationTask, ctx, selector, factorization: AdapterFactorization) -> None:
@@ -313,7 +316,7 @@ def run_adaptation(task: AdaptationTask, ctx, selector, factorization: AdapterFa
         budget=ctx.budget,
         budget_kind=ctx.budget_kind,
         seed=ctx.seed,
-        statistics=lambda what, site: _statistic(trainer, what, site),
+        stats=AdaptationStatistics(trainer),
         device=ctx.device,
     )
     with ctx.phase("finetune"):
@@ -339,11 +342,10 @@ def run_adaptation(task: AdaptationTask, ctx, selector, factorization: AdapterFa
         params = adapter.params_at_rank(final[name])
         kept += params
         ctx.ranks(name, final[name], params)
-    ctx.metric("params", kept, "", None)
+    ctx.record_size(kept, dense_sites_params(model, [n + ".base" for n in names]))
     if trainer.extra_params:
         ctx.metric("extra_trained_params", sum(p.numel() for p in trainer.extra_params), "", None)
     ctx.metric("rank_total", sum(final.values()), "", None)
-    ctx.metric("param_ratio", kept / dense_sites_params(model, [n + ".base" for n in names]))
     if trainer.loss_curve:
         ctx.curve("train_loss", [v for _, v in trainer.loss_curve], [s for s, _ in trainer.loss_curve])
     ctx.curve("rank_total", [r for _, r in trainer.rank_curve], [s for s, _ in trainer.rank_curve])
@@ -367,13 +369,18 @@ def adapter_site(name: str, adapter: SVDAdapter, with_update: bool = False) -> S
     return site
 
 
-def _statistic(trainer: AdapterTrainer, what: str, site: str) -> Any:
-    """What adaptation selectors may ask for: ``adapter`` (the ``SVDAdapter``) and ``sigma_loss``."""
-    if what == "adapter":
-        return trainer.adapters[site]
-    if what == "sigma_loss":
-        return trainer.sigma_loss
-    raise KeyError(f"the adaptation kind offers no statistic {what!r} (known: adapter, sigma_loss)")
+class AdaptationStatistics:
+    """What adaptation selectors may ask for (``problem.stats``): ``adapter(site)`` (the site's ``SVDAdapter``) and
+    ``sigma_loss({site: sigma})`` (``AdapterTrainer.sigma_loss``: the training loss, differentiable in the sigmas)."""
+
+    def __init__(self, trainer: AdapterTrainer):
+        self.trainer = trainer
+
+    def adapter(self, site: str) -> SVDAdapter:
+        return self.trainer.adapters[site]
+
+    def sigma_loss(self, sigmas: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.trainer.sigma_loss(sigmas)
 
 
 def _checked(ranks: Ranks, adapters: dict[str, SVDAdapter], who: str) -> dict[str, int]:
@@ -399,53 +406,12 @@ def mask_components(adapter: SVDAdapter, keep: torch.Tensor) -> None:
         adapter.mask.copy_(keep.to(adapter.mask.dtype))
 
 
+def adaptation_setup(task: AdaptationTask, ctx) -> None:
+    """Load the pretrained model (timed as phase ``setup``)."""
+    task.pretrained_model(ctx)
 
-class CompressOrAdaptTask(CompressionTask, AdaptationTask):
-    """Base of a task that offers both kinds on one trained model, chosen by its ``problem`` parameter
-    (``"compression"`` or ``"adaptation"``): its params carry ``problem``, ``steps``, ``retrain_steps``,
-    ``adapter_lr`` (adapters) and ``lr`` (full fine-tuning in the reference cell). The memoised compression model is
-    the pretrained model; the subclass supplies the CompressionTask hooks plus ``training_loss``."""
 
-    @property
-    def adapting(self) -> bool:
-        return self.params.problem == "adaptation"
-
-    @property
-    def problem_kind(self) -> str:  # type: ignore[override]
-        return ADAPTATION if self.adapting else super().problem_kind
-
-    @property
-    def budget_kind(self) -> str:  # type: ignore[override]
-        return RANK_TOTAL if self.adapting else PARAM_RATIO
-
-    def skip(self, selector, factorization) -> str | None:
-        if not self.adapting:
-            return super().skip(selector, factorization)
-        if not isinstance(factorization, AdapterFactorization):
-            return f"factorization {factorization.name} builds no adapters"
-        return None
-
-    def pretrained_model(self, ctx) -> nn.Module:
-        return self.model(ctx)
-
-    def adaptation_sites(self, model: nn.Module) -> list[str]:
-        return list(self.target_sites(model))
-
-    def evaluate_adapted(self, ctx, model: nn.Module) -> None:
-        self.evaluate(ctx, model)
-
-    def adaptation_settings(self) -> AdaptationSettings:
-        p = self.params
-        return AdaptationSettings(steps=p.steps, retrain_steps=p.retrain_steps, lr=p.adapter_lr, reference_lr=p.lr)
-
-    def run_reference(self, ctx) -> None:
-        if self.adapting:
-            run_adaptation_reference(self, ctx)
-        else:
-            super().run_reference(ctx)
-
-    def run(self, ctx, selector, factorization) -> None:
-        if self.adapting:
-            run_adaptation(self, ctx, selector, factorization)
-        else:
-            super().run(ctx, selector, factorization)
+def adaptation_skip(task: AdaptationTask, selector, factorization: Factorization) -> str | None:
+    if not isinstance(factorization, AdapterFactorization):
+        return f"factorization {factorization.name} builds no adapters"
+    return None

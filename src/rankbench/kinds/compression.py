@@ -1,11 +1,11 @@
 """The ``compression`` problem kind: post-training low-rank compression of a model's Linear layers.
 
-Flow of one cell (``CompressionTask.run``):
+Flow of one cell (``run_compression``; the task supplies the capabilities of ``CompressionTask``):
 
 1. ``load_model`` (memoised, see *Memoisation* below) gives the dense model; ``target_sites`` names its Linears.
-   ``CompressionTask.setup`` loads it, so loading is timed as phase ``setup``.
+   ``compression_setup`` loads it, so loading is timed as phase ``setup``.
 2. Calibration statistics are computed once for each kind that the factorization and the selector ask for
-   (``LowRankFactorization.needs``; selectors ask lazily through ``problem.statistic``) and memoised
+   (``LowRankFactorization.needs``; selectors ask lazily through ``problem.stats``) and memoised
    (phase ``calibrate``).
 3. The factorization *decomposes* every site once (``Decomposition``: W = L diag(s) R, where ``s`` are the singular
    values of the matrix that the method actually truncates -- W for SVD, W S for ASVD, diag(sqrt I) W for FWSVD,
@@ -17,24 +17,23 @@ Flow of one cell (``CompressionTask.run``):
    ``params`` / ``param_ratio`` (weights of the targeted sites only; biases are unchanged and not counted) and the
    ranks; then the dense Linears are put back, so one loaded model serves every cell.
 
-Memoisation. ``ctx.shared`` lives for one task configuration and device but is shared by all suite seeds. The model
-is therefore memoised under ``model_key(ctx)`` and the statistics and decompositions under
+Memoisation (``ctx.memo`` slots). ``ctx.shared`` lives for one task configuration and device but is shared by all
+suite seeds. The model is therefore memoised under ``model_key(ctx)`` and the statistics and decompositions under
 ``calibration_key(ctx)``; both default to ``ctx.task_seed`` (always correct). A task whose model does not depend on
 the seed (a pretrained checkpoint) overrides ``model_key`` to return a constant, and one whose calibration data does
 not depend on it overrides ``calibration_key`` likewise, so a second suite seed reuses them. One model and one set of
 statistics are held at a time: a new key replaces the old entry (the runner groups cells by task and seed).
-Counters of the expensive work are kept in ``ctx.shared["counters"]``: ``calibration_passes``, ``decompositions``,
+Counters of the expensive work are kept in the memo ``"counters"``: ``calibration_passes``, ``decompositions``,
 ``calibration_evaluations`` and ``sigma_loss_evaluations``; every cell records what it performed itself as metrics
 ``work_<counter>`` (so their sum over a results folder is the suite's total).
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import itertools
 import json
-import os
-import uuid
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -44,17 +43,19 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import skip_init
 
+from rankbench.files import atomic_write
 from rankbench.api import COMPRESSION, PARAM_RATIO, Factorization, RankProblem, Selector, Site, Task
 from rankbench.kinds.tensor_compression import TensorFactorization, run_tensor_compression
 
 STATISTIC_KINDS = ("gram", "input_abs_mean", "fisher_rows", "weight_grad")
 
-_MODEL = "compression.model"  # ctx.shared key: {"key", "model", "sites"}
-_CALIBRATION = "compression.calibration"  # ctx.shared key: {"key", "statistics", "done", "decompositions"}
+_MODEL = "compression.model"  # memo slot: {"model", "sites"} of the current model key
+_CALIBRATION = "compression.calibration"  # memo slot: {"statistics", "done", "decompositions", "stores", ...}
+_COUNTERS = "counters"  # memo: counts of the expensive work done in this process
 
 
 def _count(ctx, name: str) -> None:
-    counters = ctx.shared.setdefault("counters", {})
+    counters = ctx.memo(_COUNTERS, dict)
     counters[name] = counters.get(name, 0) + 1
 
 
@@ -149,9 +150,9 @@ class LowRankFactorization(Factorization):
         out_features, in_features = shape
         return int(rank) * (int(out_features) + int(in_features))
 
+    @abc.abstractmethod
     def decompose(self, weight: torch.Tensor, stats: SiteStatistics) -> Decomposition:
         """The full decomposition of one weight (out x in, float64) given its calibration statistics."""
-        raise NotImplementedError
 
 
 @dataclasses.dataclass
@@ -167,10 +168,7 @@ class SiteStatistics:
 
 def save_weights(path: Path, model: nn.Module) -> None:
     """Write ``model``'s state dict to ``path`` atomically (a temporary file, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda handle: torch.save(model.state_dict(), handle))
 
 
 def cached_weights(model: nn.Module, path: Path | None, train: Callable[[nn.Module], object]) -> nn.Module:
@@ -186,31 +184,33 @@ def cached_weights(model: nn.Module, path: Path | None, train: Callable[[nn.Modu
 
 
 class CompressionTask(Task):
-    """Base for tasks of the compression kind. Subclasses provide the model, its data and its evaluation."""
+    """What a task of the compression kind supplies: its dense model, the sites, calibration data and evaluation.
+    The protocol (``run_compression``) does the rest; the memoised model, statistics and decompositions below are
+    derived from these capabilities, once per task configuration (see *Memoisation* in the module docstring)."""
 
     problem_kind: ClassVar[str] = COMPRESSION
     budget_kind: ClassVar[str | None] = PARAM_RATIO
 
     # -- what a concrete task provides ---------------------------------------------------------------------------
+    @abc.abstractmethod
     def load_model(self, ctx) -> nn.Module:
         """The dense model in eval mode on ``ctx.device`` (called once per ``model_key``; memoised)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def target_sites(self, model: nn.Module) -> dict[str, nn.Linear]:
-        """Qualified name -> Linear for every site to compress."""
-        raise NotImplementedError
+        """Qualified name -> Linear for every site to compress, in model order."""
 
+    @abc.abstractmethod
     def calibration_batches(self, ctx) -> Iterable[Any]:
         """Model inputs for calibration (fixed for a ``calibration_key``)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def calibration_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Mean loss of the model on one calibration batch (a scalar tensor)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def evaluate(self, ctx, model: nn.Module) -> None:
         """Record the task's quality metrics for ``model`` through ``ctx.metric``."""
-        raise NotImplementedError
 
     def model_key(self, ctx) -> Hashable:
         """What ``load_model`` depends on besides the task parameters; return a constant if not the seed."""
@@ -220,42 +220,32 @@ class CompressionTask(Task):
         """What ``calibration_batches`` depends on besides the task parameters; a constant if not the seed."""
         return ctx.task_seed
 
-    # -- shared machinery ---------------------------------------------------------------------------------------
-    def setup(self, ctx) -> None:
-        self.model(ctx)
-
+    # -- derived from the capabilities, memoised per task configuration ---------------------------------------------
     def model(self, ctx) -> nn.Module:
         """The dense model, loaded once per ``model_key`` (a new key frees the old model and its statistics)."""
-        key = self.model_key(ctx)
-        slot = ctx.shared.get(_MODEL)
-        if slot is None or slot["key"] != key:
-            ctx.shared.pop(_MODEL, None)
-            ctx.shared.pop(_CALIBRATION, None)
+        return self._model_slot(ctx)["model"]
+
+    def sites(self, ctx) -> dict[str, nn.Linear]:
+        """The dense site Linears, memoised with the model (still the dense ones while a cell has them swapped out)."""
+        return self._model_slot(ctx)["sites"]
+
+    def _model_slot(self, ctx) -> dict:
+        def load() -> dict:
+            ctx.shared.pop(_CALIBRATION, None)  # the old model's statistics go with it
             model = self.load_model(ctx)
             sites = dict(self.target_sites(model))
             if not sites:
                 raise ValueError(f"task {self.name!r} names no sites to compress")
-            slot = ctx.shared[_MODEL] = {"key": key, "model": model, "sites": sites}
-        return slot["model"]
+            return {"model": model, "sites": sites}
 
-    def sites(self, ctx) -> dict[str, nn.Linear]:
-        """The dense site Linears, memoised with the model (still the dense ones while a cell has them swapped out)."""
-        self.model(ctx)
-        return ctx.shared[_MODEL]["sites"]
+        return ctx.memo(self.model_key(ctx), load, slot=_MODEL)
 
-    def _calibration(self, ctx) -> dict:
+    def calibration_memo(self, ctx) -> dict:
+        """Everything computed from the calibration data of the current model and ``calibration_key``: statistics,
+        decompositions, selectors' stores, tensor-format fits. Replaced (freed) when either key changes."""
         self.model(ctx)
-        key = self.calibration_key(ctx)
-        slot = ctx.shared.get(_CALIBRATION)
-        if slot is None or slot["key"] != key:
-            slot = ctx.shared[_CALIBRATION] = {
-                "key": key,
-                "statistics": {},
-                "done": set(),
-                "decompositions": {},
-                "stores": {},
-            }
-        return slot
+        fresh = {"statistics": {}, "done": set(), "decompositions": {}, "stores": {}}
+        return ctx.memo(self.calibration_key(ctx), lambda: fresh, slot=_CALIBRATION)
 
     def _check_dense(self, ctx, doing: str) -> None:
         model = self.model(ctx)
@@ -269,7 +259,7 @@ class CompressionTask(Task):
         unknown = wanted - set(STATISTIC_KINDS)
         if unknown:
             raise ValueError(f"unknown statistics {sorted(unknown)}; known: {STATISTIC_KINDS}")
-        slot = self._calibration(ctx)
+        slot = self.calibration_memo(ctx)
         store: dict[str, SiteStatistics] = slot["statistics"]
         missing = wanted - slot["done"]
         if missing:
@@ -286,9 +276,9 @@ class CompressionTask(Task):
         suite runs a task configuration's cells factorization by factorization, so switching to another one frees
         the previous set (an LLM cell then peaks near one set instead of one per factorization decomposed so far).
         """
-        slot = self._calibration(ctx)
+        slot = self.calibration_memo(ctx)
         cache = slot["decompositions"]
-        owner = (factorization.name, factorization.params.model_dump_json())
+        owner = factorization.identity
         if slot.get("decomposed_by") != owner:
             cache.clear()
             slot["decomposed_by"] = owner
@@ -309,103 +299,123 @@ class CompressionTask(Task):
             cache[key] = result
         return cache[key]
 
-    def skip(self, selector: Selector, factorization: Factorization) -> str | None:
-        if not isinstance(factorization, (LowRankFactorization, TensorFactorization)):
-            return f"factorization {factorization.name} cannot compress Linear weights"
-        return None
 
-    def run_reference(self, ctx) -> None:
-        model = self.model(ctx)
-        dense = sum(m.weight.numel() for m in self.sites(ctx).values())
+# -- the protocol ------------------------------------------------------------------------------------------------------
+def compression_skip(task: CompressionTask, selector: Selector, factorization: Factorization) -> str | None:
+    if not isinstance(factorization, (LowRankFactorization, TensorFactorization)):
+        return f"factorization {factorization.name} cannot compress Linear weights"
+    return None
+
+
+def compression_setup(task: CompressionTask, ctx) -> None:
+    """Load the dense model (timed as phase ``setup``; a training task trains it here the first time)."""
+    task.model(ctx)
+
+
+def run_compression_reference(task: CompressionTask, ctx) -> None:
+    model = task.model(ctx)
+    dense = sum(m.weight.numel() for m in task.sites(ctx).values())
+    with ctx.phase("evaluate"):
+        task.evaluate(ctx, model)
+    ctx.record_size(dense, dense)
+
+
+def run_compression(task: CompressionTask, ctx, selector: Selector,
+                    factorization: LowRankFactorization | TensorFactorization) -> None:
+    before = dict(ctx.memo(_COUNTERS, dict))
+    if isinstance(factorization, TensorFactorization):
+        run_tensor_compression(task, ctx, selector, factorization)
+    else:
+        _run_low_rank(task, ctx, selector, factorization)
+    for name, total in sorted(ctx.memo(_COUNTERS, dict).items()):
+        ctx.metric(f"work_{name}", total - before.get(name, 0), "", None)
+
+
+def _run_low_rank(task: CompressionTask, ctx, selector: Selector, factorization: LowRankFactorization) -> None:
+    model = task.model(ctx)
+    sites = task.sites(ctx)
+    with ctx.phase("calibrate"):
+        task.statistics(ctx, factorization.needs)
+    with ctx.phase("decompose"):
+        decompositions = {name: task.decomposition(ctx, factorization, name) for name in sites}
+    fallbacks = {name: d.note for name, d in decompositions.items() if d.note}
+    if fallbacks:
+        ctx.note(f"{factorization.name}_fallbacks", json.dumps(fallbacks, sort_keys=True))
+    problem = RankProblem(
+        sites=[
+            Site(
+                name=name,
+                shape=tuple(linear.weight.shape),
+                singular_values=decompositions[name].s.detach().cpu().numpy(),
+                params_at_rank=lambda k, shape=tuple(linear.weight.shape): factorization.params_at_rank(shape, k),
+                max_rank=decompositions[name].rank,
+            )
+            for name, linear in sites.items()
+        ],
+        budget=ctx.budget,
+        budget_kind=ctx.budget_kind,
+        seed=ctx.seed,
+        stats=CompressionStatistics(task, ctx, factorization),
+        device=ctx.device,
+    )
+    with ctx.phase("select"):
+        ranks = selector.select(problem)
+    dense = kept = 0
+    with swapped(model, sites, factorization, decompositions, ranks) as chosen:
+        for name, linear in sites.items():
+            shape = tuple(linear.weight.shape)
+            dense += linear.weight.numel()
+            params = factorization.params_at_rank(shape, chosen[name])
+            kept += params
+            ctx.ranks(name, chosen[name], params)
         with ctx.phase("evaluate"):
-            self.evaluate(ctx, model)
-        ctx.metric("params", dense)
-        ctx.metric("param_ratio", 1.0)
-
-    def run(self, ctx, selector: Selector, factorization: LowRankFactorization | TensorFactorization) -> None:
-        before = dict(ctx.shared.get("counters", {}))
-        if isinstance(factorization, TensorFactorization):
-            run_tensor_compression(self, ctx, selector, factorization)
-        else:
-            self._run_low_rank(ctx, selector, factorization)
-        for name, total in sorted(ctx.shared.get("counters", {}).items()):
-            ctx.metric(f"work_{name}", total - before.get(name, 0), "", None)
-
-    def _run_low_rank(self, ctx, selector: Selector, factorization: LowRankFactorization) -> None:
-        model = self.model(ctx)
-        sites = self.sites(ctx)
-        with ctx.phase("calibrate"):
-            self.statistics(ctx, factorization.needs)
-        with ctx.phase("decompose"):
-            decompositions = {name: self.decomposition(ctx, factorization, name) for name in sites}
-        fallbacks = {name: d.note for name, d in decompositions.items() if d.note}
-        if fallbacks:
-            ctx.note(f"{factorization.name}_fallbacks", json.dumps(fallbacks, sort_keys=True))
-        problem = RankProblem(
-            sites=[
-                Site(
-                    name=name,
-                    shape=tuple(linear.weight.shape),
-                    singular_values=decompositions[name].s.detach().cpu().numpy(),
-                    params_at_rank=lambda k, shape=tuple(linear.weight.shape): factorization.params_at_rank(shape, k),
-                    max_rank=decompositions[name].rank,
-                )
-                for name, linear in sites.items()
-            ],
-            budget=ctx.budget,
-            budget_kind=ctx.budget_kind,
-            seed=ctx.seed,
-            statistics=CompressionStatistics(self, ctx, factorization).get,
-            device=ctx.device,
-        )
-        with ctx.phase("select"):
-            ranks = selector.select(problem)
-        dense = kept = 0
-        with swapped(model, sites, factorization, decompositions, ranks) as chosen:
-            for name, linear in sites.items():
-                shape = tuple(linear.weight.shape)
-                dense += linear.weight.numel()
-                params = factorization.params_at_rank(shape, chosen[name])
-                kept += params
-                ctx.ranks(name, chosen[name], params)
-            with ctx.phase("evaluate"):
-                self.evaluate(ctx, model)
-        ctx.metric("params", kept)
-        ctx.metric("param_ratio", kept / dense)
+            task.evaluate(ctx, model)
+    ctx.record_size(kept, dense)
 
 
 class CompressionStatistics:
-    """What data-aware selectors may ask of a compression task: ``problem.statistic(name, site)``.
+    """What data-aware selectors may ask of a compression task (``problem.stats``), for one cell's factorization.
 
-    Names: the ``STATISTIC_KINDS`` of the site; ``"decomposition"`` (the factorization's ``Decomposition``);
-    ``"store"`` (site ignored) -> a dict that selectors may memoise their own expensive work in: one per
-    factorization (and its parameters), living exactly as long as that factorization's decompositions (same
-    calibration key, same worker process), so every budget and selector cell of the configuration sees it;
-    ``"calibration_loss"`` (site ignored) -> a function ``ranks -> mean calibration loss`` with the given sites
-    compressed at the given ranks (the others dense); ``"sigma_loss"`` (site ignored) -> a differentiable function
-    ``{site: sigma} -> mean calibration loss`` where each listed site's weight is left diag(sigma) right of its
-    decomposition (sigma of any length <= p: the leading components), for first and second derivatives with respect
-    to singular values (autograd gradients and Hessian-vector products). The model's own parameters are frozen
-    while the graph is built, so the graph leads to the sigmas only (no weight gradients are computed or stored).
-    The mean calibration loss is the plain mean of the per-batch ``calibration_loss`` values.
+    * ``gram(site)``, ``input_abs_mean(site)``, ``fisher_rows(site)``, ``weight_grad(site)``: the site's calibration
+      statistics (``SiteStatistics``), each computed once per calibration key;
+    * ``decomposition(site)``: the factorization's ``Decomposition`` of the site;
+    * ``store()``: a dict that selectors may memoise their own expensive work in: one per factorization (and its
+      parameters), living exactly as long as that factorization's decompositions (same calibration key, same worker
+      process), so every budget and selector cell of the configuration sees it;
+    * ``calibration_loss(ranks)``: the mean calibration loss with the given sites compressed at the given ranks (the
+      others dense);
+    * ``sigma_loss({site: sigma})``: a differentiable mean calibration loss where each listed site's weight is
+      left diag(sigma) right of its decomposition (sigma of any length <= p: the leading components), for first and
+      second derivatives with respect to singular values (autograd gradients and Hessian-vector products). The
+      model's own parameters are frozen while the graph is built, so the graph leads to the sigmas only.
+
+    The mean calibration loss is the plain mean of the per-batch ``calibration_loss`` values; ``max_batches`` limits
+    both losses to the first batches.
     """
 
     def __init__(self, task: CompressionTask, ctx, factorization: LowRankFactorization):
         self.task, self.ctx, self.factorization = task, ctx, factorization
 
-    def get(self, name: str, site: str) -> Any:
-        if name in STATISTIC_KINDS:
-            return getattr(self.task.statistics(self.ctx, [name])[site], name)
-        if name == "decomposition":
-            return self.task.decomposition(self.ctx, self.factorization, site)
-        if name == "store":
-            stores = self.task._calibration(self.ctx)["stores"]
-            return stores.setdefault((self.factorization.name, self.factorization.params.model_dump_json()), {})
-        if name == "calibration_loss":
-            return self.calibration_loss
-        if name == "sigma_loss":
-            return self.sigma_loss
-        raise KeyError(f"no statistic {name!r}")
+    def _site_statistic(self, kind: str, site: str) -> torch.Tensor:
+        return getattr(self.task.statistics(self.ctx, [kind])[site], kind)
+
+    def gram(self, site: str) -> torch.Tensor:
+        return self._site_statistic("gram", site)
+
+    def input_abs_mean(self, site: str) -> torch.Tensor:
+        return self._site_statistic("input_abs_mean", site)
+
+    def fisher_rows(self, site: str) -> torch.Tensor:
+        return self._site_statistic("fisher_rows", site)
+
+    def weight_grad(self, site: str) -> torch.Tensor:
+        return self._site_statistic("weight_grad", site)
+
+    def decomposition(self, site: str) -> Decomposition:
+        return self.task.decomposition(self.ctx, self.factorization, site)
+
+    def store(self) -> dict:
+        return self.task.calibration_memo(self.ctx)["stores"].setdefault(self.factorization.identity, {})
 
     def _sites(self, names: Iterable[str]) -> dict[str, nn.Linear]:
         sites = self.task.sites(self.ctx)
@@ -447,7 +457,8 @@ class CompressionStatistics:
         decompositions = {name: task.decomposition(ctx, self.factorization, name) for name in sites}
         _count(ctx, "calibration_evaluations")
         with swapped(model, sites, self.factorization, decompositions, ranks), torch.no_grad():
-            losses = [float(task.calibration_loss(model, batch)) for batch in _first(task.calibration_batches(ctx), max_batches)]
+            losses = [float(task.calibration_loss(model, batch))
+                      for batch in _first(task.calibration_batches(ctx), max_batches)]
         if not losses:
             raise ValueError("the task yielded no calibration batches")
         return sum(losses) / len(losses)

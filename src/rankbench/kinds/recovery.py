@@ -17,12 +17,16 @@ Problem types (``RecoveryProblem.problem``):
 
 from __future__ import annotations
 
+import abc
 import dataclasses
+import math
 from typing import ClassVar
 
 import numpy as np
 
-from rankbench.api import RECOVERY, Factorization, Site
+from rankbench.api import RANK_CAP, RECOVERY, CellFailure, Diverged, Factorization, RankProblem, Selector, Site, Task
+
+BLOWUP = 1e6  # a final error above BLOWUP x the initial error counts as divergence
 
 
 @dataclasses.dataclass
@@ -121,11 +125,97 @@ class RecoverySolver(Factorization):
             )
         return None
 
+    @abc.abstractmethod
     def solve(
         self, problem: RecoveryProblem, rank: int, *, seed: int, device: str, max_iters: int, tol: float
     ) -> SolveResult:
         """Fit a rank-``rank`` model to ``problem``; stop when ``problem.error`` < ``tol`` or after ``max_iters``."""
-        raise NotImplementedError
 
     def params_at_rank(self, shape: tuple[int, ...], rank: int) -> int:
         return int(rank) * int(sum(shape))
+
+
+class RecoveryTask(Task):
+    """What a task of the recovery kind supplies: one problem instance per task configuration and seed, and the
+    solvers' iteration budget. ``run_recovery`` / ``run_recovery_reference`` are the protocol."""
+
+    problem_kind: ClassVar[str] = RECOVERY
+    budget_kind: ClassVar[str | None] = RANK_CAP
+
+    @abc.abstractmethod
+    def recovery_instance(self, ctx) -> tuple[RecoveryProblem, Site]:
+        """The problem of ``ctx.task_seed`` and the site a selector sees (memoised: every method sees the same)."""
+
+    @abc.abstractmethod
+    def solve_settings(self) -> tuple[int, float]:
+        """(max_iters, tol): every solver stops when the task's error is below ``tol`` or after ``max_iters``."""
+
+
+def recovery_setup(task: RecoveryTask, ctx) -> None:
+    task.recovery_instance(ctx)
+
+
+def run_recovery_reference(task: RecoveryTask, ctx) -> None:
+    """The back-projection with no rank model (A*(y), Y/p or Y), measured like a solver's estimate."""
+    problem, _ = task.recovery_instance(ctx)
+    with ctx.phase("solve"):
+        error = problem.error(problem.backprojection())
+    entries = int(np.prod(problem.shape))
+    ctx.metric(problem.error_name, error, "", False)
+    ctx.record_size(entries, entries)
+
+
+def run_recovery(task: RecoveryTask, ctx, selector: Selector, solver: RecoverySolver) -> None:
+    """One recovery cell: the selector picks a rank from the site's spectrum, the solver fits it; the error after
+    every iteration is the curve, and convergence (first iteration below ``tol``) is recorded with its time."""
+    problem, site = task.recovery_instance(ctx)
+    max_iters, tol = task.solve_settings()
+    with ctx.phase("select"):
+        ranks = selector.select(RankProblem([site], ctx.budget, ctx.budget_kind, ctx.seed, device=ctx.device))
+    if site.name not in ranks:
+        raise CellFailure(f"selector {selector.name} gave no rank for site {site.name!r} (got {sorted(ranks)})")
+    chosen = ranks[site.name]
+    rank = int(max(chosen)) if isinstance(chosen, (tuple, list)) else int(chosen)
+    if rank < 1:
+        raise CellFailure(f"selector {selector.name} chose rank {chosen} for site {site.name}; solvers need >= 1")
+
+    with ctx.phase("solve"):
+        result = solver.solve(problem, rank, seed=ctx.seed, device=ctx.device, max_iters=max_iters, tol=tol)
+    solve_s = ctx.timer.seconds.get("solve", float("nan"))
+
+    errors = [float(e) for e in result.errors]
+    name = problem.error_name
+    ctx.curve(name, errors)
+    first = errors[0] if errors else float("nan")
+    final = errors[-1] if errors else problem.error(result.estimate)
+    if not math.isfinite(final) or (math.isfinite(first) and final > BLOWUP * max(first, 1e-300)):
+        raise Diverged(f"{solver.name} at rank {rank}: {name} went from {first:.3g} at the start to {final:.3g}")
+
+    final_rank = result.rank if result.rank is not None else chosen
+    scalar_rank = int(max(final_rank)) if isinstance(final_rank, (tuple, list)) else int(final_rank)
+    params = solver.params_at_rank(problem.shape, scalar_rank)
+    entries = int(np.prod(problem.shape))
+
+    ctx.metric(name, final, "", False)
+    ctx.metric("rank_selected", scalar_rank, "", None)
+    if problem.true_rank is not None:
+        ctx.metric("rank_true", problem.true_rank, "", None)
+    ctx.metric("iterations", result.iterations, "", None)
+    hit = next((i for i, e in enumerate(errors) if e < tol), None)
+    ctx.metric("converged", 1.0 if hit is not None else 0.0, "", True)
+    if hit is not None:
+        times = getattr(result, "times", None)
+        if times is not None and len(times) == len(errors):
+            to_tol = float(times[hit])
+        else:
+            to_tol = solve_s * hit / max(result.iterations, 1)
+        ctx.metric("iterations_to_tol", hit, "", False)
+        ctx.metric("seconds_to_tol", to_tol, "s", False)
+    ctx.record_size(params, entries)
+    ctx.ranks(site.name, final_rank if isinstance(final_rank, (tuple, list)) else scalar_rank, params)
+
+
+def recovery_skip(task: RecoveryTask, selector: Selector, factorization: Factorization) -> str | None:
+    if not isinstance(factorization, RecoverySolver):
+        return f"factorization {factorization.name} is not a recovery solver"
+    return None

@@ -83,12 +83,8 @@ class TensorFactorization(Factorization):
         )
 
 
-def _run_key(factorization: TensorFactorization) -> tuple:
-    return (factorization.name, factorization.params.model_dump_json())
-
-
 def tensor_memo(task, ctx) -> dict:
-    slot = task._calibration(ctx)  # the calibration slot lives and dies with the task configuration's model
+    slot = task.calibration_memo(ctx)  # lives and dies with the task configuration's model and calibration data
     return slot.setdefault(_TENSOR, {"sites": {}, "layers": {}})
 
 
@@ -97,7 +93,7 @@ def tensor_sites(task, ctx, factorization: TensorFactorization) -> list[Site]:
     memo = tensor_memo(task, ctx)["sites"]
     out = []
     for name, linear in task.sites(ctx).items():
-        key = (*_run_key(factorization), name)
+        key = (*factorization.identity, name)
         if key not in memo:
             memo[key] = factorization.site(name, linear.weight)
         out.append(memo[key])
@@ -128,7 +124,7 @@ def run_tensor_compression(task, ctx, selector, factorization: TensorFactorizati
             linear = sites[view.name]
             shape = tuple(linear.weight.shape)
             feasible = factorization.feasible(shape, tuple(max(1, r) for r in wanted))
-            key = (*_run_key(factorization), view.name, feasible)
+            key = (*factorization.identity, view.name, feasible)
             if key not in memo:
                 bias = None if linear.bias is None else linear.bias.detach()
                 memo[key] = factorization.fit(linear.weight.detach().to(torch.float64), bias, feasible)
@@ -150,6 +146,5 @@ def run_tensor_compression(task, ctx, selector, factorization: TensorFactorizati
     finally:
         for name, linear in sites.items():
             model.set_submodule(name, linear)
-    ctx.metric("params", kept)
-    ctx.metric("param_ratio", kept / dense)
+    ctx.record_size(kept, dense)
 

@@ -37,6 +37,7 @@ a tensor site's slot ranks summed). Epoch 0 of each rank curve is the initial ra
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from collections.abc import Iterable, Iterator
@@ -46,9 +47,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from rankbench.api import COMPRESSION, TRAINING, Diverged, Factorization, Selector
-from rankbench.kinds.adaptation import CompressOrAdaptTask
-from rankbench.kinds.compression import CompressionTask, cached_weights, save_weights
+from rankbench.api import COMPRESSION, PARAM_RATIO, TRAINING, Diverged, Factorization, Selector, Task
+from rankbench.kinds.compression import cached_weights, save_weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,104 +71,90 @@ def make_optimizer(settings: TrainingSettings, params: Iterable[nn.Parameter], l
     return torch.optim.Adam(params, lr=lr, weight_decay=settings.weight_decay)
 
 
-class RankAdaptiveLayer(nn.Module):
+class RankAdaptiveLayer(nn.Module, abc.ABC):
     """A site's replacement during rank-adaptive training. ``ranks()`` is an int (matrix formats) or a tuple of
     slot ranks (tensor formats); ``stored_params()`` counts what inference needs at the current ranks (bias
     excluded, as everywhere in rankbench)."""
 
+    @abc.abstractmethod
     def ranks(self) -> int | tuple[int, ...]:
-        raise NotImplementedError
+        """The layer's current rank (matrix formats) or slot ranks (tensor formats)."""
 
+    @abc.abstractmethod
     def stored_params(self) -> int:
-        raise NotImplementedError
+        """Parameters inference needs at the current ranks (bias excluded)."""
 
 
-class TrainingTask(CompressionTask):
-    """Base of a task that trains a network from scratch. Its compression model is the dense network trained by
-    ``train_dense`` (so post-hoc selectors compress exactly what the reference cell trained).
+class TrainingTask(Task):
+    """What a task of the training kind supplies: a seeded fresh network, its sites, the minibatch stream, the loss,
+    the optimiser settings and the evaluation. ``run_training`` / ``run_training_reference`` are the protocol.
 
-    A task that also offers other kinds on another model (``CompressAdaptOrTrainTask``) overrides ``training``; every
-    method below then defers to the next base when it is False."""
+    A training task usually also speaks ``compression`` (its ``problem_kinds``) with the dense network trained by
+    the reference protocol as its model: its ``CompressionTask.load_model`` returns ``trained_dense_network``."""
 
-    @property
-    def training(self) -> bool:
-        return True
-
-    @property
-    def problem_kind(self) -> str:  # type: ignore[override]
-        return TRAINING if self.training else super().problem_kind
+    problem_kind: ClassVar[str] = TRAINING
+    budget_kind: ClassVar[str | None] = PARAM_RATIO
 
     @property
-    def problem_kinds(self) -> frozenset[str]:  # type: ignore[override]
-        return frozenset({TRAINING, COMPRESSION}) if self.training else super().problem_kinds
+    def problem_kinds(self) -> frozenset[str]:
+        return frozenset({TRAINING, COMPRESSION})
 
-    # -- what a concrete task provides ---------------------------------------------------------------------------
+    @abc.abstractmethod
     def fresh_model(self, ctx) -> nn.Module:
         """The network at its seeded initialisation, on ``ctx.device``, in train mode."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
+    def target_sites(self, model: nn.Module) -> dict[str, nn.Linear]:
+        """Qualified name -> Linear for every layer a rank-adaptive method may replace, in model order."""
+
+    @abc.abstractmethod
     def training_batches(self, ctx, epoch: int) -> Iterable[Any]:
         """The minibatches of epoch ``epoch`` (1-based), in an order seeded by the task seed and the epoch."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def batch_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
-        raise NotImplementedError
+        """Mean loss of the model on one minibatch."""
 
+    @abc.abstractmethod
     def training_settings(self) -> TrainingSettings:
-        raise NotImplementedError
+        """Epochs, optimiser, learning rate and weight decay of every training cell."""
+
+    @abc.abstractmethod
+    def evaluate(self, ctx, model: nn.Module) -> None:
+        """Record the task's quality metrics for a trained ``model`` through ``ctx.metric``."""
 
     def dense_cache_path(self, ctx) -> Path | None:
         """Where the dense trained weights of this configuration and seed are cached (None: no disk cache)."""
         return None
 
-    # -- the dense network: trained by the reference cell, loaded by the compression cells ------------------------
-    def load_model(self, ctx) -> nn.Module:
-        if not self.training:
-            return super().load_model(ctx)
-        model = cached_weights(self.fresh_model(ctx), self.dense_cache_path(ctx), lambda m: train_dense(self, ctx, m))
-        return model.eval()
 
-    def setup(self, ctx) -> None:
-        if not self.training:  # training cells start from a fresh network; compression cells load it lazily
-            super().setup(ctx)
-
-    def skip(self, selector: Selector, factorization: Factorization) -> str | None:
-        if self.training and isinstance(selector, RankAdaptiveTrainer):
-            return selector.format_skip(factorization)
-        return super().skip(selector, factorization)
-
-    def run_reference(self, ctx) -> None:
-        if not self.training:
-            return super().run_reference(ctx)
-        model = self.fresh_model(ctx)
-        with ctx.phase("train"):
-            run = train_dense(self, ctx, model)
-        path = self.dense_cache_path(ctx)
-        if path is not None:  # the compression cells of this task load what the reference trained
-            save_weights(path, model)
-        run.write_curves()
-        model.eval()
-        with ctx.phase("evaluate"):
-            self.evaluate(ctx, model)
-        ctx.metric("params", run.dense_params)
-        ctx.metric("param_ratio", 1.0)
-        ctx.metric("epochs", run.settings.epochs)
-
-    def run(self, ctx, selector: Selector, factorization: Factorization) -> None:
-        if self.training and isinstance(selector, RankAdaptiveTrainer):
-            run_training(self, ctx, selector, factorization)
-        else:
-            super().run(ctx, selector, factorization)
+def trained_dense_network(task: TrainingTask, ctx) -> nn.Module:
+    """The dense network trained by the reference protocol (from the disk cache when the reference cell, or another
+    process, already trained it), in eval mode: what the compression cells of a training task compress."""
+    model = cached_weights(task.fresh_model(ctx), task.dense_cache_path(ctx), lambda m: train_dense(task, ctx, m))
+    return model.eval()
 
 
-class CompressAdaptOrTrainTask(CompressOrAdaptTask, TrainingTask):
-    """A task offering all three kinds, chosen by its ``problem`` parameter: ``compression`` and ``adaptation`` of
-    the task's own pretrained model (``CompressOrAdaptTask``), or ``training`` from scratch (``TrainingTask``, whose
-    compression cells then compress the dense network trained by the reference protocol)."""
+def training_skip(task: TrainingTask, selector: Selector, factorization: Factorization) -> str | None:
+    if not isinstance(selector, RankAdaptiveTrainer):
+        return f"selector {selector.name} does not learn ranks while training"
+    return selector.format_skip(factorization)
 
-    @property
-    def training(self) -> bool:
-        return self.params.problem == "training"
+
+def run_training_reference(task: TrainingTask, ctx) -> None:
+    """Train the unfactorized network with the task's optimiser; its weights are cached for the compression cells."""
+    model = task.fresh_model(ctx)
+    with ctx.phase("train"):
+        run = train_dense(task, ctx, model)
+    path = task.dense_cache_path(ctx)
+    if path is not None:  # the compression cells of this task load what the reference trained
+        save_weights(path, model)
+    run.write_curves()
+    model.eval()
+    with ctx.phase("evaluate"):
+        task.evaluate(ctx, model)
+    ctx.record_size(run.dense_params, run.dense_params)
+    ctx.metric("epochs", run.settings.epochs)
 
 
 class RankAdaptiveTrainer(Selector):
@@ -189,10 +175,10 @@ class RankAdaptiveTrainer(Selector):
     def select(self, problem):
         raise TypeError(f"{self.name} learns ranks during training; it does not select them for a given model")
 
+    @abc.abstractmethod
     def train(self, run: TrainingRun) -> None:
         """Replace every site (``run.replace``) and train ``run.settings.epochs`` epochs, calling
         ``run.end_epoch(epoch, mean_loss)`` after each."""
-        raise NotImplementedError
 
 
 @dataclasses.dataclass
@@ -296,8 +282,7 @@ def run_training(task: TrainingTask, ctx, method: RankAdaptiveTrainer, factoriza
         params = layer.stored_params()
         kept += params
         ctx.ranks(name, layer.ranks(), params)
-    ctx.metric("params", kept)
-    ctx.metric("param_ratio", kept / run.dense_params)
+    ctx.record_size(kept, run.dense_params)
     ctx.metric("rank_total", sum(_rank_sum(layer.ranks()) for layer in run.layers.values()))
     ctx.metric("epochs", run.settings.epochs)
     run.write_curves()

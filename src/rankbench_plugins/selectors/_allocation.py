@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -325,29 +324,15 @@ def strs_search(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Selector-side memo (stopgap)
-
-_MEMO: dict[Hashable, tuple[tuple[weakref.ref, ...], Any]] = {}
+# Selector-side memo
 
 
 def memo(problem: RankProblem, key: Hashable, compute: Callable[[], Any]) -> Any:
-    """Memoise ``compute()`` for every cell that sees the same decomposition objects.
-
-    Stopgap until the protocol offers a selector-side store: a selector only gets the ``RankProblem``, and its
-    ``statistics`` is a fresh object per cell. The compression base memoises each ``Decomposition`` in the task's
-    ``ctx.shared`` per (factorization, site), so the identity of those objects marks "same task configuration, same
-    factorization, same worker process" -- shared by every budget and every cell of that configuration. Entries
-    hold weak references to the decompositions and are dropped once any of them is gone (the host frees a task
-    configuration's store when cells move on), so a reused ``id`` never returns a stale value. Nothing is shared
-    between worker processes.
-    """
-    decompositions = [problem.statistic("decomposition", site.name) for site in problem.sites]
-    for stale in [k for k, (refs, _) in _MEMO.items() if any(ref() is None for ref in refs)]:
-        del _MEMO[stale]
-    full_key = (key, tuple(site.name for site in problem.sites), tuple(id(d) for d in decompositions))
-    hit = _MEMO.get(full_key)
-    if hit is not None and all(ref() is d for ref, d in zip(hit[0], decompositions)):
-        return hit[1]
-    value = compute()
-    _MEMO[full_key] = (tuple(weakref.ref(d) for d in decompositions), value)
-    return value
+    """Memoise ``compute()`` for every cell of the same task configuration and factorization (every budget, every
+    selector) in the compression kind's selector store (``problem.stats.store()``), which lives exactly as long as
+    that factorization's decompositions in this worker process. Keyed by ``key`` and the sites' names."""
+    store = problem.stats.store()
+    full_key = (key, tuple(site.name for site in problem.sites))
+    if full_key not in store:
+        store[full_key] = compute()
+    return store[full_key]

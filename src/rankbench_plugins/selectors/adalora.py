@@ -286,8 +286,8 @@ class AdaLoraSelector(Selector):
     def _scores(self, problem: RankProblem) -> list[np.ndarray]:
         out = []
         for site in problem.sites:
-            dec = problem.statistic("decomposition", site.name)
-            grad = problem.statistic("weight_grad", site.name)
+            dec = problem.stats.decomposition(site.name)
+            grad = problem.stats.weight_grad(site.name)
             e, u, v = sensitivity_scores(grad, dec.left, dec.s, dec.right)
             score = e + u + v if self.params.score == "triplet" else e
             out.append(score[: int(site.max_rank)])

@@ -76,7 +76,7 @@ class SensitivitySelector(Selector):
                 k = ratio_rank(site, ratio)
                 if (site.name, k) not in losses:
                     if evaluate is None:
-                        evaluate = problem.statistic("calibration_loss", site.name)
+                        evaluate = problem.stats.calibration_loss
                     losses[(site.name, k)] = float(evaluate({site.name: k}, self.params.calib_batches))
                 rows.append((index, ratio, _perplexity(losses[(site.name, k)])))
         return rows

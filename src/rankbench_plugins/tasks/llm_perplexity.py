@@ -183,29 +183,30 @@ class LLMPerplexity(CompressionTask):
 
     def _corpora(self, ctx) -> tuple[assets.Corpus, assets.Corpus]:
         """(test corpus, calibration corpus), memoised."""
-        if "llm_corpora" not in ctx.shared:
+
+        def load() -> tuple[assets.Corpus, assets.Corpus]:
             p = self.params
             try:
                 test = assets.load_corpus(p.corpus, Path(ctx.cache_dir), "corpus")
                 source = p.calib_corpus or assets.BUILTIN_CORPUS
                 if source == p.corpus:
-                    calib = test
-                else:
-                    calib = assets.load_corpus(source, Path(ctx.cache_dir), "calib_corpus")
+                    return test, test
+                return test, assets.load_corpus(source, Path(ctx.cache_dir), "calib_corpus")
             except assets.AssetError as exc:
                 raise CellFailure(str(exc)) from None
-            ctx.shared["llm_corpora"] = (test, calib)
-        test, calib = ctx.shared["llm_corpora"]
+
+        test, calib = ctx.memo("llm_corpora", load)
         self.corpus_sha = test.sha256
         return test, calib
 
     def _token_ids(self, ctx, key: str, docs) -> torch.Tensor:
         """Documents joined with blank lines and tokenized once (as ``tokenizer(text)`` does), memoised by ``key``."""
-        if key not in ctx.shared:
+        def tokenize() -> torch.Tensor:
             tokenizer = self._loaded(ctx).tokenizer
             text = "\n\n".join(d.page for d in docs)
-            ctx.shared[key] = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-        return ctx.shared[key]
+            return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+
+        return ctx.memo(key, tokenize)
 
     def test_ids(self, ctx) -> torch.Tensor:
         """The whole test text, tokenized once."""
@@ -223,7 +224,7 @@ class LLMPerplexity(CompressionTask):
 
     def calibration_windows(self, ctx) -> torch.Tensor:
         """``calib_samples`` x ``seq_len`` token windows (CPU), fixed for the task configuration."""
-        if "llm_calib_windows" not in ctx.shared:
+        def draw() -> torch.Tensor:
             p = self.params
             ids = self.calibration_ids(ctx)
             n = int(ids.numel())
@@ -235,12 +236,13 @@ class LLMPerplexity(CompressionTask):
                 starts = torch.randperm(slots, generator=gen)[: p.calib_samples].sort().values * p.seq_len
             else:  # too little text: random (possibly overlapping) offsets
                 starts = torch.randint(0, n - p.seq_len + 1, (p.calib_samples,), generator=gen)
-            ctx.shared["llm_calib_windows"] = torch.stack([ids[s : s + p.seq_len] for s in starts.tolist()])
-        return ctx.shared["llm_calib_windows"]
+            return torch.stack([ids[s : s + p.seq_len] for s in starts.tolist()])
+
+        return ctx.memo("llm_calib_windows", draw)
 
     def setup(self, ctx) -> None:
         _quiet_library_progress_bars()
-        super().setup(ctx)  # loads the model (timed as phase setup)
+        self.model(ctx)  # loads the model (timed as phase setup)
         self.test_ids(ctx)
 
     # -- the compression protocol -------------------------------------------------------------------------------
@@ -257,12 +259,11 @@ class LLMPerplexity(CompressionTask):
         return sites
 
     def calibration_batches(self, ctx) -> list[torch.Tensor]:
-        if "llm_calib_batches" not in ctx.shared:
+        def split() -> list[torch.Tensor]:
             windows, size = self.calibration_windows(ctx), self.params.calib_batch_size
-            ctx.shared["llm_calib_batches"] = [
-                windows[i : i + size].to(ctx.device) for i in range(0, windows.shape[0], size)
-            ]
-        return ctx.shared["llm_calib_batches"]
+            return [windows[i : i + size].to(ctx.device) for i in range(0, windows.shape[0], size)]
+
+        return ctx.memo("llm_calib_batches", split)
 
     def calibration_loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         logits = model(input_ids=batch, use_cache=False).logits

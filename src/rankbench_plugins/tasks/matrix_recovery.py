@@ -44,20 +44,16 @@ from rankbench.api import (
     RANK_CAP,
     RECOVERY,
     CellFailure,
-    Diverged,
     PluginParams,
-    RankProblem,
     Site,
-    Task,
     hookimpl,
 )
-from rankbench.kinds.recovery import RecoveryProblem
+from rankbench.kinds.recovery import RecoveryProblem, RecoveryTask
 
 DEFAULT_OBSERVED = {"completion": 0.3, "tensor-completion": 0.5, "sensing": 5.0}
 DEFAULT_OUTLIERS = {"robust": 0.1}
 MAX_SENSING_ENTRIES = 50_000_000  # entries of the dense sensing operator A (400 MB in float64)
 MOVIELENS_SHAPE = (943, 1682)
-BLOWUP = 1e6  # a final error above BLOWUP x the initial error counts as divergence
 
 
 def _resolved(value: float | None, problem: str, defaults: dict[str, float], fallback: float) -> float:
@@ -259,7 +255,7 @@ def movielens_problem(holdout: float, seed: int) -> RecoveryProblem:
 # The task
 
 
-class MatrixRecovery(Task):
+class MatrixRecovery(RecoveryTask):
     name = "matrix-recovery"
     version = "1"
     description = "Low-rank matrix sensing, completion, robust PCA, CP tensor completion, and MovieLens-100k ratings"
@@ -279,72 +275,15 @@ class MatrixRecovery(Task):
             {"problem": "sensing", "shape": [10, 10], "rank": 2, "psd": True, "max_iters": 30},
         ]
 
-    def _instance(self, ctx) -> tuple[RecoveryProblem, Site]:
-        key = ("matrix-recovery", ctx.task_seed)
-        if key not in ctx.shared:
-            problem = make_problem(self.params, ctx.task_seed)
-            ctx.shared[key] = (problem, problem.site())
-        return ctx.shared[key]
+    def recovery_instance(self, ctx) -> tuple[RecoveryProblem, Site]:
+        return ctx.memo(("matrix-recovery", ctx.task_seed), lambda: _with_site(make_problem(self.params, ctx.task_seed)))
 
-    def setup(self, ctx) -> None:
-        self._instance(ctx)
+    def solve_settings(self) -> tuple[int, float]:
+        return self.params.max_iters, self.params.tol
 
-    def run_reference(self, ctx) -> None:
-        problem, _ = self._instance(ctx)
-        with ctx.phase("solve"):
-            error = problem.error(problem.backprojection())
-        entries = int(np.prod(problem.shape))
-        ctx.metric(problem.error_name, error, "", False)
-        ctx.metric("params", entries, "", None)
-        ctx.metric("param_ratio", 1.0, "", None)
 
-    def run(self, ctx, selector, solver) -> None:
-        problem, site = self._instance(ctx)
-        p = self.params
-        with ctx.phase("select"):
-            ranks = selector.select(RankProblem([site], ctx.budget, ctx.budget_kind, ctx.seed, device=ctx.device))
-        if site.name not in ranks:
-            raise CellFailure(f"selector {selector.name} gave no rank for site {site.name!r} (got {sorted(ranks)})")
-        chosen = ranks[site.name]
-        rank = int(max(chosen)) if isinstance(chosen, (tuple, list)) else int(chosen)
-        if rank < 1:
-            raise CellFailure(f"selector {selector.name} chose rank {chosen} for site {site.name}; solvers need >= 1")
-
-        with ctx.phase("solve"):
-            result = solver.solve(problem, rank, seed=ctx.seed, device=ctx.device, max_iters=p.max_iters, tol=p.tol)
-        solve_s = ctx.timer.seconds.get("solve", float("nan"))
-
-        errors = [float(e) for e in result.errors]
-        name = problem.error_name
-        ctx.curve(name, errors)
-        first = errors[0] if errors else float("nan")
-        final = errors[-1] if errors else problem.error(result.estimate)
-        if not math.isfinite(final) or (math.isfinite(first) and final > BLOWUP * max(first, 1e-300)):
-            raise Diverged(f"{solver.name} at rank {rank}: {name} went from {first:.3g} at the start to {final:.3g}")
-
-        final_rank = result.rank if result.rank is not None else chosen
-        scalar_rank = int(max(final_rank)) if isinstance(final_rank, (tuple, list)) else int(final_rank)
-        params = solver.params_at_rank(problem.shape, scalar_rank)
-        entries = int(np.prod(problem.shape))
-
-        ctx.metric(name, final, "", False)
-        ctx.metric("rank_selected", scalar_rank, "", None)
-        if problem.true_rank is not None:
-            ctx.metric("rank_true", problem.true_rank, "", None)
-        ctx.metric("iterations", result.iterations, "", None)
-        hit = next((i for i, e in enumerate(errors) if e < p.tol), None)
-        ctx.metric("converged", 1.0 if hit is not None else 0.0, "", True)
-        if hit is not None:
-            times = getattr(result, "times", None)
-            if times is not None and len(times) == len(errors):
-                to_tol = float(times[hit])
-            else:
-                to_tol = solve_s * hit / max(result.iterations, 1)
-            ctx.metric("iterations_to_tol", hit, "", False)
-            ctx.metric("seconds_to_tol", to_tol, "s", False)
-        ctx.metric("params", params, "", None)
-        ctx.metric("param_ratio", params / entries, "", None)
-        ctx.ranks(site.name, final_rank if isinstance(final_rank, (tuple, list)) else scalar_rank, params)
+def _with_site(problem: RecoveryProblem) -> tuple[RecoveryProblem, Site]:
+    return problem, problem.site()
 
 
 @hookimpl

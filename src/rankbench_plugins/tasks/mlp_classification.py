@@ -10,7 +10,7 @@ Problem kind ``training`` only (``rankbench.kinds.training``): Adam (``lr``; the
 optimiser and rate) for ``epochs`` epochs of minibatches of ``batch_size`` in an order seeded by task seed and
 epoch, cross-entropy loss. The dense reference trains every weight; compression selectors of the same task compress
 that dense network at the suite's ``param_ratio`` budgets. Data, metrics (``accuracy``, ``test_loss``,
-``latency_ms``) and calibration batches as in ``vit-classification``.
+``latency_ms``) and calibration batches as in ``vit-classification`` (``_image_classification``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 from rankbench.api import PluginParams, hookimpl
 from rankbench.kinds.training import TrainingSettings
 from rankbench_plugins.tasks import _vision_data as data
-from rankbench_plugins.tasks.vit_classification import ViTClassification
+from rankbench_plugins.tasks._image_classification import ImageClassificationTask
 
 
 class MLPParams(PluginParams):
@@ -53,7 +53,7 @@ class MLP(nn.Module):
         return h
 
 
-class MLPClassification(ViTClassification):
+class MLPClassification(ImageClassificationTask):
     name = "mlp-classification"
     version = "1"
     description = "Fully connected classifier trained from scratch on MNIST / Fashion-MNIST / digits"

@@ -48,10 +48,11 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from rankbench.api import PluginParams, hookimpl
+from rankbench.api import ADAPTATION, COMPRESSION, PARAM_RATIO, RANK_TOTAL, TRAINING, PluginParams, hookimpl
 from rankbench.cells import derived_seed
-from rankbench.kinds.compression import cached_weights
-from rankbench.kinds.training import CompressAdaptOrTrainTask, TrainingSettings
+from rankbench.kinds.adaptation import AdaptationSettings, AdaptationTask
+from rankbench.kinds.compression import CompressionTask, cached_weights
+from rankbench.kinds.training import TrainingSettings, TrainingTask, trained_dense_network
 from rankbench_plugins.tasks import _pde
 
 CACHE_VERSION = 1
@@ -122,12 +123,31 @@ class TanhMLP(nn.Module):
         return self.layers[-1](h).squeeze(-1)
 
 
-class PINN(CompressAdaptOrTrainTask):
+class PINN(CompressionTask, AdaptationTask, TrainingTask):
     name = "pinn"
     version = "1"
     description = "PINN (tanh MLP) pretrained on one PDE parameter: LoRA adaptation to another, or compression"
     Params = PINNParams
     primary_metric = "l2re"
+
+    # -- which kinds this configuration speaks (``problem``) ---------------------------------------------------------
+    @property
+    def problem_kind(self) -> str:  # type: ignore[override]
+        return self.params.problem
+
+    @property
+    def problem_kinds(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({TRAINING, COMPRESSION}) if self.from_scratch else frozenset({self.params.problem})
+
+    @property
+    def budget_kind(self) -> str:  # type: ignore[override]
+        return RANK_TOTAL if self.params.problem == ADAPTATION else PARAM_RATIO
+
+    @property
+    def from_scratch(self) -> bool:
+        """``problem: training``: the network is trained from scratch (its compression cells compress that dense
+        network, and its sites are the hidden layers); otherwise it is pretrained on the source problem."""
+        return self.params.problem == TRAINING
 
     @classmethod
     def conformance_params(cls) -> list[dict]:
@@ -148,22 +168,22 @@ class PINN(CompressAdaptOrTrainTask):
         return _pde.make_problem(p.pde, p.target if p.target is not None else p.source)
 
     def evaluated_problem(self) -> _pde.PDEProblem:
-        return self.target_problem() if self.params.problem == "adaptation" else self.source_problem()
+        return self.target_problem() if self.params.problem == ADAPTATION else self.source_problem()
 
     def collocation(self, ctx, problem: _pde.PDEProblem) -> Collocation:
         """Fixed points for ``problem``, drawn once per task seed and parameter value."""
-        key = ("pinn_points", problem.family, problem.param, ctx.task_seed)
-        if key not in ctx.shared:
+        def draw() -> Collocation:
             p = self.params
             generator = torch.Generator().manual_seed(derived_seed(ctx.task_seed, "points", problem.param))
             boundary = problem.boundary_points(p.n_boundary, generator)
-            ctx.shared[key] = Collocation(
+            return Collocation(
                 interior=problem.interior_points(p.n_interior, generator).to(ctx.device),
                 boundary=boundary.to(ctx.device),
                 boundary_values=problem.boundary_values(boundary).to(ctx.device),
                 periodic=_to(problem.periodic_pairs(p.n_boundary, generator), ctx.device),
             )
-        return ctx.shared[key]
+
+        return ctx.memo(("pinn_points", problem.family, problem.param, ctx.task_seed), draw)
 
     def pinn_loss(self, model: nn.Module, problem: _pde.PDEProblem, points: Collocation) -> torch.Tensor:
         with torch.enable_grad():
@@ -182,8 +202,8 @@ class PINN(CompressAdaptOrTrainTask):
         return ctx.task_seed
 
     def load_model(self, ctx) -> nn.Module:
-        if self.training:  # the dense network of the training kind (trained like every training cell)
-            return super().load_model(ctx)
+        if self.from_scratch:  # the dense network of the training kind (trained like every training cell)
+            return trained_dense_network(self, ctx)
         model = cached_weights(self.seeded_network(ctx), self.network_path(ctx, "pretrained"),
                                lambda m: self.pretrain(ctx, m, self.source_problem()))
         return model.to(ctx.device).eval()
@@ -213,7 +233,7 @@ class PINN(CompressAdaptOrTrainTask):
         model.cpu()
 
     def target_sites(self, model: nn.Module) -> dict[str, nn.Linear]:
-        if self.training:  # the width x width hidden layers (the first and last have rank <= input dim / 1)
+        if self.from_scratch:  # the width x width hidden layers (the first and last have rank <= input dim / 1)
             return {f"layers.{i}": model.layers[i] for i in range(1, len(model.layers) - 1)}
         return {f"layers.{i}": layer for i, layer in enumerate(model.layers)}
 
@@ -257,36 +277,48 @@ class PINN(CompressAdaptOrTrainTask):
             ctx.metric(name, value, "", False)
         ctx.metric("final_loss", float(self.pinn_loss(model, problem, self.collocation(ctx, problem)).detach()), "",
                    False)
-        if not self.training:
+        if not self.from_scratch:
             ctx.metric("l2re_pretrained", self._pretrained_l2re(ctx), "", False)
 
     def setup(self, ctx) -> None:
-        super().setup(ctx)
-        if not self.training:
+        if not self.from_scratch:
             self._pretrained_l2re(ctx)  # while the memoised network is dense (compression cells swap its sites)
 
     def _pretrained_l2re(self, ctx) -> float:
         problem = self.evaluated_problem()
         key = ("pinn_pretrained_l2re", problem.family, problem.param, ctx.task_seed, self.params.test_grid)
-        if key not in ctx.shared:
+
+        def l2re() -> float:
             grid, reference = self._test_set(ctx, problem)
             with torch.no_grad():
-                ctx.shared[key] = _pde.relative_errors(self.model(ctx)(grid), reference)["l2re"]
-        return ctx.shared[key]
+                return _pde.relative_errors(self.model(ctx)(grid), reference)["l2re"]
+
+        return ctx.memo(key, l2re)
 
     def _test_set(self, ctx, problem: _pde.PDEProblem) -> tuple[torch.Tensor, torch.Tensor]:
-        key = ("pinn_test", problem.family, problem.param, self.params.test_grid)
-        if key not in ctx.shared:
+        def test_set() -> tuple[torch.Tensor, torch.Tensor]:
             grid = problem.test_grid(self.params.test_grid)
-            ctx.shared[key] = (grid.to(ctx.device), problem.reference(grid).to(ctx.device))
-        return ctx.shared[key]
+            return grid.to(ctx.device), problem.reference(grid).to(ctx.device)
 
-    # -- adaptation hooks -----------------------------------------------------------------------------------------
+        return ctx.memo(("pinn_test", problem.family, problem.param, self.params.test_grid), test_set)
+
+    # -- adaptation hooks (the pretrained network, LoRA fine-tuned on the target problem) -----------------------------
+    def pretrained_model(self, ctx) -> nn.Module:
+        return self.model(ctx)
+
+    def adaptation_sites(self, model: nn.Module) -> list[str]:
+        return list(self.target_sites(model))
+
     def training_loss(self, ctx, model: nn.Module) -> torch.Tensor:
         problem = self.target_problem()
         return self.pinn_loss(model, problem, self.collocation(ctx, problem))
 
-    # -- cells ----------------------------------------------------------------------------------------------------
+    def evaluate_adapted(self, ctx, model: nn.Module) -> None:
+        self.evaluate(ctx, model)
+
+    def adaptation_settings(self) -> AdaptationSettings:
+        p = self.params
+        return AdaptationSettings(steps=p.steps, retrain_steps=p.retrain_steps, lr=p.adapter_lr, reference_lr=p.lr)
 
 
 def _to(pair, device):

@@ -43,11 +43,7 @@ forward passes over one batch of ``batch_size`` test images, device-synchronised
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import math
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -56,13 +52,14 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from rankbench.api import PluginParams, hookimpl
+from rankbench.api import ADAPTATION, COMPRESSION, PARAM_RATIO, RANK_TOTAL, TRAINING, PluginParams, hookimpl
 from rankbench.cells import derived_seed
+from rankbench.kinds.adaptation import AdaptationSettings, AdaptationTask
 from rankbench.kinds.compression import cached_weights
-from rankbench.kinds.training import CompressAdaptOrTrainTask, TrainingSettings
+from rankbench.kinds.training import TrainingSettings, trained_dense_network
 from rankbench_plugins.tasks import _vision_data as data
+from rankbench_plugins.tasks._image_classification import ImageClassificationTask
 
-CACHE_VERSION = 1
 
 
 class ViTParams(PluginParams):
@@ -186,29 +183,7 @@ def load_pretrained_classifier(name: str, classes: int) -> PretrainedImageClassi
     return PretrainedImageClassifier(net, size if isinstance(size, int) else int(size[0]), net.config.num_channels)
 
 
-def _folder_digest(name: str) -> str:
-    """sha256 over a local model folder's files (names and bytes); a hub id stands for itself. Hashed once per
-    process for an unchanged folder (a ViT-B checkpoint is ~350 MB; every cell asks for its cache key)."""
-    folder = Path(name)
-    if not folder.is_dir():
-        return name
-    files = tuple((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
-                  for p in sorted(folder.rglob("*")) if p.is_file())
-    return _files_digest(str(folder.resolve()), files)
-
-
-@functools.lru_cache(maxsize=8)
-def _files_digest(folder: str, files: tuple[tuple[str, int, int], ...]) -> str:
-    digest = hashlib.sha256()
-    for relative, _size, _mtime in files:
-        digest.update(relative.encode())
-        with (Path(folder) / relative).open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-class ViTClassification(CompressAdaptOrTrainTask):
+class ViTClassification(ImageClassificationTask, AdaptationTask):
     name = "vit-classification"
     version = "1"
     description = "Small ViT trained here on digits / MNIST / Fashion-MNIST: top-1 accuracy and latency"
@@ -225,25 +200,28 @@ class ViTClassification(CompressAdaptOrTrainTask):
             {**tiny, "problem": "training"},
         ]
 
-    def dataset(self, ctx, name: str | None = None) -> data.ImageDataset:
-        """The training dataset (``name`` None) or another one, loaded once per process."""
-        p = self.params
-        name = name or p.dataset
-        key = ("vit_data", name, p.max_train, p.max_test)
-        if key not in ctx.shared:
-            ctx.shared[key] = data.load_dataset(name, Path(ctx.cache_dir).parent, p.max_train, p.max_test)
-        return ctx.shared[key]
+    # -- which kinds this configuration speaks (``problem``) ---------------------------------------------------------
+    @property
+    def problem_kind(self) -> str:  # type: ignore[override]
+        return self.params.problem
+
+    @property
+    def problem_kinds(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({TRAINING, COMPRESSION}) if self.from_scratch else frozenset({self.params.problem})
+
+    @property
+    def budget_kind(self) -> str:  # type: ignore[override]
+        return RANK_TOTAL if self.params.problem == ADAPTATION else PARAM_RATIO
+
+    @property
+    def from_scratch(self) -> bool:
+        """``problem: training``: the network is trained from scratch by each cell (its compression cells compress
+        the dense one); otherwise it is trained once here (cached) and compressed or fine-tuned."""
+        return self.params.problem == TRAINING
 
     def evaluated_dataset(self, ctx) -> data.ImageDataset:
         p = self.params
-        return self.dataset(ctx, p.target if p.problem == "adaptation" else None)
-
-    # -- the trained network (memoised by model_key, cached on disk) ------------------------------------------------
-    def model_key(self, ctx):
-        return ctx.task_seed
-
-    def calibration_key(self, ctx):
-        return ctx.task_seed
+        return self.dataset(ctx, p.target if p.problem == ADAPTATION else None)
 
     def build_network(self, ds: data.ImageDataset) -> nn.Module:
         """The untrained network (the built-in ViT, or the ``model`` classifier with a fresh head)."""
@@ -252,32 +230,17 @@ class ViTClassification(CompressAdaptOrTrainTask):
             return load_pretrained_classifier(p.model, ds.num_classes)
         return ViT(ds.image_size, p.patch, ds.num_classes, p.dim, p.depth, p.heads, p.mlp_ratio)
 
-    def seeded_network(self, ctx) -> nn.Module:
-        with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's generator
-            torch.manual_seed(derived_seed(ctx.task_seed, "init"))
-            return self.build_network(self.dataset(ctx))
-
-    def network_digest(self, ctx, kind: str) -> str:
-        """What a trained network depends on (not the compression or fine-tuning settings)."""
-        p = self.params
-        unused = {"model", "calib_samples", "latency_repeats", "problem", "target", "steps", "retrain_steps",
-                  "adapter_lr", "train_head"}
-        config = {**p.model_dump(exclude=unused), "seed": ctx.task_seed, "version": CACHE_VERSION}
-        if getattr(p, "model", None) is not None:
-            config["model"] = _folder_digest(p.model)
-        if kind != "pretrained":
-            config["kind"] = kind
-        return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-
     def load_model(self, ctx) -> nn.Module:
-        if self.training:  # the dense network of the training kind (trained like every training cell)
-            return super().load_model(ctx)
+        if self.from_scratch:  # the dense network of the training kind (trained like every training cell)
+            return trained_dense_network(self, ctx)
         p, ds = self.params, self.dataset(ctx)
         path = Path(ctx.cache_dir) / f"vit-{p.dataset}-{self.network_digest(ctx, 'pretrained')}.pt"
         model = cached_weights(self.seeded_network(ctx), path, lambda m: self.train(ctx, m, ds))
         return model.to(ctx.device).eval()
 
     def train(self, ctx, model: nn.Module, ds: data.ImageDataset) -> None:
+        """Training of the network that the compression and adaptation kinds start from: AdamW with a one-cycle
+        schedule (the training kind's cells use the task's constant-rate settings instead)."""
         p = self.params
         model.to(ctx.device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=0.05)
@@ -308,69 +271,23 @@ class ViTClassification(CompressAdaptOrTrainTask):
                                  ("fc2", block.fc2))
         }
 
-    # -- compression hooks ----------------------------------------------------------------------------------------
-    def calibration_batches(self, ctx) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        ds, size = self.dataset(ctx), self.params.batch_size
-        x, y = ds.train_x[: self.params.calib_samples], ds.train_y[: self.params.calib_samples]
-        return [(x[i : i + size].to(ctx.device), y[i : i + size].to(ctx.device)) for i in range(0, len(x), size)]
-
-    def calibration_loss(self, model: nn.Module, batch) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(model(x), y)
-
-    def evaluate(self, ctx, model: nn.Module) -> None:
-        ds, size = self.evaluated_dataset(ctx), self.params.batch_size
-        correct, loss = 0, 0.0
-        with torch.no_grad():
-            for start in range(0, ds.test_x.shape[0], size):
-                x, y = ds.test_x[start : start + size].to(ctx.device), ds.test_y[start : start + size].to(ctx.device)
-                logits = model(x)
-                correct += int((logits.argmax(dim=1) == y).sum())
-                loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        n = ds.test_x.shape[0]
-        ctx.metric("accuracy", correct / n, "", True)
-        ctx.metric("test_loss", loss / n, "", False)
-        ctx.metric("latency_ms", self.latency_ms(ctx, model, ds.test_x[:size].to(ctx.device)), "ms", False)
-
-    def latency_ms(self, ctx, model: nn.Module, batch: torch.Tensor) -> float:
-        """Median wall time of one forward pass over ``batch`` (device-synchronised on CUDA)."""
-        times = []
-        with torch.no_grad():
-            model(batch)  # warm-up
-            for _ in range(self.params.latency_repeats):
-                if ctx.device == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                model(batch)
-                if ctx.device == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-        return 1000.0 * sorted(times)[len(times) // 2]
-
-    # -- training hooks (``problem: training``: from scratch with constant-rate AdamW, weight decay 0.05) ----------
-    def fresh_model(self, ctx) -> nn.Module:
-        return self.seeded_network(ctx).to(ctx.device).train()
-
-    def training_batches(self, ctx, epoch: int):
-        ds, size = self.dataset(ctx), self.params.batch_size
-        order = torch.randperm(ds.train_x.shape[0], generator=torch.Generator().manual_seed(
-            derived_seed(ctx.task_seed, "batches", epoch)))
-        for start in range(0, len(order), size):
-            index = order[start : start + size]
-            yield ds.train_x[index].to(ctx.device), ds.train_y[index].to(ctx.device)
-
-    def batch_loss(self, model: nn.Module, batch) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(model(x), y)
-
     def training_settings(self) -> TrainingSettings:
         return TrainingSettings(epochs=self.params.epochs, lr=self.params.lr, optimizer="adamw", weight_decay=0.05)
 
-    def dense_cache_path(self, ctx) -> Path:
-        return Path(ctx.cache_dir) / f"{self.name}-{self.params.dataset}-{self.network_digest(ctx, 'scratch')}.pt"
+    # -- adaptation hooks (the trained network, LoRA fine-tuned on ``target``) ----------------------------------------
+    def pretrained_model(self, ctx) -> nn.Module:
+        return self.model(ctx)
 
-    # -- adaptation hooks (LoRA fine-tuning on ``target``; the rest of the network stays frozen, the head too unless
-    # ``train_head``) ------------------------------------------------------------------------------------------------
+    def adaptation_sites(self, model: nn.Module) -> list[str]:
+        return list(self.target_sites(model))
+
+    def evaluate_adapted(self, ctx, model: nn.Module) -> None:
+        self.evaluate(ctx, model)
+
+    def adaptation_settings(self) -> AdaptationSettings:
+        p = self.params
+        return AdaptationSettings(steps=p.steps, retrain_steps=p.retrain_steps, lr=p.adapter_lr, reference_lr=p.lr)
+
     def trained_beside_adapters(self, model: nn.Module) -> list[nn.Parameter]:
         if not self.params.train_head:
             return []
@@ -380,10 +297,9 @@ class ViTClassification(CompressAdaptOrTrainTask):
         """Cross-entropy on the next minibatch of the target's training split, drawn by a generator seeded per cell
         (so SubLoRA's derivatives, which also call this, are minibatch estimates)."""
         ds, p = self.evaluated_dataset(ctx), self.params
-        key = ("vit_minibatches", ctx.cell_id)
-        if key not in ctx.shared:
-            ctx.shared[key] = torch.Generator().manual_seed(derived_seed(ctx.task_seed, "finetune", ctx.seed))
-        index = torch.randint(ds.train_x.shape[0], (p.batch_size,), generator=ctx.shared[key])
+        generator = ctx.memo(("vit_minibatches", ctx.cell_id),
+                             lambda: torch.Generator().manual_seed(derived_seed(ctx.task_seed, "finetune", ctx.seed)))
+        index = torch.randint(ds.train_x.shape[0], (p.batch_size,), generator=generator)
         x, y = ds.train_x[index].to(ctx.device), ds.train_y[index].to(ctx.device)
         with torch.enable_grad():
             return F.cross_entropy(model(x), y)

@@ -8,13 +8,13 @@ from typing import Literal
 
 import numpy as np
 
-from rankbench import COMPRESSION, PARAM_RATIO, Diverged, Factorization, PluginParams, RankProblem, Site, Task, hookimpl
+from rankbench import COMPRESSION, PARAM_RATIO, Diverged, Factorization, PluginParams, RankProblem, SelfRunningTask, Site, hookimpl
 
 
 GENERATED = []  # one entry per expensive set-up in this process
 
 
-class ToyTask(Task):
+class ToyTask(SelfRunningTask):
     name = "toy"
     problem_kind = COMPRESSION
     budget_kind = PARAM_RATIO
