@@ -13,36 +13,24 @@ r_k <= n_{k+1} r_{k+1}. The layer contracts the input modes core by core.
 
 from __future__ import annotations
 
-import math
-
 from rankbench.api import hookimpl
 from rankbench.kinds import tensor_formats as tf
-from rankbench.kinds.tensor_compression import TensorFactorization
+from rankbench_plugins.factorizations._tensor_train import TensorTrainFactorization
 
 
-class TT(TensorFactorization):
+class TT(TensorTrainFactorization):
     name = "tt"
     version = "1"
     description = "Tensor-train layer (TT-SVD) over the reshaped weight; one rank per internal bond."
 
-    def slots(self, weight):
-        out_dims, in_dims = self.dims(tuple(weight.shape))
-        dims = (*out_dims, *in_dims)
-        total = weight.numel()
-        shapes = [(math.prod(dims[:k]), total // math.prod(dims[:k])) for k in range(1, len(dims))]
-        return tf.tt_spectra(weight, out_dims, in_dims, matrix_format=False), shapes, [min(s) for s in shapes]
-
-    def feasible(self, shape, ranks):
-        out_dims, in_dims = self.dims(shape)
-        return tf.clip_tt_ranks((*out_dims, *in_dims), ranks)
+    def modes(self, out_dims, in_dims):
+        return (*out_dims, *in_dims)
 
     def params_at_ranks(self, shape, ranks):
-        out_dims, in_dims = self.dims(shape)
-        return tf.params_tt(out_dims, in_dims, ranks)
+        return tf.params_tt(*self.dims(shape), ranks)
 
     def fit(self, weight, bias, ranks):
-        out_dims, in_dims = self.dims(tuple(weight.shape))
-        return tf.fit_tt(weight, out_dims, in_dims, ranks, bias=bias)
+        return tf.fit_tt(weight, *self.dims(tuple(weight.shape)), ranks, bias=bias)
 
 
 @hookimpl

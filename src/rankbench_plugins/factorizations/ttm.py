@@ -12,45 +12,35 @@ the feasible set. The layer multiplies the input reshaped (batch, i_1, ..., i_d)
 
 from __future__ import annotations
 
-import math
-
 from pydantic import model_validator
 
 from rankbench.api import hookimpl
 from rankbench.kinds import tensor_formats as tf
-from rankbench.kinds.tensor_compression import TensorFactorization
+from rankbench_plugins.factorizations._tensor_train import TensorTrainFactorization
 
 
-class TTM(TensorFactorization):
+class TTM(TensorTrainFactorization):
     name = "ttm"
     version = "1"
     description = "TT-matrix layer (Novikov et al. 2015): output and input modes paired, one rank per bond."
 
-    class Params(TensorFactorization.Params):
+    class Params(TensorTrainFactorization.Params):
         @model_validator(mode="after")
         def _paired(self):
             if self.order_out != self.order_in:
                 raise ValueError("ttm pairs output and input modes: order_out must equal order_in")
             return self
 
-    def slots(self, weight):
-        out_dims, in_dims = self.dims(tuple(weight.shape))
-        dims = [o * i for o, i in zip(out_dims, in_dims)]
-        total = weight.numel()
-        shapes = [(math.prod(dims[:k]), total // math.prod(dims[:k])) for k in range(1, len(dims))]
-        return tf.tt_spectra(weight, out_dims, in_dims, matrix_format=True), shapes, [min(s) for s in shapes]
+    matrix_format = True
 
-    def feasible(self, shape, ranks):
-        out_dims, in_dims = self.dims(shape)
-        return tf.clip_tt_ranks([o * i for o, i in zip(out_dims, in_dims)], ranks)
+    def modes(self, out_dims, in_dims):
+        return [o * i for o, i in zip(out_dims, in_dims)]
 
     def params_at_ranks(self, shape, ranks):
-        out_dims, in_dims = self.dims(shape)
-        return tf.params_ttm(out_dims, in_dims, ranks)
+        return tf.params_ttm(*self.dims(shape), ranks)
 
     def fit(self, weight, bias, ranks):
-        out_dims, in_dims = self.dims(tuple(weight.shape))
-        return tf.fit_ttm(weight, out_dims, in_dims, ranks, bias=bias)
+        return tf.fit_ttm(weight, *self.dims(tuple(weight.shape)), ranks, bias=bias)
 
 
 @hookimpl

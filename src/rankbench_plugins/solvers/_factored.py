@@ -1,5 +1,11 @@
 """Shared machinery of the factored recovery solvers (``gd``, ``gd-sym``, ``scaledgd``, ``subgradient-l1``, ``altmin``).
 
+* ``FactoredSolver``: their common ``solve``: the loss, the initialisation matrix, the initial factors, then
+  ``iterate`` over the solver's update and ``finish``. A solver supplies only its own math through hooks: the
+  starting factors (``init``, or just ``init_kind``), and for a gradient method the step size (``step_size``) and the
+  step from Z = grad_X f (``update``), or else the whole iteration map (``updater``); optionally ``check`` and
+  ``init_matrix``. A symmetric solver (X = F F^T) carries its factor as L = R = F.
+
 * ``Objective``: the smooth least-squares loss of a ``RecoveryProblem`` on torch, its gradient with respect to the
   full matrix X (the factor gradients follow by the chain rule: grad_L = Z R, grad_R = Z^T L, or (Z + Z^T) X for
   X X^T), the back-projection, and the task's error measure evaluated from the factors.
@@ -28,6 +34,7 @@ seed gives the same initialisation on CPU and CUDA.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -36,7 +43,7 @@ import numpy as np
 import torch
 
 from rankbench.measure import synchronize
-from rankbench.kinds.recovery import RecoveryProblem, SolveResult
+from rankbench.kinds.recovery import RecoveryProblem, RecoverySolver, SolveResult
 
 DTYPE = torch.float64
 MATRIX_PROBLEMS = frozenset({"sensing", "completion", "robust", "ratings"})
@@ -165,6 +172,11 @@ def small_factor(n: int, k: int, scale: float, sigma1: float, gen: torch.Generat
     return (scale * math.sqrt(sigma1 / n) * B).to(device)
 
 
+def scaled(G: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
+    """G (F^T F)^{-1} (pseudo-inverse of the k x k Gram matrix)."""
+    return G @ torch.linalg.pinv(F.T @ F, hermitian=True)
+
+
 class Clock:
     """Seconds since the solve started, read after a device synchronisation."""
 
@@ -204,3 +216,102 @@ def finish(L: torch.Tensor, R: torch.Tensor, errors, times, iterations, converge
         converged=bool(converged),
         times=times,
     )
+
+
+Factors = tuple[torch.Tensor, torch.Tensor]
+Update = Callable[[torch.Tensor, torch.Tensor, int], Factors]
+
+
+@dataclasses.dataclass
+class Start:
+    """What one solve's hooks see: the loss ``obj``, the initialisation matrix ``M``, the fitted rank ``k``."""
+
+    obj: Objective
+    M: torch.Tensor
+    k: int
+    seed: int
+    device: str
+
+    @functools.cached_property
+    def sigma1(self) -> float:
+        """The top singular value of ``M`` (computed once, when first asked for)."""
+        return top_singular_value(self.M)
+
+    def spectral(self) -> Factors:
+        """L0 = U_k S_k^{1/2}, R0 = V_k S_k^{1/2} (``spectral_factors`` of M)."""
+        return spectral_factors(self.M, self.k)
+
+    def small(self, scale_L: float, scale_R: float) -> Factors:
+        """L0 = scale_L sqrt(sigma1 / n1) B1, R0 = scale_R sqrt(sigma1 / n2) B2, B1 then B2 from the seed's generator."""
+        gen = generator(self.seed)
+        L = small_factor(self.M.shape[0], self.k, scale_L, self.sigma1, gen, self.device)
+        R = small_factor(self.M.shape[1], self.k, scale_R, self.sigma1, gen, self.device)
+        return L, R
+
+
+class FactoredSolver(RecoverySolver):
+    """A recovery solver that iterates on factors (L, R) of X = L R^T; subclasses supply the hooks below.
+
+    ``solve`` starts the clock, builds the ``Objective``, fits k = rank x ``rank_multiplier`` columns from ``init``,
+    applies the update from ``updater`` once per iteration and records ``Objective.error(L, R)`` after each
+    (``iterate``); the result is ``finish``'s ``TimedSolveResult``.
+    """
+
+    def solve(self, problem, rank, *, seed, device, max_iters, tol):
+        self.check(problem)
+        clock = Clock(device)
+        obj = self.objective(problem, device)
+        start = Start(obj, self.init_matrix(obj), int(rank) * self.params.rank_multiplier, seed, device)
+        factors = self.init(start)
+        update = self.updater(start)
+
+        def step(t):
+            nonlocal factors
+            factors = update(*factors, t)
+
+        errors, times, iterations, converged = iterate(
+            step, lambda: obj.error(*factors), max_iters=max_iters, tol=tol, clock=clock
+        )
+        return finish(*factors, errors, times, iterations, converged)
+
+    # -- hooks ----------------------------------------------------------------------------------------------------
+    def check(self, problem: RecoveryProblem) -> None:
+        """Raise ``ValueError`` for a problem the solver cannot take (before the clock starts)."""
+
+    def objective(self, problem: RecoveryProblem, device: str) -> Objective:
+        """The loss; a solver with an ``outlier_margin`` parameter passes it on (the others keep the default)."""
+        margin = getattr(self.params, "outlier_margin", None)
+        return Objective(problem, device) if margin is None else Objective(problem, device, margin)
+
+    def init_matrix(self, obj: Objective) -> torch.Tensor:
+        """The matrix M the initialisation is taken from (default: ``Objective.init_matrix``)."""
+        return obj.init_matrix()
+
+    def init_kind(self, problem: RecoveryProblem) -> str:
+        """``spectral`` or ``small`` (default: the ``init`` parameter)."""
+        return self.params.init
+
+    def init(self, start: Start) -> Factors:
+        """The starting factors: ``Start.spectral`` or ``Start.small`` with ``init_scale`` for both factors."""
+        if self.init_kind(start.obj.problem) == "spectral":
+            return start.spectral()
+        return start.small(self.params.init_scale, self.params.init_scale)
+
+    def updater(self, start: Start) -> Update:
+        """The map ``(L, R, t) -> (L', R')`` of iteration t. Default: a gradient step of the smooth loss,
+        ``update(Z, L, R, eta)`` with Z = ``Objective.gradient(L R^T)`` and eta = ``step_size(start)`` (fixed per solve).
+        """
+        obj, eta = start.obj, self.step_size(start)
+
+        def gradient_step(L, R, t):
+            return self.update(obj.gradient(L @ R.T), L, R, eta)
+
+        return gradient_step
+
+    def step_size(self, start: Start) -> float:
+        """eta of the default ``updater``."""
+        raise NotImplementedError
+
+    def update(self, Z: torch.Tensor, L: torch.Tensor, R: torch.Tensor, eta: float) -> Factors:
+        """The default ``updater``'s step from (L, R), given Z = grad_X f(L R^T) and the step size."""
+        raise NotImplementedError

@@ -19,8 +19,7 @@ import torch
 from pydantic import Field
 
 from rankbench.api import PluginParams, hookimpl
-from rankbench.kinds.recovery import RecoverySolver
-from rankbench_plugins.solvers._factored import Clock, Objective, finish, iterate, spectral_factors
+from rankbench_plugins.solvers._factored import FactoredSolver
 
 
 def least_squares_rows(mask: torch.Tensor, Y: torch.Tensor, F: torch.Tensor, reg: float) -> torch.Tensor:
@@ -35,7 +34,7 @@ def least_squares_rows(mask: torch.Tensor, Y: torch.Tensor, F: torch.Tensor, reg
     return torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
 
 
-class AltMin(RecoverySolver):
+class AltMin(FactoredSolver):
     name = "altmin"
     version = "1"
     description = "Alternating least squares for matrix completion (Jain-Netrapalli-Sanghavi 2013)"
@@ -45,24 +44,17 @@ class AltMin(RecoverySolver):
         reg: float = Field(1e-9, ge=0, description="absolute ridge added to every k x k Gram matrix")
         rank_multiplier: int = Field(1, ge=1, description="fit rank x rank_multiplier columns")
 
-    def solve(self, problem, rank, *, seed, device, max_iters, tol):
-        p = self.params
-        clock = Clock(device)
-        obj = Objective(problem, device)
-        k = int(rank) * p.rank_multiplier
-        U, V = spectral_factors(obj.init_matrix(), k)
-        state = {"U": U, "V": V}
-        mask, Y = obj.mask, obj.Y
+    def init(self, start):
+        return start.spectral()
 
-        def step(t):
-            V = least_squares_rows(mask.T, Y.T, state["U"], p.reg)
-            state["V"] = V
-            state["U"] = least_squares_rows(mask, Y, V, p.reg)
+    def updater(self, start):
+        mask, Y, reg = start.obj.mask, start.obj.Y, self.params.reg
 
-        errors, times, iterations, converged = iterate(
-            step, lambda: obj.error(state["U"], state["V"]), max_iters=max_iters, tol=tol, clock=clock
-        )
-        return finish(state["U"], state["V"], errors, times, iterations, converged)
+        def update(U, V, t):
+            V = least_squares_rows(mask.T, Y.T, U, reg)
+            return least_squares_rows(mask, Y, V, reg), V
+
+        return update
 
 
 @hookimpl

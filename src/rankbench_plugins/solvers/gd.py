@@ -33,20 +33,10 @@ from typing import Literal
 from pydantic import Field
 
 from rankbench.api import PluginParams, hookimpl
-from rankbench.kinds.recovery import RecoverySolver
-from rankbench_plugins.solvers._factored import (
-    Clock,
-    Objective,
-    finish,
-    generator,
-    iterate,
-    small_factor,
-    spectral_factors,
-    top_singular_value,
-)
+from rankbench_plugins.solvers._factored import FactoredSolver
 
 
-class GD(RecoverySolver):
+class GD(FactoredSolver):
     name = "gd"
     version = "1"
     description = "Gradient descent on L R^T (spectral init as Tong-Ma-Chi's baseline, or small init as Xiong-Ding-Du)"
@@ -60,31 +50,17 @@ class GD(RecoverySolver):
         rank_multiplier: int = Field(1, ge=1, description="fit rank x rank_multiplier columns (over-parameterisation)")
         outlier_margin: float = Field(4.0, ge=0, description="robust: z of the outlier threshold (see _factored)")
 
-    def solve(self, problem, rank, *, seed, device, max_iters, tol):
+    def init(self, start):
         p = self.params
-        clock = Clock(device)
-        obj = Objective(problem, device, p.outlier_margin)
-        k = int(rank) * p.rank_multiplier
-        M = obj.init_matrix()
-        sigma1 = top_singular_value(M)
-        if p.init == "spectral":
-            L, R = spectral_factors(M, k)
-        else:
-            gen = generator(seed)
-            L = small_factor(M.shape[0], k, p.init_scale, sigma1, gen, device)
-            R = small_factor(M.shape[1], k, p.init_scale * p.init_imbalance, sigma1, gen, device)
-        eta = p.step / sigma1
-        state = {"L": L, "R": R}
+        if p.init == "small":
+            return start.small(p.init_scale, p.init_scale * p.init_imbalance)
+        return start.spectral()
 
-        def step(t):
-            L, R = state["L"], state["R"]
-            Z = obj.gradient(L @ R.T)
-            state["L"], state["R"] = L - eta * (Z @ R), R - eta * (Z.T @ L)
+    def step_size(self, start):
+        return self.params.step / start.sigma1
 
-        errors, times, iterations, converged = iterate(
-            step, lambda: obj.error(state["L"], state["R"]), max_iters=max_iters, tol=tol, clock=clock
-        )
-        return finish(state["L"], state["R"], errors, times, iterations, converged)
+    def update(self, Z, L, R, eta):
+        return L - eta * (Z @ R), R - eta * (Z.T @ L)
 
 
 @hookimpl

@@ -19,20 +19,15 @@ from typing import Literal
 from pydantic import Field
 
 from rankbench.api import PluginParams, hookimpl
-from rankbench.kinds.recovery import RecoverySolver
 from rankbench_plugins.solvers._factored import (
-    Clock,
-    Objective,
-    finish,
+    FactoredSolver,
     generator,
-    iterate,
     small_factor,
     symmetric_spectral_factor,
-    top_singular_value,
 )
 
 
-class GDSym(RecoverySolver):
+class GDSym(FactoredSolver):
     name = "gd-sym"
     version = "1"
     description = "Gradient descent on F F^T for PSD targets, small random init (Xiong-Ding-Du symmetric case)"
@@ -50,31 +45,26 @@ class GDSym(RecoverySolver):
             return "gd-sym fits F F^T and needs a PSD target (psd: true)"
         return reason
 
-    def solve(self, problem, rank, *, seed, device, max_iters, tol):
-        p = self.params
+    def check(self, problem):
         if not problem.psd:
             raise ValueError("gd-sym needs a PSD problem (psd: true)")
-        clock = Clock(device)
-        obj = Objective(problem, device)
-        k = int(rank) * p.rank_multiplier
-        M = obj.init_matrix()
-        sigma1 = top_singular_value(M)
-        if p.init == "spectral":
-            F = symmetric_spectral_factor(M, k)
+
+    def init(self, start):
+        # the factor pair is (F, F): X = F F^T
+        if self.params.init == "spectral":
+            F = symmetric_spectral_factor(start.M, start.k)
         else:
-            F = small_factor(M.shape[0], k, p.init_scale, sigma1, generator(seed), device)
-        eta = p.step / sigma1
-        state = {"F": F}
+            F = small_factor(
+                start.M.shape[0], start.k, self.params.init_scale, start.sigma1, generator(start.seed), start.device
+            )
+        return F, F
 
-        def step(t):
-            F = state["F"]
-            Z = obj.gradient(F @ F.T)
-            state["F"] = F - eta * ((Z + Z.T) @ F)
+    def step_size(self, start):
+        return self.params.step / start.sigma1
 
-        errors, times, iterations, converged = iterate(
-            step, lambda: obj.error(state["F"], state["F"]), max_iters=max_iters, tol=tol, clock=clock
-        )
-        return finish(state["F"], state["F"], errors, times, iterations, converged)
+    def update(self, Z, F, _, eta):
+        F = F - eta * ((Z + Z.T) @ F)
+        return F, F
 
     def params_at_rank(self, shape, rank):
         return int(rank) * int(shape[0])

@@ -21,29 +21,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from rankbench.api import PluginParams, hookimpl
-from rankbench.kinds.recovery import RecoverySolver
-from rankbench_plugins.solvers._factored import (
-    Clock,
-    Objective,
-    finish,
-    generator,
-    iterate,
-    small_factor,
-    spectral_factors,
-    top_singular_value,
-)
+from rankbench_plugins.solvers._factored import FactoredSolver, scaled
 
 
-def scaled(G: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
-    """G (F^T F)^{-1} (pseudo-inverse of the k x k Gram matrix)."""
-    return G @ torch.linalg.pinv(F.T @ F, hermitian=True)
-
-
-class ScaledGD(RecoverySolver):
+class ScaledGD(FactoredSolver):
     name = "scaledgd"
     version = "1"
     description = "Scaled gradient descent on L R^T with spectral init (Tong-Ma-Chi 2021)"
@@ -56,30 +40,11 @@ class ScaledGD(RecoverySolver):
         rank_multiplier: int = Field(1, ge=1, description="fit rank x rank_multiplier columns (over-parameterisation)")
         outlier_margin: float = Field(4.0, ge=0, description="robust: z of the outlier threshold (see _factored)")
 
-    def solve(self, problem, rank, *, seed, device, max_iters, tol):
-        p = self.params
-        clock = Clock(device)
-        obj = Objective(problem, device, p.outlier_margin)
-        k = int(rank) * p.rank_multiplier
-        M = obj.init_matrix()
-        if p.init == "spectral":
-            L, R = spectral_factors(M, k)
-        else:
-            gen, sigma1 = generator(seed), top_singular_value(M)
-            L = small_factor(M.shape[0], k, p.init_scale, sigma1, gen, device)
-            R = small_factor(M.shape[1], k, p.init_scale, sigma1, gen, device)
-        eta = p.step
-        state = {"L": L, "R": R}
+    def step_size(self, start):
+        return self.params.step
 
-        def step(t):
-            L, R = state["L"], state["R"]
-            Z = obj.gradient(L @ R.T)
-            state["L"], state["R"] = L - eta * scaled(Z @ R, R), R - eta * scaled(Z.T @ L, L)
-
-        errors, times, iterations, converged = iterate(
-            step, lambda: obj.error(state["L"], state["R"]), max_iters=max_iters, tol=tol, clock=clock
-        )
-        return finish(state["L"], state["R"], errors, times, iterations, converged)
+    def update(self, Z, L, R, eta):
+        return L - eta * scaled(Z @ R, R), R - eta * scaled(Z.T @ L, L)
 
 
 @hookimpl

@@ -26,28 +26,13 @@ eta dimensionless) and the asymmetric factorisation L R^T (the paper analyses U 
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 from pydantic import Field
 
 from rankbench.api import PluginParams, hookimpl
-from rankbench.kinds.recovery import RecoverySolver
-from rankbench_plugins.solvers._factored import (
-    Clock,
-    Objective,
-    finish,
-    generator,
-    iterate,
-    small_factor,
-    spectral_factors,
-    top_singular_value,
-)
-
-
-def scaled(G: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
-    return G @ torch.linalg.pinv(F.T @ F, hermitian=True)
+from rankbench_plugins.solvers._factored import FactoredSolver, Objective, scaled
 
 
 class L1Loss:
@@ -71,7 +56,7 @@ class L1Loss:
         return torch.sign(r), float(r.abs().sum())
 
 
-class SubgradientL1(RecoverySolver):
+class SubgradientL1(FactoredSolver):
     name = "subgradient-l1"
     version = "1"
     description = "l1-loss scaled subgradient with Polyak step (Tong-Ma-Chi) or small-init geometric steps (Ma-Fattahi)"
@@ -96,56 +81,45 @@ class SubgradientL1(RecoverySolver):
         chosen = torch.argsort(obj.y.abs())[:keep]
         return (m / keep) * (obj.A[chosen].T @ obj.y[chosen]).reshape(obj.shape)
 
-    def solve(self, problem, rank, *, seed, device, max_iters, tol):
-        p = self.params
-        clock = Clock(device)
-        obj = Objective(problem, device, p.outlier_margin)
-        loss = L1Loss(obj)
-        rule = p.step_rule
+    def rule(self, problem) -> str:
+        """The step rule: ``step_rule``, with ``auto`` resolved (Polyak whenever f* is known)."""
+        rule = self.params.step_rule
         if rule == "auto":
             rule = "polyak" if problem.target is not None else "geometric"
         if rule == "polyak" and problem.target is None:
             raise ValueError("the Polyak step needs f* = f(X*), i.e. a synthetic problem")
-        init = p.init or ("spectral" if rule == "polyak" else "small")
-        k = int(rank) * p.rank_multiplier
-        M = self.init_matrix(obj)
-        if init == "spectral":
-            L, R = spectral_factors(M, k)
-        else:
-            gen, sigma1 = generator(seed), top_singular_value(M)
-            L = small_factor(M.shape[0], k, p.init_scale, sigma1, gen, device)
-            R = small_factor(M.shape[1], k, p.init_scale, sigma1, gen, device)
-        f_star = loss.value(obj.target) if rule == "polyak" else math.nan
-        state = {"L": L, "R": R}
+        return rule
 
-        def polyak(t):
-            L, R = state["L"], state["R"]
-            Z, f = loss.subgradient(L @ R.T)
-            gl, gr = Z @ R, Z.T @ L
-            sl, sr = scaled(gl, R), scaled(gr, L)
-            denominator = float((gr * sr).sum() + (gl * sl).sum())
-            if denominator <= 0 or f <= f_star:
-                return
-            eta = (f - f_star) / denominator
-            state["L"], state["R"] = L - eta * sl, R - eta * sr
+    def init_kind(self, problem):
+        return self.params.init or ("spectral" if self.rule(problem) == "polyak" else "small")
 
-        def geometric(t):
-            L, R = state["L"], state["R"]
+    def updater(self, start):
+        p, obj = self.params, start.obj
+        loss = L1Loss(obj)
+        if self.rule(obj.problem) == "polyak":
+            f_star = loss.value(obj.target)
+
+            def polyak(L, R, t):
+                Z, f = loss.subgradient(L @ R.T)
+                gl, gr = Z @ R, Z.T @ L
+                sl, sr = scaled(gl, R), scaled(gr, L)
+                denominator = float((gr * sr).sum() + (gl * sl).sum())
+                if denominator <= 0 or f <= f_star:
+                    return L, R
+                eta = (f - f_star) / denominator
+                return L - eta * sl, R - eta * sr
+
+            return polyak
+
+        def geometric(L, R, t):
             Z, _ = loss.subgradient(L @ R.T)
             norm = float(torch.linalg.norm(Z))
             if norm == 0:
-                return
+                return L, R
             eta = p.step * p.decay**t / norm
-            state["L"], state["R"] = L - eta * (Z @ R), R - eta * (Z.T @ L)
+            return L - eta * (Z @ R), R - eta * (Z.T @ L)
 
-        errors, times, iterations, converged = iterate(
-            polyak if rule == "polyak" else geometric,
-            lambda: obj.error(state["L"], state["R"]),
-            max_iters=max_iters,
-            tol=tol,
-            clock=clock,
-        )
-        return finish(state["L"], state["R"], errors, times, iterations, converged)
+        return geometric
 
 
 @hookimpl

@@ -98,7 +98,23 @@ def sgd(t: torch.Tensor, lr: float) -> torch.Tensor:
 
 class IntegratorLayer(RankAdaptiveLayer):
     """A layer the integrator drives: ``begin_basis_step`` (the next forward is the K-step pass), ``augment(lr)``,
-    ``galerkin(lr)``, ``truncate(tau)``."""
+    ``galerkin(lr)``, ``truncate(tau)``. It has ``in_features``, ``out_features`` and ``bias``; ``product`` applies
+    its weight to a batch of rows."""
+
+    in_features: int
+    out_features: int
+    bias: torch.nn.Parameter | None
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T for x (batch x in), through the K-form during a K-step pass."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = self.product(x.reshape(-1, self.in_features))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
 
     def begin_basis_step(self) -> None:
         raise NotImplementedError

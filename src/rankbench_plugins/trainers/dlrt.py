@@ -105,16 +105,10 @@ class DLRTLinear(IntegratorLayer):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.ranks()}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+    def product(self, x: torch.Tensor) -> torch.Tensor:
         if self._kl is not None:
-            y = _KLProduct.apply(x2, self.U, self.S, self.V, *self._kl)
-        else:
-            y = ((x2 @ self.V) @ self.S.T) @ self.U.T
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+            return _KLProduct.apply(x, self.U, self.S, self.V, *self._kl)
+        return ((x @ self.V) @ self.S.T) @ self.U.T
 
     # -- the integrator's stages ------------------------------------------------------------------------------------
     def begin_basis_step(self) -> None:

@@ -179,17 +179,11 @@ class TuckerDLRTLinear(IntegratorLayer):
         return (f"in_features={self.in_features}, out_features={self.out_features}, out_dims={self.out_dims}, "
                 f"in_dims={self.in_dims}, ranks={self.ranks()}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+    def product(self, x: torch.Tensor) -> torch.Tensor:
         if self._kl is not None:
             Qs, Ks = self._kl
-            y = _TuckerKL.apply(x2, self.out_dims, self.in_dims, self.core, *self.factors, *Qs, *Ks)
-        else:
-            y = tucker_apply(x2, self.core, self.factors, self.out_dims, self.in_dims)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+            return _TuckerKL.apply(x, self.out_dims, self.in_dims, self.core, *self.factors, *Qs, *Ks)
+        return tucker_apply(x, self.core, self.factors, self.out_dims, self.in_dims)
 
     # -- the integrator's stages ------------------------------------------------------------------------------------
     def begin_basis_step(self) -> None:
