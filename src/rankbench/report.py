@@ -4,6 +4,7 @@ Plots (PNG, in ``DIR/report/``):
 * ``quality_vs_params.png``: each task configuration's primary metric against the parameter ratio each method ended
   with, one line per selector + factorization; the dense reference as a dashed line. Using the *achieved* ratio puts
   budget-driven and budget-free selectors on one axis.
+* ``quality_table.png``: the median primary metric per selector (and budget) and factorization, per task configuration.
 * ``time_per_method.png``: wall time per cell by phase, per method.
 * ``ranks_<task>.png``: per task configuration, ranks per site as a heatmap (rows: method and budget; columns: the
   sites in model order). ``<task>`` is a filesystem-safe slug of the configuration's label (``figure_names``): the
