@@ -5,7 +5,10 @@ import re
 import pandas as pd
 
 from conftest import GOOD_PLUGINS
-from rankbench.report import summary_table, load
+from rankbench.api import CellRecord
+from rankbench.cells import Cell
+from rankbench.report import figure_names, load, rank_tables, site_order, summary_table
+from rankbench.results import write_cell
 
 SUITE = """
 name: toy
@@ -26,7 +29,9 @@ def test_report_tables_and_plots(cli, write_suite, tmp_path):
     text = (folder / "report.md").read_text()
     for png in re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", text):
         assert (folder / png).stat().st_size > 5000
-    assert {"quality_vs_params.png", "time_per_method.png", "ranks_0.png"} <= {p.name for p in folder.glob("*.png")}
+    assert {"quality_vs_params.png", "time_per_method.png", "ranks_toy-size-30.png", "ranks_toy-size-20.png"} <= {
+        p.name for p in folder.glob("*.png")
+    }
     assert "## Failed cells" in text and "this factorization always fails" in text
     # the summary's median over seeds equals a direct pandas computation on the Parquet files
     metrics = pd.read_parquet(out / "metrics")
@@ -44,3 +49,59 @@ def test_report_tables_and_plots(cli, write_suite, tmp_path):
 def test_report_on_a_folder_that_is_not_results(cli, tmp_path):
     result = cli("report", tmp_path)
     assert result.returncode == 2 and "expected a results folder" in result.stderr
+
+
+def _cell(selector: str, seed: int, task_params: dict | None = None) -> Cell:
+    return Cell(suite="sites", task="toy", task_params=task_params or {"size": 12}, selector=selector,
+                selector_params={}, factorization="toy-svd", factorization_params={}, budget=0.5,
+                budget_kind="param_ratio", seed=seed, device="cpu", versions={}, timeout=None)
+
+
+def _write(out, cell: Cell, sites: list[str]) -> None:
+    ranks = [{"site": site, "rank": int(site.rsplit(".", 1)[1]), "rank_per_mode": "", "params": 1} for site in sites]
+    record = CellRecord(cell_id=cell.cell_id, status="ok", ranks=ranks, started_at=f"2025-01-01T00:00:0{cell.seed}",
+                        metrics=[{"metric": "rel_error", "value": 0.1}], primary_metric="rel_error")
+    write_cell(out, cell, record, {"git_sha": "x", "device": "cpu"}, "rel_error")
+
+
+def test_rank_heatmap_lists_sites_in_model_order(cli, tmp_path):
+    """Sites recorded in model order [layer.1, layer.2, layer.10] are drawn in that order (not lexically: layer.10
+    before layer.2), in a file named after the task configuration."""
+    out = tmp_path / "out"
+    for seed, selector in enumerate(["uniform", "energy", "uniform"]):
+        _write(out, _cell(selector, seed), ["layer.1", "layer.2", "layer.10"])
+    cells, _ = load(out)
+    tables = rank_tables(cells, pd.read_parquet(out / "ranks"))
+    assert list(tables) == ["toy"]
+    assert list(tables["toy"].columns) == ["layer.1", "layer.2", "layer.10"]
+    assert tables["toy"].loc["uniform + toy-svd @0.5", "layer.10"] == 10
+    assert cli("report", out).returncode == 0
+    assert (out / "report" / "ranks_toy.png").stat().st_size > 5000
+    assert "](ranks_toy.png)" in (out / "report" / "report.md").read_text()
+
+
+def test_site_order_follows_the_recording_not_the_names():
+    def rows(*cells):
+        return pd.DataFrame(
+            [{"cell_id": cid, "site": site, "position": i} for cid, sites in cells for i, site in enumerate(sites)]
+        )
+
+    # recorded order wins over any sort of the names; a cell with fewer sites does not reorder the others
+    recorded = rows(("a", ["net.3", "net.10", "net.1"]), ("b", ["net.10", "net.1"]))
+    assert site_order(recorded) == ["net.3", "net.10", "net.1"]
+    # merged from cells that each hold part of the model
+    assert site_order(rows(("b", ["x.1", "x.3"]), ("a", ["x.0", "x.1", "x.2", "x.3"]))) == ["x.0", "x.1", "x.2", "x.3"]
+    # cells that contradict each other: the order is not available, natural sort (digit runs as integers)
+    contradicting = rows(("a", ["layer.10", "layer.2"]), ("b", ["layer.2", "layer.10"]))
+    assert site_order(contradicting) == ["layer.2", "layer.10"]
+    assert site_order(pd.DataFrame({"site": ["b.10.x", "b.2.x", "a.1"]})) == ["a.1", "b.2.x", "b.10.x"]
+
+
+def test_figure_names_are_safe_and_unique():
+    labels = ["toy", 'toy[mode="a/b"]', 'toy[mode="a b"]', "mlp[" + "x" * 100 + "]"]
+    names = figure_names(labels, "ranks")
+    assert names["toy"] == "ranks_toy.png"
+    assert len(set(names.values())) == len(labels)
+    assert all(re.fullmatch(r"ranks_[A-Za-z0-9._-]+\.png", name) for name in names.values())
+    assert names['toy[mode="a/b"]'].startswith("ranks_toy-mode-a-b-")  # same slug as "a b": a hash tells them apart
+    assert len(names["mlp[" + "x" * 100 + "]"]) < 90

@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 hookimpl = pluggy.HookimplMarker("rankbench")
 
-# Budget kinds (CONTRACT.md): what the suite's ``budgets`` numbers mean.
+# Budget kinds (README, "Suites"): what the suite's ``budgets`` numbers mean.
 PARAM_RATIO = "param_ratio"  # parameters kept / dense parameters of the targeted sites
 RANK_TOTAL = "rank_total"  # total rank summed over sites
 RANK_CAP = "rank_cap"  # the same maximal rank for every site

@@ -1,7 +1,15 @@
-"""The ``bench`` command line: run, check, plugins, report.
+"""The ``bench`` command line:
 
-Exit codes: 0 every cell ok or skipped; 1 at least one cell failed; 2 bad input (one message on stderr naming the
-file, the key and what was expected; no traceback; nothing written).
+* ``bench run SUITE`` -- expand a suite into cells, run the unfinished ones, write results (resumes);
+* ``bench check SUITE`` -- validate a suite without running it; print the cells per task;
+* ``bench plugins`` -- list the plugins and the ones that failed to load;
+* ``bench report DIR`` -- summary table, plots and ``DIR/report/report.md`` for a results folder;
+* ``bench compare A B`` -- compare two results folders per configuration; flag changes beyond seed noise;
+* ``bench test-plugin NAME`` -- run one plugin through the conformance checks every built-in passes.
+
+Exit codes: 0 success; 1 at least one cell failed (``run``), a regression beyond noise (``compare``) or a failed
+check (``test-plugin``); 2 bad input (one message on stderr naming the file, the key and what was expected; no
+traceback; nothing written).
 """
 
 from __future__ import annotations

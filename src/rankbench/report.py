@@ -4,14 +4,23 @@ Plots (PNG, in ``DIR/report/``):
 * ``quality_vs_params.png``: each task configuration's primary metric against the parameter ratio each method ended
   with, one line per selector + factorization; the dense reference as a dashed line. Using the *achieved* ratio puts
   budget-driven and budget-free selectors on one axis.
+* ``quality_table.png``: the median primary metric per selector (and budget) and factorization, per task configuration.
 * ``time_per_method.png``: wall time per cell by phase, per method.
-* ``ranks_<task>.png``: ranks per site as a heatmap (rows: method and budget).
+* ``ranks_<task>.png``: per task configuration, ranks per site as a heatmap (rows: method and budget; columns: the
+  sites in model order). ``<task>`` is a filesystem-safe slug of the configuration's label (``figure_names``): the
+  task name, plus the parameters that tell the folder's configurations of that task apart, e.g.
+  ``ranks_matrix-recovery-problem-completion.png``; a short hash of the label is appended where the slug would be
+  long or would not be unique.
 * ``curves.png``: stored curves (e.g. error against iteration), one line per cell, log scale.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 import textwrap
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -212,24 +221,107 @@ def _plot_time(metrics: pd.DataFrame, path: Path) -> bool:
     return True
 
 
+_SLUG_LIMIT = 60
+
+
+def _slug(text: str) -> str:
+    """``text`` reduced to the characters every file system accepts (letters, digits, ``.``, ``_``, ``-``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
+
+
+def figure_names(labels: Iterable[str], prefix: str) -> dict[str, str]:
+    """A file name ``<prefix>_<slug>.png`` per task configuration label, unique per label.
+
+    The slug is the label with every run of other characters replaced by ``-`` (``vit-classification[rank=8]`` ->
+    ``vit-classification-rank-8``). Where it is longer than 60 characters (cut there) or two labels give the same slug,
+    the first 8 hex digits of the label's sha256 are appended, so names stay unique and stable for a given label."""
+    labels = list(dict.fromkeys(labels))
+    slugs = {label: _slug(label) or "task" for label in labels}
+    counts = Counter(slugs.values())
+    names = {}
+    for label, slug in slugs.items():
+        if len(slug) > _SLUG_LIMIT or counts[slug] > 1:
+            digest = hashlib.sha256(label.encode()).hexdigest()[:8]
+            slug = f"{slug[:_SLUG_LIMIT].rstrip('-.')}-{digest}"
+        names[label] = f"{prefix}_{slug}.png"
+    return names
+
+
+def _natural_key(text: str) -> list:
+    """Sort key comparing digit runs as integers: ``layer.2`` before ``layer.10``."""
+    parts = re.split(r"(\d+)", text)  # digit runs at the odd indices
+    return [(0, int(part), "") if i % 2 else (1, 0, part) for i, part in enumerate(parts)]
+
+
+def site_order(ranks: pd.DataFrame) -> list[str]:
+    """The sites of ``ranks`` (rows of the ranks table) in model order.
+
+    Tasks record a cell's sites in model order (the kinds' ``ctx.ranks`` loops walk the model's sites in
+    ``named_modules`` order), and a cell's part file keeps that order. The rows of each cell (column ``position``,
+    the row's index within its cell, where present; otherwise the frame's row order) give one sequence per cell;
+    these are merged so that every cell's order is kept, a site first recorded earlier coming first among the sites
+    free to go next (with identical site lists this is the recorded order). Where the cells contradict one another,
+    or the cells cannot be told apart, the recorded order is not available and the sites are sorted naturally
+    (digit runs compared as integers)."""
+    if "cell_id" not in ranks.columns:
+        return sorted(dict.fromkeys(ranks["site"]), key=_natural_key)
+    rows = ranks.sort_values(["cell_id", "position"], kind="stable") if "position" in ranks.columns else ranks
+    sites = list(dict.fromkeys(rows["site"]))
+    first = {site: i for i, site in enumerate(sites)}
+    after: dict[str, set[str]] = {site: set() for site in sites}
+    for _, sequence in rows.groupby("cell_id", sort=False)["site"]:
+        sequence = list(dict.fromkeys(sequence))
+        for before, nxt in zip(sequence, sequence[1:]):
+            after[before].add(nxt)
+    waiting = {site: 0 for site in sites}
+    for followers in after.values():
+        for site in followers:
+            waiting[site] += 1
+    ready = [site for site in sites if waiting[site] == 0]
+    order = []
+    while ready:
+        site = min(ready, key=first.__getitem__)
+        ready.remove(site)
+        order.append(site)
+        for nxt in after[site]:
+            waiting[nxt] -= 1
+            if waiting[nxt] == 0:
+                ready.append(nxt)
+    if len(order) < len(sites):  # a cycle: the cells disagree on the order
+        return sorted(sites, key=_natural_key)
+    return order
+
+
+def rank_tables(cells: pd.DataFrame, ranks: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """What ``bench report`` draws as rank heatmaps: per task configuration label, the median rank over seeds with
+    one row per method and budget and one column per site, the columns in model order (``site_order``)."""
+    ranks = ranks.assign(position=ranks.groupby("cell_id", sort=False).cumcount())  # before any merge reorders rows
+    data = ranks.merge(
+        cells[cells["status"] == "ok"][["cell_id", "task_config", "method", "budget", "seed"]], on="cell_id"
+    )
+    tables = {}
+    for config, sub in sorted(data.groupby("task_config"), key=lambda kv: kv[0]):
+        sub = sub.assign(row=sub["method"] + sub["budget"].map(lambda b: "" if pd.isna(b) else f" @{b:g}"))
+        table = sub.pivot_table(index="row", columns="site", values="rank", aggfunc="median")
+        if table.empty:
+            continue
+        tables[config] = table[[site for site in site_order(sub) if site in table.columns]]
+    return tables
+
+
 def _plot_ranks(cells: pd.DataFrame, ranks: pd.DataFrame, folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     paths = []
-    data = ranks.merge(
-        cells[cells["status"] == "ok"][["cell_id", "task_config", "method", "budget", "seed"]], on="cell_id"
-    )
-    for i, (config, sub) in enumerate(sorted(data.groupby("task_config"), key=lambda kv: kv[0])):
-        sub = sub.assign(row=sub["method"] + sub["budget"].map(lambda b: "" if pd.isna(b) else f" @{b:g}"))
-        table = sub.pivot_table(index="row", columns="site", values="rank", aggfunc="median")
-        if table.empty:
-            continue
+    tables = rank_tables(cells, ranks)
+    names = figure_names(tables, "ranks")
+    for config, table in tables.items():
         fig, ax = plt.subplots(figsize=(min(24, 4 + 0.45 * table.shape[1]), 1.5 + 0.35 * table.shape[0]))
         sns.heatmap(table, annot=table.shape[1] <= 24, fmt=".0f", cmap="viridis", ax=ax, cbar_kws={"label": "rank"})
         ax.set_title(_title(f"ranks per site: {config}"), fontsize=8)
         ax.set_ylabel("")
-        path = folder / f"ranks_{i}.png"
+        path = folder / names[config]
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)

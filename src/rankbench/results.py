@@ -1,6 +1,6 @@
 """Tidy results: four Parquet datasets under the output folder, one part file per cell, written atomically.
 
-``DIR/metrics/``  one row per (cell, metric) -- the columns of CONTRACT.md plus ``reason``.
+``DIR/metrics/``  one row per (cell, metric) -- the columns of the README's "Results schema".
 ``DIR/ranks/``    one row per (cell, site): ``cell_id, site, rank, rank_per_mode, params``.
 ``DIR/curves/``   one row per (cell, curve, step): e.g. the error against iteration of a recovery solver.
 ``DIR/cells/``    one row per cell: its full configuration, status, reason, traceback and ``notes`` (a JSON object

@@ -2,7 +2,7 @@
 
 Paper: Q. Zhao, L. Zhang and A. Cichocki, "Bayesian CP Factorization of Incomplete Tensors with Automatic Rank
 Determination", IEEE TPAMI 37(9):1751-1763, 2015 (arXiv:1401.6497). Reference code: the author's MATLAB
-``BCPF_TC.m`` (the incomplete-tensor variant, "FBCP"); see ``ALGORITHMS.md`` section 4.1. This is an independent
+``BCPF_TC.m`` (the incomplete-tensor variant, "FBCP"); see ``docs/algorithms.md#bcpf``. This is an independent
 torch implementation written from the equations below (tagged B1-B9 here; the paper's own equation numbers are not
 reproduced). N = 2 is Bayesian matrix factorisation with ARD.
 

@@ -1,4 +1,4 @@
-"""``asvd``: activation-aware SVD (ALGORITHMS.md §2.1).
+"""``asvd``: activation-aware SVD (``docs/algorithms.md#asvd``).
 
 Yuan et al. (2023), "ASVD: Activation-aware Singular Value Decomposition for Compressing Large Language Models"
 (arXiv 2312.05821). Input channels that carry large activations matter more, so the weight is scaled by a

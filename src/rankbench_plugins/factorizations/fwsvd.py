@@ -1,4 +1,4 @@
-"""``fwsvd``: Fisher-weighted SVD (ALGORITHMS.md §2.2).
+"""``fwsvd``: Fisher-weighted SVD (``docs/algorithms.md#fwsvd``).
 
 Hsu et al. (ICLR 2022), "Language Model Compression with Weighted Low-Rank Factorization".
 Parameters whose perturbation changes the task loss more should be approximated better. With the empirical Fisher

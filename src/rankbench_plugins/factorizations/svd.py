@@ -1,4 +1,4 @@
-"""``svd``: plain truncated SVD of the weight (ALGORITHMS.md §1.1).
+"""``svd``: plain truncated SVD of the weight (``docs/algorithms.md#parameter-ratio-rule``).
 
 Eckart & Young (1936), "The approximation of one matrix by another of lower rank": with W = U diag(s) Vᵀ
 (s descending), the rank-k truncation

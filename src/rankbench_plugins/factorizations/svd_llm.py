@@ -1,4 +1,4 @@
-"""``svd-llm``: truncation-aware data whitening (ALGORITHMS.md §2.3).
+"""``svd-llm``: truncation-aware data whitening (``docs/algorithms.md#svd-llm``).
 
 Wang, Zheng, Wan, Zhang (ICLR 2025), "SVD-LLM: Truncation-aware Singular Value Decomposition for Large Language
 Model Compression" (arXiv 2403.07378). With X the calibration inputs of a Linear (tokens x in) and its Gram matrix

@@ -1,6 +1,6 @@
 """``adalora``: AdaLoRA -- Zhang, Chen, Bukharin et al., "Adaptive Budget Allocation for Parameter-Efficient
-Fine-Tuning" (AdaLoRA), ICLR 2023; ALGORITHMS.md §3.1. Two problem kinds: ``adaptation`` (the method itself: ranks
-of LoRA adapters allocated during fine-tuning, budget kind ``rank_total``) and ``compression`` (its sensitivity
+Fine-Tuning" (AdaLoRA), ICLR 2023; ``docs/algorithms.md#adalora``. Two problem kinds: ``adaptation`` (the method itself:
+ranks of LoRA adapters allocated during fine-tuning, budget kind ``rank_total``) and ``compression`` (its sensitivity
 score used for post-training SVD compression, budget kind ``param_ratio``). Any other (kind, budget kind) pair is
 skipped.
 

@@ -1,8 +1,8 @@
 """``ard``: rank by Bayesian automatic relevance determination, i.e. the number of components that survive BCPF.
 
 Paper: Q. Zhao, L. Zhang and A. Cichocki, "Bayesian CP Factorization of Incomplete Tensors with Automatic Rank
-Determination", IEEE TPAMI 37(9):1751-1763, 2015 (ALGORITHMS.md section 4.1). The model, the variational updates
-(B4)-(B8), the lower bound (B9) and the pruning rule are written out in ``rankbench_plugins.solvers.bcpf``, whose
+Determination", IEEE TPAMI 37(9):1751-1763, 2015 (``docs/algorithms.md#bcpf``). The model, the variational updates
+(B4)-(B8), the lower bound (B9) and the pruning rule are written out in ``rankbench.kinds.bcpf_core``, whose
 ``bcpf`` function this selector runs: y_i = sum_r prod_n z^(n)_{i_n r} + noise on the observed entries, with one
 Gamma-distributed precision lambda_r per component shared by all modes (the ARD prior). Components whose power
 falls to (relatively) zero are removed; the rank is the number left.

@@ -1,5 +1,5 @@
 """``effective-rank``: the entropy-based effective rank of Roy & Vetterli, "The effective rank: a measure of
-effective dimensionality", EUSIPCO 2007 (ALGORITHMS.md §1.4).
+effective dimensionality", EUSIPCO 2007 (``docs/algorithms.md#effective-rank``).
 
 With singular values s_1, ..., s_p (the whole spectrum, zeros included):
 

@@ -1,4 +1,5 @@
-"""``energy``: the smallest rank that keeps a fraction eta of the spectral energy (ALGORITHMS.md §1.3).
+"""``energy``: the smallest rank that keeps a fraction eta of the spectral energy
+(``docs/algorithms.md#energy-threshold``).
 
 Energy-threshold rank rule, as used e.g. by SVFit ("top-r singular values hold > 99 % of the information") and
 SoKA; no single originating paper. With singular values s_1 >= ... >= s_p,

@@ -1,6 +1,6 @@
 """``evbmf``: rank from empirical variational Bayesian matrix factorization, Nakajima, Sugiyama, Babacan & Tomioka,
 "Global analytic solution of fully-observed variational Bayesian matrix factorization", JMLR 14, 2013 (the
-EVBMF rule; ALGORITHMS.md §1.7 gives the pseudo-code followed here).
+EVBMF rule; ``docs/algorithms.md#evbmf`` gives the pseudo-code followed here).
 
 For an L x M matrix with L <= M (transpose otherwise), alpha = L/M, tau_bar = 2.5129 sqrt(alpha) and
 x_bar = (1 + tau_bar)(1 + alpha/tau_bar). With the H = L singular values s_h (the full spectrum, so the residual

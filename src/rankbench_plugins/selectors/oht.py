@@ -1,5 +1,5 @@
 """``oht``: the optimal hard threshold for singular values of Gavish & Donoho, "The optimal hard threshold for
-singular values is 4/sqrt(3)", IEEE Trans. Inf. Theory 60(8), 2014 (ALGORITHMS.md §1.6).
+singular values is 4/sqrt(3)", IEEE Trans. Inf. Theory 60(8), 2014 (``docs/algorithms.md#optimal-hard-threshold``).
 
 Model Y = X + sigma Z (m x n, i.i.d. unit-variance noise Z), beta = min(m, n) / max(m, n), N = max(m, n),
 k = #{ s_i > tau }, at least 1, at most max_rank (per mode: I_n).

@@ -1,5 +1,5 @@
 """``sensitivity``: ASVD's sensitivity-based truncation rank search (STRS) -- Yuan, Shang, Song et al., "ASVD:
-Activation-aware Singular Value Decomposition for Compressing Large Language Models" (2023); ALGORITHMS.md §2.1
+Activation-aware Singular Value Decomposition for Compressing Large Language Models" (2023); ``docs/algorithms.md#asvd``
 (reference code hahnyuan/ASVD4LLM, ``sensitivity.py`` and ``binary_search.py``).
 
 Sensitivity table. For every site l and every parameter ratio r in ``ratios`` (default 0.1, 0.2, ..., 0.9):

@@ -1,7 +1,7 @@
 """``sublora``: second-order submodular rank allocation -- Gao & Tan, "Automatic Rank Determination for Low-Rank
 Adaptation via Submodular Function Maximization" (2025, arXiv 2507.01841; not Lotfi et al.'s subspace LoRA);
-ALGORITHMS.md §3.2, whose "implementable version" (a derivation, not the paper's text; the paper's Eq. 7-9 were
-not available to check) this follows. Two problem kinds: ``adaptation`` (the paper's setting: ranks of LoRA
+``docs/algorithms.md#sublora``, whose "implementable version" (a derivation, not the paper's text; the paper's Eq. 7-9
+were not available to check) this follows. Two problem kinds: ``adaptation`` (the paper's setting: ranks of LoRA
 adapters, budget kind ``rank_total``; see "Adaptation" below) and ``compression`` (the same objective applied to
 post-training SVD compression, budget kind ``param_ratio``). Any other (kind, budget kind) pair is skipped.
 
@@ -65,10 +65,10 @@ only. Components already masked stay masked and are not candidates. Two modes (`
 * ``posthoc`` (default): train T - R steps at the initial ranks, with R the task's retrain steps (the same as for
   every post-hoc selector; round(``retrain_fraction`` T) when that is set), determine S once at the trained E,
   switch the components outside S off for good (E := 0, mask := 0, ``mask_components``), and let the protocol
-  train the last R steps with the masks fixed (the greedy run once at the fine-tuned sigma, as ALGORITHMS.md
-  §3.2's pseudo-code).
-* ``joint``: the paper's joint variant, which "alternates LoRA updates with rank determination" (ALGORITHMS.md
-  §3.2's summary); the paper's schedule was not available, so this implementation borrows AdaLoRA's
+  train the last R steps with the masks fixed (the greedy run once at the fine-tuned sigma, as in the
+  pseudo-code of ``docs/algorithms.md#sublora``).
+* ``joint``: the paper's joint variant, which "alternates LoRA updates with rank determination" (the summary in
+  ``docs/algorithms.md#sublora``); the paper's schedule was not available, so this implementation borrows AdaLoRA's
   (``_allocation.budget_schedule``, with the same tinit and tfinal defaults, so the two methods are comparable at
   equal steps): after tinit warm-up steps, ``determinations`` rank determinations D are evenly spaced over (tinit, T -
   tfinal] (t_j = tinit + round(j (T - tfinal - tinit) / D), j = 1..D, duplicates dropped), and the adapters train

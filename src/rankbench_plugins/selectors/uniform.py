@@ -1,8 +1,8 @@
 """``uniform``: the same budget share for every site, with no look at the spectrum.
 
 Implements the parameter-ratio rank rule used with truncated SVD by SVD-LLM (Wang et al., ICLR 2025) and ASVD
-(Yuan et al., 2023), ALGORITHMS.md §1.1: for a kept-parameter fraction rho a rank-k factor pair of an m x n weight
-stores k(m+n) parameters, so
+(Yuan et al., 2023; ``docs/algorithms.md#parameter-ratio-rule``): for a kept-parameter fraction rho a rank-k factor
+pair of an m x n weight stores k(m+n) parameters, so
 
     k = floor(rho * m * n / (m + n)),   clipped to [1, min(m, n)].
 

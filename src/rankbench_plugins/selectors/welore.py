@@ -1,6 +1,6 @@
 """``welore``: one global threshold on normalised spectra -- Jaiswal, Yin, Wang et al., "From GaLore to WeLore: How
-Low-Rank Weights Non-uniformly Emerge from Low-Rank Gradients" (2024); ALGORITHMS.md §1.8 (reference code
-VITA-Group/WeLore, ``adaptive_rank_pruning``).
+Low-Rank Weights Non-uniformly Emerge from Low-Rank Gradients" (2024); ``docs/algorithms.md#welore`` (reference
+code VITA-Group/WeLore, ``adaptive_rank_pruning``).
 
 Per site, with the descending spectrum s_1 >= ... >= s_p of the matrix the factorization truncates (the weight for
 ``svd``; the scaled / whitened matrix for ``asvd`` / ``svd-llm``, since that is the spectrum the site's rank cuts):

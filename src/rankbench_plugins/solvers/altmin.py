@@ -9,8 +9,8 @@ completion using alternating minimization", STOC 2013).
 Column j solves (sum_{i in Omega_j} u_i u_i^T + reg I) v_j = sum_{i in Omega_j} Y_ij u_i. All n2 (then n1) Gram
 matrices are formed at once as mask^T (u_i u_i^T)_i, a single (n2 x n1) by (n1 x k^2) matrix product, and solved
 with one batched Cholesky factorisation. ``reg`` is an absolute ridge added for conditioning (rows or columns with
-fewer than k observations). The paper's sample splitting and row clipping are omitted (an unverified outline of the
-method is in the harness's ALGORITHMS.md, section 6.5).
+fewer than k observations). The paper's sample splitting and row clipping are omitted (an outline of the method,
+unverified against the paper, is in ``docs/algorithms.md#alternating-minimisation``).
 """
 
 from __future__ import annotations

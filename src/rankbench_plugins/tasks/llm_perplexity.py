@@ -19,7 +19,7 @@ Text (``corpus``, ``calib_corpus``)
     A path to a UTF-8 ``.txt`` file is one document used whole as the test text. Calibration text: the built-in
     corpus's train split unless ``calib_corpus`` names a ``.txt`` file (or ``enwiki``).
 
-Metrics (ALGORITHMS.md §2.4; CONTRACT.md)
+Metrics (the two protocols: ``docs/algorithms.md#perplexity-protocols``)
     ``ppl_token`` (protocol A): ``tokenizer(text)`` on the test documents joined with ``"\\n\\n"``, non-overlapping
         ``seq_len`` windows (last partial window dropped, at most ``max_eval_tokens // seq_len`` windows, the first
         ones), exp(mean NLL over every predicted token: ``seq_len - 1`` per window). NLL summed in float64.

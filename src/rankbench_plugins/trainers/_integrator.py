@@ -1,7 +1,7 @@
 """What ``dlrt`` and ``tdlrt`` share: the rank-adaptive integrator's minibatch loop, its truncation rule and its knobs.
 
-Both methods (Schotthöfer et al., NeurIPS 2022; Zangrando et al., NeurIPS 2024; ALGORITHMS.md §5.1, §5.2) take one
-minibatch in three stages, on every replaced layer at once:
+Both methods (Schotthöfer et al., NeurIPS 2022; Zangrando et al., NeurIPS 2024; ``docs/algorithms.md#dlrt`` and
+``#tdlrt``) take one minibatch in three stages, on every replaced layer at once:
 
 1. *basis update* -- one forward/backward at the current weight; each layer reads the gradients of its K-form factors
    (K = U S, L = V S^T for a matrix; K_i per Tucker mode) from that single backward, takes an SGD step on them and

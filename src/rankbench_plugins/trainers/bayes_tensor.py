@@ -2,8 +2,8 @@
 network trains -- Hawkins & Zhang, "Bayesian Tensorized Neural Networks with Automatic Rank Selection" (arXiv
 1905.10478, Neurocomputing 2021) and Hawkins, Liu & Zhang, "Towards Compact Neural Networks via End-to-End Training: A
 Bayesian Tensor Approach with Automatic Rank Determination" (arXiv 2010.08689, SIAM J. Math. Data Sci. 2022);
-ALGORITHMS.md §4.2. Reference code: colehawkins/bayesian-tensor-rank-determination (``tensor_layers`` and the MNIST
-script), whose semantics are followed where they differ from the papers (noted below).
+``docs/algorithms.md#bayesian-tensorized-networks``. Reference code: colehawkins/bayesian-tensor-rank-determination
+(``tensor_layers`` and the MNIST script), whose semantics are followed where they differ from the papers (noted below).
 
 Model
 -----

@@ -1,6 +1,6 @@
 """``dlrt``: dynamical low-rank training with the rank-adaptive integrator -- Schotthöfer, Zangrando, Kusch, Ceruti &
 Tudisco, "Low-rank lottery tickets: finding efficient low-rank neural networks via matrix differential equations",
-NeurIPS 2022 (ALGORITHMS.md §5.1; reference code COMPiLELab/DLRT-Net, ``optimizer_KLS/dlrt_optimizer.py`` and
+NeurIPS 2022 (``docs/algorithms.md#dlrt``; reference code COMPiLELab/DLRT-Net, ``optimizer_KLS/dlrt_optimizer.py`` and
 ``optimizer_KLS/Linear_layer_lr_new.py``).
 
 Each site W (out x in) is trained as W = U S V^T (+ bias), U (out x r) and V (in x r) orthonormal, S (r x r); the

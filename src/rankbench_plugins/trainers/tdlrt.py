@@ -1,6 +1,6 @@
 """``tdlrt``: rank-adaptive training of Tucker-factorized layers -- Zangrando, Schotthöfer, Ceruti, Kusch & Tudisco,
 "Geometry-aware training of factorized layers in tensor Tucker format", NeurIPS 2024, arXiv 2305.19059
-(ALGORITHMS.md §5.2; no reference implementation of the paper was located).
+(``docs/algorithms.md#tdlrt``; no reference implementation of the paper was located).
 
 Each site's weight W (out x in) is the tensor T = W.reshape(*out_dims, *in_dims) (``factorization.dims``, output
 modes first, the ``tucker`` factorization's convention) held as
@@ -24,20 +24,20 @@ Without truncation (tau = 0) one step is exactly T - lr G x_i (U~_i U~_i^T), the
 the augmented bases (checked in the tests). The network's other parameters take one step of the task's optimiser per
 minibatch with the second pass's gradient, as in ``dlrt`` (``_integrator``).
 
-What is the paper's and what is our reading (ALGORITHMS.md marks the step details as partly unverified):
+What is the paper's and what is our reading (``docs/algorithms.md#tdlrt`` marks the step details as partly unverified):
 
 * The paper's: the Tucker parametrisation with orthonormal mode bases, the DLRT pattern per mode (a K_i step built
   from the QR of the core's mode-i unfolding, basis augmentation to 2 r_i, projection of the core, a Galerkin step on
   the augmented core, per-mode truncation by the SVDs of the augmented core's unfoldings at a tolerance relative to
   its norm), ranks adapting during training from any initialisation.
-* Ours: the transposes. ALGORITHMS.md writes Mat_i(C)^T = Q_i S_i^T, K_i = U_i S_i^T; we take the reading under which
-  K_i Q_i^T (x)_{j != i} U_j^T is exactly Mat_i(T) (K_i = U_i R_i^T with R_i the QR's triangular factor); the
-  augmented span is the same under either reading when R_i is invertible. Plain SGD with one step for K_i, C^ and the
-  bias; all K_i gradients from one backward; the truncation tail rule and the default rank cap (half each mode size)
-  carried over from DLRT -- the same group's later Tucker layer (ScSteffen/RobustDLRT,
-  ``src/low_rank_layers/lr_layer_augBUG_conv2d.py``) uses the same tail rule with tau ||d|| per mode unfolding and
-  caps the channel modes at half their size. Ranks are kept Tucker-feasible (r_i <= prod_{j != i} r_j,
-  ``clip_tucker_ranks``) after the per-mode rule.
+* Ours: the transposes. The outline in docs/algorithms.md writes Mat_i(C)^T = Q_i S_i^T, K_i = U_i S_i^T; we take the
+  reading under which K_i Q_i^T (x)_{j != i} U_j^T is exactly Mat_i(T) (K_i = U_i R_i^T with R_i the QR's triangular
+  factor); the augmented span is the same under either reading when R_i is invertible. Plain SGD with one step for K_i,
+  C^ and the bias; all K_i gradients from one backward; the truncation tail rule and the default rank cap (half each
+  mode size) carried over from DLRT -- the same group's later Tucker layer (ScSteffen/RobustDLRT,
+  ``src/low_rank_layers/lr_layer_augBUG_conv2d.py``) uses the same tail rule with tau ||d|| per mode unfolding and caps
+  the channel modes at half their size. Ranks are kept Tucker-feasible (r_i <= prod_{j != i} r_j, ``clip_tucker_ranks``)
+  after the per-mode rule.
 * Start: ``init="dense"`` (default, ours): the HOSVD of the site's initial dense weight at the starting ranks;
   ``init="random"``: random orthonormal factors and a core drawn U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in =
   prod_{i > 1} r_i (what the later Tucker layer above does: Kaiming-uniform core, QR-orthonormalised factors).
