@@ -39,6 +39,21 @@ def test_broken_plugins_are_reported_and_skipped():
     assert BUILTIN["selector"] <= set(registry.names("selector"))
 
 
+def test_register_hooks_are_traced_and_still_isolated(monkeypatch, capsys):
+    """RANKBENCH_TRACE_PLUGINS shows every register hook call (each plugin's, named by its `register` argument),
+    and a plugin whose hook raises is still its own load failure."""
+    monkeypatch.setenv("RANKBENCH_TRACE_PLUGINS", "1")
+    registry = load_plugins(BROKEN_PLUGINS)
+    trace = capsys.readouterr().err
+    for hook in ("tasks", "selectors", "factorizations", "executors"):
+        assert f"rankbench_register_{hook} [hook]" in trace
+    assert "register: <register selector classes of plugin 'fine'>" in trace
+    assert "register: <register selector classes of plugin 'raising_hook'>" in trace
+    assert trace.count("register: <register executor classes of plugin 'subprocess'>") == 1
+    assert "boom at registration" in {f.plugin: f.error for f in registry.failures}["raising_hook"]
+    assert "rank-one" in registry.names("selector") and BUILTIN["selector"] <= set(registry.names("selector"))
+
+
 def test_plugins_command_lists_failures(bench):
     result = bench("plugins", "--plugins-dir", BROKEN_PLUGINS)
     assert result.returncode == 0, result.stderr

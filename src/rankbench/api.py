@@ -27,14 +27,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import pluggy
 from pydantic import BaseModel, ConfigDict
+
+from rankbench.hookspecs import hookimpl  # noqa: F401 -- its home is beside the specs; re-exported for plugins
 
 if TYPE_CHECKING:  # pragma: no cover
     from rankbench.cells import Cell
     from rankbench.context import CellContext
-
-hookimpl = pluggy.HookimplMarker("rankbench")
 
 # Budget kinds (CONTRACT.md): what the suite's ``budgets`` numbers mean.
 PARAM_RATIO = "param_ratio"  # parameters kept / dense parameters of the targeted sites
