@@ -144,6 +144,8 @@ def test_ambiguous_name_needs_a_kind(cli, tmp_path):
         from rankbench import Factorization, Selector, hookimpl
         class S(Selector):
             name = "twin"
+            def select(self, problem):
+                return {}
         class F(Factorization):
             name = "twin"
         @hookimpl

@@ -34,6 +34,8 @@ def test_broken_plugins_are_reported_and_skipped():
     assert "hook without a spec" in failures["typo_hook"]
     assert "boom at registration" in failures["raising_hook"]
     assert "not a subclass of rankbench.Selector" in failures["not_a_plugin"]
+    assert "HalfDone is abstract: it does not implement select" in failures["abstract_selector"]
+    assert "half-done" not in registry.names("selector")
     # the good plugin in the same folder and every built-in still load
     assert "rank-one" in registry.names("selector")
     assert BUILTIN["selector"] <= set(registry.names("selector"))

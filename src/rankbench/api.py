@@ -23,6 +23,7 @@ with that reason (benchopt's ``skip()`` idea).
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -53,8 +54,12 @@ class PluginParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Plugin:
-    """What every plugin class has. ``version`` is folded into cell ids together with a hash of the plugin's file."""
+class Plugin(ABC):
+    """What every plugin class has. ``version`` is folded into cell ids together with a hash of the plugin's file.
+
+    The bases below are abstract base classes: a method marked ``@abstractmethod`` is one a plugin must implement,
+    and the host refuses to register a class that leaves one unimplemented (a load failure naming the methods).
+    """
 
     name: ClassVar[str]
     kind: ClassVar[str]
@@ -183,11 +188,20 @@ class Selector(Plugin):
     def skip(self, task: Task, factorization: Factorization) -> str | None:
         return None
 
+    @abstractmethod
     def select(self, problem: RankProblem) -> Ranks:
-        raise NotImplementedError
+        """A rank for every site of ``problem`` (for a tensor site a tuple, one rank per rank slot), within the
+        budget where the selector uses it."""
 
 
 class Factorization(Plugin):
+    """How a site is represented and fitted at a given rank. Nothing is abstract here: what a factorization
+    implements depends on the problem kinds it declares, and each kind's protocol is a base class in
+    ``rankbench.kinds`` that a factorization derives from, and that says what it must implement:
+    ``compression.LowRankFactorization`` and ``tensor_compression.TensorFactorization`` (compression; the tensor
+    formats also serve as layer formats of the training kind), ``adaptation.AdapterFactorization`` (adaptation),
+    ``recovery.RecoverySolver`` (recovery)."""
+
     kind: ClassVar[str] = "factorization"
     problem_kinds: ClassVar[frozenset[str]] = frozenset({COMPRESSION})
 
@@ -225,8 +239,9 @@ class Executor(Plugin):
     # acknowledges records already on disk instead of writing them again
     jobs_write_results: ClassVar[bool] = False
 
+    @abstractmethod
     def run(self, cells: Sequence[Cell], runtime: Any) -> Iterator[CellRecord]:
-        raise NotImplementedError
+        """Run ``cells`` and yield one record per cell as each ends, in any order."""
 
 
 class CellFailure(Exception):

@@ -10,7 +10,7 @@ which of those load; set to the empty string it loads none. ``RANKBENCH_TRACE_PL
 
 A plugin that fails to import, implements a hook that has no spec (a typo such as ``rankbench_register_selector``),
 raises inside its register hook, or registers something that is not a valid plugin class (not a subclass of the
-kind's base, no ``name``, a name already taken), is recorded in ``Registry.failures`` -- shown
+kind's base, no ``name``, a name already taken, an abstract class), is recorded in ``Registry.failures`` -- shown
 by ``bench plugins`` -- and skipped. It never takes the host down.
 
 How the register hooks are called: every call goes through pluggy's hook callers, so tracing (and any hook-call
@@ -233,6 +233,9 @@ class _Loader:
         known = self.registry.plugins[kind].get(name)
         if known is not None and known.cls is not cls:
             raise ValueError(f"{kind} name {name!r} is already registered by {known.source}")
+        if inspect.isabstract(cls):
+            missing = ", ".join(sorted(cls.__abstractmethods__))
+            raise TypeError(f"{cls.__name__} is abstract: it does not implement {missing}")
         distribution, dist_version, source = self.origin[plugin_name]
         self.registry.plugins[kind][name] = PluginInfo(
             name, kind, cls, distribution, dist_version, source, code_hash(cls)

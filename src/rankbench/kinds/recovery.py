@@ -18,6 +18,7 @@ Problem types (``RecoveryProblem.problem``):
 from __future__ import annotations
 
 import dataclasses
+from abc import abstractmethod
 from typing import ClassVar
 
 import numpy as np
@@ -121,11 +122,11 @@ class RecoverySolver(Factorization):
             )
         return None
 
+    @abstractmethod
     def solve(
         self, problem: RecoveryProblem, rank: int, *, seed: int, device: str, max_iters: int, tol: float
     ) -> SolveResult:
         """Fit a rank-``rank`` model to ``problem``; stop when ``problem.error`` < ``tol`` or after ``max_iters``."""
-        raise NotImplementedError
 
     def params_at_rank(self, shape: tuple[int, ...], rank: int) -> int:
         return int(rank) * int(sum(shape))
