@@ -1,12 +1,14 @@
 """The plugin host: entry points, --plugins-dir, restriction, failure isolation, third-party distributions."""
 
+import importlib
 import subprocess
 import sys
 import textwrap
 
+import pytest
 
 from conftest import BROKEN_PLUGINS, GOOD_PLUGINS, ROOT
-from rankbench.plugins import load_plugins
+from rankbench.plugins import _Loader, load_plugins
 
 BUILTIN = {
     "task": {"matrix-recovery", "llm-perplexity"},
@@ -25,6 +27,20 @@ def test_builtins_load_through_entry_points():
             info = registry.get(kind, name)
             assert info.distribution == "rankbench"
             assert info.source.startswith(f"{name} = rankbench_plugins.")
+
+
+def test_every_entry_point_in_pyproject_registers_its_named_plugin():
+    """Each entry point of pyproject.toml (read from the file: the installed metadata may predate it) imports and
+    registers exactly one plugin, under the entry point's name."""
+    tomllib = pytest.importorskip("tomllib")
+    entry_points = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["rankbench"]
+    assert set(BUILTIN["executor"]) <= set(entry_points)
+    for name, module_name in entry_points.items():
+        loader = _Loader()
+        loader.add_module(name, importlib.import_module(module_name), "rankbench", "", f"{name} = {module_name}")
+        loader.collect()
+        assert loader.registry.failures == [], name
+        assert [info.name for info in loader.registry.all()] == [name], module_name
 
 
 def test_broken_plugins_are_reported_and_skipped():
