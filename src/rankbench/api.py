@@ -238,6 +238,12 @@ class Executor(Plugin):
     # True where the executor's jobs write their cells' part files themselves (``runtime.results_dir``): the host then
     # acknowledges records already on disk instead of writing them again
     jobs_write_results: ClassVar[bool] = False
+    # True for the executor that runs cells when neither ``--executor`` nor the suite names one; exactly one
+    # registered executor may claim it (the host names none itself)
+    default: ClassVar[bool] = False
+    # True where ``run`` runs every cell in the calling process (``runtime.execute``): ``bench test-plugin`` runs its
+    # tiny cells, and the cells an executor under test is compared with, through such an executor
+    in_process: ClassVar[bool] = False
 
     @abstractmethod
     def run(self, cells: Sequence[Cell], runtime: Any) -> Iterator[CellRecord]:

@@ -94,6 +94,17 @@ class Registry:
     def all(self) -> list[PluginInfo]:
         return [info for kind in KINDS for info in sorted(self.plugins[kind].values(), key=lambda i: i.name)]
 
+    def default_executor(self) -> str:
+        """The name of the one registered executor that declares itself the default (``Executor.default``); raises
+        ``LookupError`` when none or several do."""
+        claims = sorted(name for name, info in self.plugins["executor"].items() if info.cls.default)
+        if len(claims) == 1:
+            return claims[0]
+        if claims:
+            raise LookupError(f"several executors declare themselves the default ({', '.join(claims)})")
+        loaded = ", ".join(self.names("executor")) or "none loaded"
+        raise LookupError(f"no registered executor declares itself the default (executors: {loaded})")
+
 
 @functools.lru_cache(maxsize=None)
 def file_hash(path: str) -> str:

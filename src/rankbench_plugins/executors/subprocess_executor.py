@@ -117,6 +117,7 @@ class _Worker:
 class SubprocessExecutor(Executor):
     name = "subprocess"
     description = "run cells in a worker process; hard kill at the per-cell limit; crashes are contained"
+    default = True
 
     class Params(PluginParams):
         fresh_worker: bool = False

@@ -47,6 +47,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Literal
@@ -61,6 +62,11 @@ from rankbench.cells import derived_seed
 from rankbench.kinds.compression import cached_weights
 from rankbench.kinds.training import CompressAdaptOrTrainTask, TrainingSettings
 from rankbench_plugins.tasks import _vision_data as data
+
+# The Hugging Face hub stays offline unless the user sets HF_HUB_OFFLINE otherwise (an unreachable hub fails fast
+# instead of hanging). Set when the plugin is imported, before any model loads: the Hugging Face libraries read it
+# once, when they are first imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CACHE_VERSION = 1
 
