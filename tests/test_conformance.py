@@ -144,6 +144,8 @@ def test_ambiguous_name_needs_a_kind(cli, tmp_path):
         from rankbench import Factorization, Selector, hookimpl
         class S(Selector):
             name = "twin"
+            def select(self, problem):
+                return {}
         class F(Factorization):
             name = "twin"
         @hookimpl
@@ -179,6 +181,34 @@ def test_executor_agrees_with_this_process(cli):
     assert result.returncode == 0, result.stdout + result.stderr
     rows = _rows(result.stdout, "agrees")
     assert len(rows) == 2 and all(" pass " in row for row in rows)
+
+
+def test_tiny_cells_run_through_the_registered_in_process_executor():
+    """The host has no executor of its own: tiny cells go through the executor plugin that declares ``in_process``;
+    without one, no cell runs and the report says why."""
+    import dataclasses
+
+    from rankbench.conformance import FAIL, run_conformance
+    from rankbench.plugins import load_plugins
+
+    registry = load_plugins()
+    info = registry.get("executor", "inprocess")
+    batches = []
+
+    class Counting(info.cls):
+        def run(self, cells, runtime):
+            batches.append(len(cells))
+            yield from super().run(cells, runtime)
+
+    registry.plugins["executor"]["inprocess"] = dataclasses.replace(info, cls=Counting)
+    report = run_conformance("svd", registry=registry)
+    assert report.passed, report.rows()
+    assert len(batches) == 2 and all(batches)  # the run and its determinism re-run
+
+    del registry.plugins["executor"]["inprocess"]
+    report = run_conformance("svd", registry=registry)
+    assert [(c.check, c.verdict) for c in report.checks if c.check == "runs"] == [("runs", FAIL)]
+    assert "no registered executor runs cells in this process" in report.failed[0].detail
 
 
 def test_conformance_configurations_of_builtin_tasks_are_valid():

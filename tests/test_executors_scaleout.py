@@ -150,7 +150,7 @@ def submitit_executor(**params):
 
 
 def test_submitit_local_matches_inprocess_and_its_jobs_write_the_parts(tmp_path, host_writes):
-    from rankbench_plugins.executors.inprocess import InProcessExecutor
+    from rankbench_plugins.executors.inprocess_executor import InProcessExecutor
 
     inprocess = run_suite(RECOVERY, tmp_path / "inprocess", InProcessExecutor(), tmp_path)
     host_writes.clear()
@@ -275,7 +275,7 @@ def test_submitit_slurm_job_array_on_fake_slurm(tmp_path, fake_slurm, host_write
     assert host_writes == []
     assert sorted(p.name for p in fake_slurm.iterdir()) == ["1000.sh", "1000_0", "1000_1", "counter"]  # one array
     assert "--array=0-1%2" in next((tmp_path / "slurm" / "submitit").rglob("*_submission.sh")).read_text()
-    from rankbench_plugins.executors.inprocess import InProcessExecutor
+    from rankbench_plugins.executors.inprocess_executor import InProcessExecutor
 
     run_suite(RECOVERY, tmp_path / "inprocess", InProcessExecutor(), tmp_path)
     assert_same_results(tmp_path / "inprocess", tmp_path / "slurm")

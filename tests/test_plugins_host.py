@@ -1,12 +1,15 @@
 """The plugin host: entry points, --plugins-dir, restriction, failure isolation, third-party distributions."""
 
+import importlib
+import os
 import subprocess
 import sys
 import textwrap
 
+import pytest
 
 from conftest import BROKEN_PLUGINS, GOOD_PLUGINS, ROOT
-from rankbench.plugins import load_plugins
+from rankbench.plugins import _Loader, load_plugins
 
 BUILTIN = {
     "task": {"matrix-recovery", "llm-perplexity"},
@@ -27,6 +30,20 @@ def test_builtins_load_through_entry_points():
             assert info.source.startswith(f"{name} = rankbench_plugins.")
 
 
+def test_every_entry_point_in_pyproject_registers_its_named_plugin():
+    """Each entry point of pyproject.toml (read from the file: the installed metadata may predate it) imports and
+    registers exactly one plugin, under the entry point's name."""
+    tomllib = pytest.importorskip("tomllib")
+    entry_points = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["rankbench"]
+    assert set(BUILTIN["executor"]) <= set(entry_points)
+    for name, module_name in entry_points.items():
+        loader = _Loader()
+        loader.add_module(name, importlib.import_module(module_name), "rankbench", "", f"{name} = {module_name}")
+        loader.collect()
+        assert loader.registry.failures == [], name
+        assert [info.name for info in loader.registry.all()] == [name], module_name
+
+
 def test_broken_plugins_are_reported_and_skipped():
     registry = load_plugins(BROKEN_PLUGINS)
     failures = {f.plugin: f.error for f in registry.failures}
@@ -34,9 +51,65 @@ def test_broken_plugins_are_reported_and_skipped():
     assert "hook without a spec" in failures["typo_hook"]
     assert "boom at registration" in failures["raising_hook"]
     assert "not a subclass of rankbench.Selector" in failures["not_a_plugin"]
+    assert "HalfDone is abstract: it does not implement select" in failures["abstract_selector"]
+    assert "half-done" not in registry.names("selector")
     # the good plugin in the same folder and every built-in still load
     assert "rank-one" in registry.names("selector")
     assert BUILTIN["selector"] <= set(registry.names("selector"))
+
+
+def test_register_hooks_are_traced_and_still_isolated(monkeypatch, capsys):
+    """RANKBENCH_TRACE_PLUGINS shows every register hook call (each plugin's, named by its `register` argument),
+    and a plugin whose hook raises is still its own load failure."""
+    monkeypatch.setenv("RANKBENCH_TRACE_PLUGINS", "1")
+    registry = load_plugins(BROKEN_PLUGINS)
+    trace = capsys.readouterr().err
+    for hook in ("tasks", "selectors", "factorizations", "executors"):
+        assert f"rankbench_register_{hook} [hook]" in trace
+    assert "register: <register selector classes of plugin 'fine'>" in trace
+    assert "register: <register selector classes of plugin 'raising_hook'>" in trace
+    assert trace.count("register: <register executor classes of plugin 'subprocess'>") == 1
+    assert "boom at registration" in {f.plugin: f.error for f in registry.failures}["raising_hook"]
+    assert "rank-one" in registry.names("selector") and BUILTIN["selector"] <= set(registry.names("selector"))
+
+
+def test_the_default_executor_is_the_one_that_declares_itself_default(tmp_path, monkeypatch, cli, write_suite):
+    assert load_plugins().default_executor() == "subprocess"
+    (tmp_path / "rival.py").write_text(textwrap.dedent('''
+        from rankbench import Executor, hookimpl
+        class Rival(Executor):
+            name = "rival"
+            default = True
+            def run(self, cells, runtime):
+                yield from (runtime.execute(cell) for cell in cells)
+        @hookimpl
+        def rankbench_register_executors(register):
+            register(Rival)
+    '''))
+    with pytest.raises(LookupError, match=r"several executors declare themselves the default \(rival, subprocess\)"):
+        load_plugins(tmp_path).default_executor()
+    # no executor claims it (none loaded): `bench check` of a suite that names none says so, exit 2
+    monkeypatch.setenv("RANKBENCH_LOAD_PLUGINS", "toy,uniform")
+    suite = write_suite("""
+    name: no-executor
+    tasks: [{toy: {size: 12}}]
+    selectors: [uniform]
+    factorizations: [toy-svd]
+    budgets: [0.5]
+    """)
+    result = cli("check", suite, "--plugins-dir", GOOD_PLUGINS)
+    assert result.returncode == 2
+    assert "no registered executor declares itself the default" in result.stderr and "--executor" in result.stderr
+
+
+def test_loading_the_plugins_keeps_the_hugging_face_hub_offline_unless_the_user_says_otherwise():
+    """The tasks that load Hugging Face models set HF_HUB_OFFLINE=1 when imported, unless it is set already."""
+    code = "import os; from rankbench.plugins import load_plugins; load_plugins(); print(os.environ['HF_HUB_OFFLINE'])"
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    for user, expected in ((None, "1"), ("0", "0")):
+        run_env = env if user is None else {**env, "HF_HUB_OFFLINE": user}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=run_env, timeout=300)
+        assert out.stdout.strip() == expected, out.stderr
 
 
 def test_plugins_command_lists_failures(bench):

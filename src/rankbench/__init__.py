@@ -19,8 +19,8 @@ from rankbench.api import (
     Site,
     SkipCell,
     Task,
-    hookimpl,
 )
+from rankbench.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 

@@ -24,20 +24,19 @@ with that reason (benchopt's ``skip()`` idea).
 
 from __future__ import annotations
 
-import abc
 import dataclasses
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import pluggy
 from pydantic import BaseModel, ConfigDict
+
+from rankbench.hookspecs import hookimpl  # noqa: F401 -- its home is beside the specs; re-exported for plugins
 
 if TYPE_CHECKING:  # pragma: no cover
     from rankbench.cells import Cell
     from rankbench.context import CellContext
-
-hookimpl = pluggy.HookimplMarker("rankbench")
 
 # Budget kinds (README, "Suites"): what the suite's ``budgets`` numbers mean.
 PARAM_RATIO = "param_ratio"  # parameters kept / dense parameters of the targeted sites
@@ -57,8 +56,12 @@ class PluginParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Plugin(abc.ABC):
-    """What every plugin class has. ``version`` is folded into cell ids together with a hash of the plugin's file."""
+class Plugin(ABC):
+    """What every plugin class has. ``version`` is folded into cell ids together with a hash of the plugin's file.
+
+    The bases below are abstract base classes: a method marked ``@abstractmethod`` is one a plugin must implement,
+    and the host refuses to register a class that leaves one unimplemented (a load failure naming the methods).
+    """
 
     name: ClassVar[str]
     kind: ClassVar[str]
@@ -114,11 +117,11 @@ class SelfRunningTask(Task):
     """A task that runs its cells itself instead of through a protocol of ``rankbench.kinds``: a problem kind of its
     own, or an experiment that does not fit the built-in kinds. Its cells are dispatched to these two methods."""
 
-    @abc.abstractmethod
+    @abstractmethod
     def run_reference(self, ctx: CellContext) -> None:
         """Measure the uncompressed model (selector ``none``, factorization ``dense``): the baseline row."""
 
-    @abc.abstractmethod
+    @abstractmethod
     def run(self, ctx: CellContext, selector: Selector, factorization: Factorization) -> None:
         """Run one cell: select ranks, factorize/solve, evaluate. Report through ``ctx.metric``/``ctx.ranks``."""
 
@@ -200,11 +203,20 @@ class Selector(Plugin):
     def skip(self, task: Task, factorization: Factorization) -> str | None:
         return None
 
+    @abstractmethod
     def select(self, problem: RankProblem) -> Ranks:
-        raise NotImplementedError
+        """A rank for every site of ``problem`` (for a tensor site a tuple, one rank per rank slot), within the
+        budget where the selector uses it."""
 
 
 class Factorization(Plugin):
+    """How a site is represented and fitted at a given rank. Nothing is abstract here: what a factorization
+    implements depends on the problem kinds it declares, and each kind's protocol is a base class in
+    ``rankbench.kinds`` that a factorization derives from, and that says what it must implement:
+    ``compression.LowRankFactorization`` and ``tensor_compression.TensorFactorization`` (compression; the tensor
+    formats also serve as layer formats of the training kind), ``adaptation.AdapterFactorization`` (adaptation),
+    ``recovery.RecoverySolver`` (recovery)."""
+
     kind: ClassVar[str] = "factorization"
     problem_kinds: ClassVar[frozenset[str]] = frozenset({COMPRESSION})
 
@@ -241,9 +253,16 @@ class Executor(Plugin):
     # True where the executor's jobs write their cells' part files themselves (``runtime.results_dir``): the host then
     # acknowledges records already on disk instead of writing them again
     jobs_write_results: ClassVar[bool] = False
+    # True for the executor that runs cells when neither ``--executor`` nor the suite names one; exactly one
+    # registered executor may claim it (the host names none itself)
+    default: ClassVar[bool] = False
+    # True where ``run`` runs every cell in the calling process (``runtime.execute``): ``bench test-plugin`` runs its
+    # tiny cells, and the cells an executor under test is compared with, through such an executor
+    in_process: ClassVar[bool] = False
 
+    @abstractmethod
     def run(self, cells: Sequence[Cell], runtime: Any) -> Iterator[CellRecord]:
-        raise NotImplementedError
+        """Run ``cells`` and yield one record per cell as each ends, in any order."""
 
 
 class CellFailure(Exception):

@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output folder (default: results/<suite name>/)")
     run.add_argument("--force", action="store_true", help="re-run cells that already finished")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the suite's, else auto")
-    run.add_argument("--executor", help="executor plugin (default: the suite's, else subprocess)")
+    run.add_argument("--executor", help="executor plugin (default: the suite's, else the one `bench plugins` marks)")
     run.add_argument("--plugins-dir", help="also load every *.py plugin file in this folder")
     run.add_argument("--timeout", type=float, help="seconds per cell (overrides the suite); 0 disables the limit")
     run.add_argument("--threads", type=int, help="torch CPU threads in the process that runs cells (default: torch's)")
@@ -121,7 +121,8 @@ def cmd_check(args) -> int:
 
 def _executor(args, suite, registry):
     """The executor: ``--executor NAME`` (with the suite's parameters when the suite names the same one), else the
-    suite's ``executor`` (a name or ``{name: {param: value}}``), else ``subprocess``."""
+    suite's ``executor`` (a name or ``{name: {param: value}}``), else the executor plugin that declares itself the
+    default (``Executor.default``)."""
     from rankbench.suite import SuiteError, resolve_ref
 
     ref = suite.spec.executor
@@ -134,7 +135,12 @@ def _executor(args, suite, registry):
         ref = wanted
     if isinstance(ref, dict) and len(ref) != 1:
         raise SuiteError(suite.path, "executor", f"expected a name or {{name: {{param: value}}}} (got {ref!r})")
-    return resolve_ref(registry, "executor", ref or "subprocess", suite.path, "executor").instance
+    if not ref:
+        try:
+            ref = registry.default_executor()
+        except LookupError as exc:
+            raise BadInput(f"{exc}: name one with --executor or the suite's `executor`") from None
+    return resolve_ref(registry, "executor", ref, suite.path, "executor").instance
 
 
 def cmd_run(args) -> int:
@@ -180,7 +186,8 @@ def cmd_plugins(args) -> int:
 
     registry = load_plugins(_plugins_dir(args.plugins_dir))
     rows = [
-        [info.name, info.kind, info.distribution, info.dist_version, info.version, info.cls.description]
+        [info.name, info.kind, info.distribution, info.dist_version, info.version,
+         info.cls.description + (" (the default executor)" if info.kind == "executor" and info.cls.default else "")]
         for info in registry.all()
     ]
     print(tabulate(rows, headers=["name", "kind", "distribution", "dist version", "plugin version", "description"]))
@@ -253,7 +260,6 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     from rankbench.suite import SuiteError
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast instead of hanging on an unreachable hub
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

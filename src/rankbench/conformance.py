@@ -13,8 +13,10 @@ Checks, in order (one row each in the report; a row's verdict is ``pass``, ``FAI
                    are a ``warn`` (many useful fields are self-explanatory; a suite still validates).
 ``configurations`` (tasks) ``Task.conformance_params()`` returns parameter dicts that validate; empty is a ``warn``.
 ``runs``           one tiny cell per problem kind the plugin claims, run by the real runner (``run_cells``) in a
-                   temporary folder, one seed, in this process, must end ``ok``. A kind no tiny problem can exercise
-                   is ``not exercised``; a plugin none of whose kinds can be exercised fails.
+                   temporary folder, one seed, in this process (through the registered executor that declares
+                   ``in_process``, the built-in ``inprocess``; without one no cell runs and this check fails), must
+                   end ``ok``. A kind no tiny problem can exercise is ``not exercised``; a plugin none of whose
+                   kinds can be exercised fails.
 ``budget``         every ``ok`` cell with a budget respects it: ``param_ratio`` <= budget (+1e-9), the sum of the
                    ranks (metric ``rank_total`` or the ranks table) <= budget for ``rank_total``, every site's rank
                    (each mode's for tensor sites, else metric ``rank_selected``) <= budget for ``rank_cap``.
@@ -426,14 +428,23 @@ class CellResult:
     ranks: dict[str, tuple[int, str, int]]  # site -> (rank, rank per mode, params)
 
 
-class _HereExecutor(Executor):
-    """Runs cells in this process (the reference the checks compare against; no executor plugin needed)."""
+NO_IN_PROCESS_EXECUTOR = (
+    "no cell can run: no registered executor runs cells in this process (one that declares `in_process = True`, "
+    "as the built-in `inprocess` does; is it left out by RANKBENCH_LOAD_PLUGINS, or among the load failures?)"
+)
 
-    name = "(this process)"
 
-    def run(self, cells, runtime):
-        for cell in cells:
-            yield runtime.execute(cell, alarm=True)
+def in_process_executor(registry: Registry) -> Executor | None:
+    """The registered executor that runs cells in this process (``Executor.in_process``; built-ins first), built with
+    its default parameters: the tiny cells run through it, and an executor under test is compared with it. None when
+    none is loaded (or none builds)."""
+    for info in sorted(registry.plugins["executor"].values(), key=lambda i: (not _builtin(i), i.name)):
+        if info.cls.in_process:
+            try:
+                return info.cls()
+            except Exception:  # noqa: BLE001 -- a broken one is no reference; the next may do
+                continue
+    return None
 
 
 @contextlib.contextmanager
@@ -469,7 +480,8 @@ def run_tiny(
     cells: list[Cell], registry: Registry, device: str, timeout: float | None, plugins_dir: str | None, folder: Path,
     executor=None,
 ) -> dict[str, CellResult]:
-    """Run ``cells`` with the real runner into ``folder/results`` (cache in ``folder/cache``); read them back."""
+    """Run ``cells`` with the real runner into ``folder/results`` (cache in ``folder/cache``) through ``executor``
+    (default: the registered in-process executor); read them back."""
     from rich.console import Console
 
     from rankbench import results
@@ -479,7 +491,10 @@ def run_tiny(
     out.mkdir(parents=True, exist_ok=True)
     runtime = Runtime(registry=registry, device=device, timeout=timeout, plugins_dir=plugins_dir, threads=THREADS)
     with _environment(**{CACHE_ENV: str(cache)}):
-        run_cells(cells, out, runtime, executor or _HereExecutor(), {"git_sha": "", "device": device}, force=True,
+        executor = executor or in_process_executor(registry)
+        if executor is None:
+            raise RuntimeError(NO_IN_PROCESS_EXECUTOR)
+        run_cells(cells, out, runtime, executor, {"git_sha": "", "device": device}, force=True,
                   console=Console(stderr=True, quiet=True))
     table = results.read_table(out, "cells")
     metrics = results.read_table(out, "metrics")
@@ -775,6 +790,8 @@ def run_conformance(
     spec = check_declarations(report, info)
     if spec is None:
         report.add("runs", "-", NOT_EXERCISED, "not run: the plugin cannot be built with its default parameters")
+    elif in_process_executor(registry) is None:
+        report.add("runs", "-", FAIL, NO_IN_PROCESS_EXECUTOR)
     else:
         with contextlib.ExitStack() as stack:
             stack.enter_context(_torch_threads(THREADS))

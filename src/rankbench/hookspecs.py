@@ -1,4 +1,5 @@
-"""The hooks a plugin implements. Each hook receives a ``register`` callback and calls it once per plugin class.
+"""The hooks a plugin implements, and the marker it implements them with (``hookimpl``, re-exported as
+``rankbench.hookimpl``). Each register hook receives a ``register`` callback and calls it once per plugin class.
 
 A plugin module (an entry point in group ``rankbench``, or a loose ``*.py`` file in ``--plugins-dir``) implements
 one or more of these with ``@rankbench.hookimpl``::
@@ -21,6 +22,7 @@ from __future__ import annotations
 import pluggy
 
 hookspec = pluggy.HookspecMarker("rankbench")
+hookimpl = pluggy.HookimplMarker("rankbench")
 
 
 @hookspec

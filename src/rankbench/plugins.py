@@ -5,11 +5,24 @@ Load order (simonw/llm and datasette do the same):
 2. every ``*.py`` file in ``--plugins-dir`` (sorted by name).
 
 ``RANKBENCH_LOAD_PLUGINS`` (comma-separated entry-point names, distribution names or plugin-file stems) restricts
-which of those load; set to the empty string it loads none. ``RANKBENCH_TRACE_PLUGINS=1`` logs every hook call.
+which of those load; set to the empty string it loads none. ``RANKBENCH_TRACE_PLUGINS=1`` logs every hook call
+(pluggy's tracing, on stderr), the register hooks included.
 
 A plugin that fails to import, implements a hook that has no spec (a typo such as ``rankbench_register_selector``),
-raises inside its register hook, or registers something that is not a valid plugin class, is recorded in
-``Registry.failures`` -- shown by ``bench plugins`` -- and skipped. It never takes the host down.
+raises inside its register hook, or registers something that is not a valid plugin class (not a subclass of the
+kind's base, no ``name``, a name already taken, an abstract class), is recorded in ``Registry.failures`` -- shown
+by ``bench plugins`` -- and skipped. It never takes the host down.
+
+How the register hooks are called: every call goes through pluggy's hook callers, so tracing (and any hook-call
+monitoring) sees it -- but not as one ``pm.hook.rankbench_register_selectors(register=...)`` for all plugins at
+once. That single call would stop at the first plugin that raises (the later ones would never register), and a
+shared ``register`` callback could only guess which plugin hands it a class (a class's module need not be the
+plugin's: a plugin may register classes it imports). Instead, for each plugin that implements a register hook,
+the host calls ``pm.subset_hook_caller(hook, remove_plugins=<every other plugin>)`` -- pluggy's caller of that
+hook restricted to that one plugin -- with a ``register`` callback bound to that plugin (``_Register``). So each
+registered class's origin (distribution, version, entry point or file) is the calling plugin's, known without
+guessing; an exception is that plugin's alone (a ``LoadFailure`` naming it, and the next plugin is called); and
+the trace shows one call per plugin, its ``register`` argument naming the plugin.
 """
 
 from __future__ import annotations
@@ -80,6 +93,17 @@ class Registry:
 
     def all(self) -> list[PluginInfo]:
         return [info for kind in KINDS for info in sorted(self.plugins[kind].values(), key=lambda i: i.name)]
+
+    def default_executor(self) -> str:
+        """The name of the one registered executor that declares itself the default (``Executor.default``); raises
+        ``LookupError`` when none or several do."""
+        claims = sorted(name for name, info in self.plugins["executor"].items() if info.cls.default)
+        if len(claims) == 1:
+            return claims[0]
+        if claims:
+            raise LookupError(f"several executors declare themselves the default ({', '.join(claims)})")
+        loaded = ", ".join(self.names("executor")) or "none loaded"
+        raise LookupError(f"no registered executor declares itself the default (executors: {loaded})")
 
 
 @functools.lru_cache(maxsize=None)
@@ -196,23 +220,22 @@ class _Loader:
             self.add_module(path.stem, module, "(plugins-dir)", file_hash(str(path)), str(path))
 
     def collect(self) -> None:
+        """Call every plugin's register hooks, one plugin at a time (see the module docstring)."""
         for kind, (hook_name, base) in KINDS.items():
-            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-                distribution, dist_version, source = self.origin[impl.plugin_name]
-
-                def register(
-                    cls, *, _kind=kind, _base=base, _impl=impl, _dist=distribution, _ver=dist_version, _src=source
-                ):
-                    self._register_class(_kind, _base, cls, _impl.plugin_name, _dist, _ver, _src)
-
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():  # registration order
+                others = [plugin for plugin in self.pm.get_plugins() if plugin is not impl.plugin]
+                call = self.pm.subset_hook_caller(hook_name, remove_plugins=others)
                 try:
-                    impl.function(register=register)
+                    call(register=_Register(self, kind, base, impl.plugin_name))
                 except Exception as exc:
+                    distribution = self.origin[impl.plugin_name][0]
                     self.registry.failures.append(
                         LoadFailure(impl.plugin_name, distribution, f"{hook_name} raised {_describe(exc)}")
                     )
 
-    def _register_class(self, kind, base, cls, plugin_name, distribution, dist_version, source) -> None:
+    def _register_class(self, kind: str, base: type[Plugin], cls: object, plugin_name: str) -> None:
+        """Add ``cls`` to the registry as a ``kind`` plugin from pluggy plugin ``plugin_name``; raises (in the
+        plugin's register hook, so it becomes that plugin's ``LoadFailure``) when ``cls`` is no valid plugin."""
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise TypeError(f"{cls!r} is not a subclass of rankbench.{base.__name__}")
         name = getattr(cls, "name", None)
@@ -221,9 +244,27 @@ class _Loader:
         known = self.registry.plugins[kind].get(name)
         if known is not None and known.cls is not cls:
             raise ValueError(f"{kind} name {name!r} is already registered by {known.source}")
+        if inspect.isabstract(cls):
+            missing = ", ".join(sorted(cls.__abstractmethods__))
+            raise TypeError(f"{cls.__name__} is abstract: it does not implement {missing}")
+        distribution, dist_version, source = self.origin[plugin_name]
         self.registry.plugins[kind][name] = PluginInfo(
             name, kind, cls, distribution, dist_version, source, code_hash(cls)
         )
+
+
+class _Register:
+    """The ``register`` callback handed to one plugin's register hook for one kind: it knows the plugin it serves
+    (so the registry records where each class came from), and says so in a trace."""
+
+    def __init__(self, loader: _Loader, kind: str, base: type[Plugin], plugin_name: str) -> None:
+        self.loader, self.kind, self.base, self.plugin_name = loader, kind, base, plugin_name
+
+    def __call__(self, cls: object) -> None:
+        self.loader._register_class(self.kind, self.base, cls, self.plugin_name)
+
+    def __repr__(self) -> str:
+        return f"<register {self.kind} classes of plugin {self.plugin_name!r}>"
 
 
 def load_plugins(plugins_dir: str | os.PathLike | None = None) -> Registry:

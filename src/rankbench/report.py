@@ -29,6 +29,7 @@ from tabulate import tabulate
 
 from rankbench import results
 from rankbench.files import atomic_write
+from rankbench.cells import REFERENCE_FACTORIZATION
 
 METHOD_COLUMNS = ["task_config", "selector", "factorization", "budget"]
 
@@ -132,8 +133,8 @@ def _plot_quality(metrics: pd.DataFrame, path: Path) -> bool:
     fig, axes = _grid(len(configs), 7.5, 4.8)
     for ax, config in zip(axes.flat, configs):
         sub = points[points["task_config"] == config]
-        dense = sub[sub["factorization"] == "dense"]
-        methods = sub[sub["factorization"] != "dense"].sort_values("param_ratio")
+        dense = sub[sub["factorization"] == REFERENCE_FACTORIZATION]
+        methods = sub[sub["factorization"] != REFERENCE_FACTORIZATION].sort_values("param_ratio")
         if not methods.empty:
             sns.lineplot(
                 data=methods,
@@ -169,7 +170,7 @@ def _plot_quality_table(metrics: pd.DataFrame, path: Path) -> bool:
     import seaborn as sns
 
     data = _primary_with_ratio(metrics)
-    data = data[data["factorization"] != "dense"]
+    data = data[data["factorization"] != REFERENCE_FACTORIZATION]
     if data.empty:
         return False
     data = data.assign(row=data["selector"] + data["budget"].map(lambda b: "" if pd.isna(b) else f" @{b:g}"))

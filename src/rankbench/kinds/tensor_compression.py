@@ -24,6 +24,7 @@ factorizations.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from typing import ClassVar
 
 import numpy as np
@@ -51,15 +52,17 @@ class TensorFactorization(Factorization):
         return tf.factor_dims(out_features, self.params.order_out), tf.factor_dims(in_features, self.params.order_in)
 
     # -- what a format provides -------------------------------------------------------------------------------------
+    @abstractmethod
     def slots(self, weight: torch.Tensor) -> tuple[list[np.ndarray], list[tuple[int, int]], list[int]]:
         """For every rank slot of the format: its spectrum, the (rows, cols) of the matrix behind it, its cap."""
-        raise NotImplementedError
 
+    @abstractmethod
     def params_at_ranks(self, shape: tuple[int, int], ranks: tuple[int, ...]) -> int:
-        raise NotImplementedError
+        """Parameters stored by a ``shape`` weight in this format at the given slot ranks."""
 
+    @abstractmethod
     def fit(self, weight: torch.Tensor, bias: torch.Tensor | None, ranks: tuple[int, ...]) -> tf.TensorLinear:
-        raise NotImplementedError
+        """The weight (and bias) fitted in this format at the given slot ranks, as a layer."""
 
     def feasible(self, shape: tuple[int, int], ranks: tuple[int, ...]) -> tuple[int, ...]:
         """The ranks the fitted layer will really have (clipped to the format's feasible set)."""

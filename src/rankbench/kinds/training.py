@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from rankbench.api import COMPRESSION, PARAM_RATIO, TRAINING, Diverged, Factorization, Selector, Task
-from rankbench.kinds.compression import cached_weights, save_weights
+from rankbench.kinds.compression import CompressionTask, cached_weights, save_weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,15 +89,17 @@ class TrainingTask(Task):
     """What a task of the training kind supplies: a seeded fresh network, its sites, the minibatch stream, the loss,
     the optimiser settings and the evaluation. ``run_training`` / ``run_training_reference`` are the protocol.
 
-    A training task usually also speaks ``compression`` (its ``problem_kinds``) with the dense network trained by
-    the reference protocol as its model: its ``CompressionTask.load_model`` returns ``trained_dense_network``."""
+    A training task that is also a ``CompressionTask`` speaks ``compression`` too, with the dense network trained by
+    the reference protocol as its model (its ``load_model`` returns ``trained_dense_network``), so post-hoc
+    selectors compress exactly what the reference cell trained."""
 
     problem_kind: ClassVar[str] = TRAINING
     budget_kind: ClassVar[str | None] = PARAM_RATIO
 
     @property
     def problem_kinds(self) -> frozenset[str]:
-        return frozenset({TRAINING, COMPRESSION})
+        """Training, and compression of the trained dense network where the task supplies that kind's capabilities."""
+        return frozenset({TRAINING, COMPRESSION}) if isinstance(self, CompressionTask) else frozenset({TRAINING})
 
     @abc.abstractmethod
     def fresh_model(self, ctx) -> nn.Module:

@@ -2,9 +2,9 @@
 the part files those jobs write.
 
 A job gets cells as JSON and the settings of ``job_settings`` (no live objects: it may run on another machine). It
-rebuilds the plugin registry from ``plugins_dir`` like ``rankbench.worker`` does (once per process: Ray reuses its
-worker processes, so a registry and a task's warm set-up outlive one task), runs each cell with ``execute_cell``
-(SIGALRM at the cell's limit), and writes the cell's part files into the results folder itself with the project's
+rebuilds the plugin registry from ``plugins_dir`` like the ``subprocess`` executor's worker does (once per process:
+Ray reuses its worker processes, so a registry and a task's warm set-up outlive one task), runs each cell with
+``execute_cell`` (SIGALRM at the cell's limit), and writes the cell's part files into the results folder itself with the project's
 atomic writer -- so a finished cell survives a ``bench`` host that dies, and a re-run (with any executor) resumes
 from it. It returns the records too; the host sees that they are already on disk (``results.is_written``) and
 does not write them again. A job that cannot write (no shared file system) leaves the writing to the host.

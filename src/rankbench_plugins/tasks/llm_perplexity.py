@@ -47,6 +47,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,6 +59,11 @@ from torch import nn
 from rankbench.api import CellFailure, Diverged, PluginParams, hookimpl
 from rankbench.kinds.compression import CompressionTask, LowRankLinear, SigmaLinear, iter_named_linears
 from rankbench_plugins.tasks import _llm_assets as assets
+
+# The Hugging Face hub stays offline unless the user sets HF_HUB_OFFLINE otherwise (an unreachable hub fails fast
+# instead of hanging). Set when the plugin is imported, before any model loads: the Hugging Face libraries read it
+# once, when they are first imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 EXCLUDED = ("embed", "lm_head")  # never sites, whatever ``sites`` says
 

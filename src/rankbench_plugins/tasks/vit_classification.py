@@ -44,6 +44,7 @@ forward passes over one batch of ``batch_size`` test images, device-synchronised
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -60,6 +61,10 @@ from rankbench.kinds.training import TrainingSettings, trained_dense_network
 from rankbench_plugins.tasks import _vision_data as data
 from rankbench_plugins.tasks._image_classification import ImageClassificationTask
 
+# The Hugging Face hub stays offline unless the user sets HF_HUB_OFFLINE otherwise (an unreachable hub fails fast
+# instead of hanging). Set when the plugin is imported, before any model loads: the Hugging Face libraries read it
+# once, when they are first imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 class ViTParams(PluginParams):

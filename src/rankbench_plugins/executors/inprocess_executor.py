@@ -14,6 +14,7 @@ from rankbench import Executor, hookimpl
 class InProcessExecutor(Executor):
     name = "inprocess"
     description = "run cells in the bench process (no isolation; SIGALRM time limit)"
+    in_process = True
 
     def run(self, cells, runtime):
         for cell in cells:

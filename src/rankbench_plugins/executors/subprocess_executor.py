@@ -1,26 +1,70 @@
 """Executor ``subprocess`` (the default): cells run in a worker process with a hard per-cell time limit.
 
-One worker (``rankbench.worker``, started with ``spawn``) runs the cells of one task configuration one after
-another, so its set-up (a loaded model, its statistics) is shared by them; the next configuration gets a fresh worker,
-so a cell's ``peak_rss_mb`` never includes what an earlier configuration left in the process. The parent waits for each result at
-most the cell's timeout; at the limit it kills the worker (SIGKILL: nothing cooperative about it) and records
-``timeout``. A worker that dies -- segfault, ``os._exit``, the OOM killer -- gives ``crashed`` with the signal or
-exit code. Either way a fresh worker takes the next cell and the suite goes on.
+This module is both sides: the executor (``SubprocessExecutor``, in the ``bench`` process) and the worker loop
+(``worker_main``, which ``multiprocessing`` starts with ``spawn`` in a fresh interpreter that imports this module).
+The worker rebuilds the plugin registry (``rankbench.runner.worker_runtime``), then runs the cells sent over a pipe.
+One worker runs the cells of one task configuration one after another, so its set-up (a loaded model, its
+statistics) is shared by them; the next configuration gets a fresh worker, so a cell's ``peak_rss_mb`` never
+includes what an earlier configuration left in the process. The parent waits for each result at most the cell's
+timeout; at the limit it kills the worker (SIGKILL: nothing cooperative about it) and records ``timeout``. A worker
+that dies -- segfault, ``os._exit``, the OOM killer -- gives ``crashed`` with the signal or exit code. Either way a
+fresh worker takes the next cell and the suite goes on.
 ``fresh_worker: true`` starts a new worker for every cell (cleanest memory numbers, slower).
 """
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import multiprocessing
+import os
 import signal
+import sys
 import time
 
 from pydantic import Field
 
 from rankbench import Executor, PluginParams, hookimpl
 from rankbench.api import CellRecord
-from rankbench.runner import failed_record, now
-from rankbench.worker import worker_main
+from rankbench.cells import Cell
+from rankbench.runner import failed_record, now, worker_runtime
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The worker (runs in the child process)
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the parent dies, so a killed ``bench run`` leaves no orphan worker running."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def worker_main(conn, plugins_dir: str | None, device: str, timeout: float | None, threads: int | None = None) -> None:
+    """The worker's loop: rebuild the registry, say ready, then run each cell received (JSON) and send its record
+    back, until the parent sends None or the pipe closes."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    runtime = worker_runtime(plugins_dir, device, timeout, threads)
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        record = runtime.execute(Cell.from_json(message))
+        try:
+            conn.send(("record", dataclasses.asdict(record)))
+        except (BrokenPipeError, OSError):
+            return
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The executor (runs in the bench process)
 
 
 def _exit_description(exitcode: int | None) -> str:
@@ -73,6 +117,7 @@ class _Worker:
 class SubprocessExecutor(Executor):
     name = "subprocess"
     description = "run cells in a worker process; hard kill at the per-cell limit; crashes are contained"
+    default = True
 
     class Params(PluginParams):
         fresh_worker: bool = False
