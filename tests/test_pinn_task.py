@@ -17,7 +17,7 @@ from rankbench_plugins.factorizations.svd import SVD
 from rankbench_plugins.selectors.uniform import UniformSelector
 from rankbench_plugins.tasks import _pde
 from rankbench_plugins.tasks.pinn import PINN, PINNParams
-from rankbench.kinds import run_cell
+from rankbench.kinds import pairing_skip, run_cell
 
 TINY = dict(width=8, depth=2, pretrain_steps=30, steps=12, retrain_steps=4, n_interior=64, n_boundary=16, test_grid=9)
 
@@ -51,8 +51,8 @@ def test_kinds_follow_the_problem_parameter():
     assert (make().problem_kind, make().budget_kind) == (ADAPTATION, RANK_TOTAL)
     task = make(problem="compression")
     assert (task.problem_kind, task.budget_kind) == (COMPRESSION, PARAM_RATIO)
-    assert task.skip(UniformSelector(), LoRA()) and task.skip(UniformSelector(), SVD()) is None
-    assert make().skip(UniformSelector(), SVD()) and make().skip(UniformSelector(), LoRA()) is None
+    assert pairing_skip(task, UniformSelector(), LoRA()) and pairing_skip(task, UniformSelector(), SVD()) is None
+    assert pairing_skip(make(), UniformSelector(), SVD()) and pairing_skip(make(), UniformSelector(), LoRA()) is None
 
 
 def test_network_maps_the_box_and_counts_sites(tmp_path):

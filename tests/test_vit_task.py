@@ -11,7 +11,7 @@ from rankbench_plugins.factorizations.svd import SVD
 from rankbench_plugins.factorizations.tucker import Tucker
 from rankbench_plugins.selectors.uniform import UniformSelector
 from rankbench_plugins.tasks.vit_classification import ViT, ViTClassification, ViTParams
-from rankbench.kinds import run_cell
+from rankbench.kinds import pairing_skip, run_cell
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -81,7 +81,7 @@ def test_adaptation_cell_fine_tunes_adapters_only(tmp_path):
 
     task = make(problem="adaptation", target="digits", steps=30, retrain_steps=10)
     assert (task.problem_kind, task.budget_kind) == ("adaptation", "rank_total")
-    assert task.skip(UniformSelector(), SVD()) and task.skip(UniformSelector(), LoRA()) is None
+    assert pairing_skip(task, UniformSelector(), SVD()) and pairing_skip(task, UniformSelector(), LoRA()) is None
     ctx = CellContext(cell_id="a", seed=0, task_seed=0, device="cpu", budget=12, budget_kind="rank_total", shared={},
                       cache_dir=tmp_path / "vit-classification")
     task.setup(ctx)

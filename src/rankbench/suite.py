@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rankbench.api import PARAM_RATIO, RANK_CAP, RANK_TOTAL, Plugin
 from rankbench.cells import Cell, make_cell
-from rankbench.kinds import cell_kind, protocol_for
+from rankbench.kinds import cell_kind, pairing_skip
 from rankbench.plugins import Registry
 
 PluginRef = str | dict[str, dict[str, Any] | None]
@@ -201,22 +201,7 @@ def _check_budget(value: float, kind: str | None, file: str, key: str) -> float:
 
 
 def pairing_skip_reason(task: PluginSpec, selector: PluginSpec, factorization: PluginSpec) -> str | None:
-    t, s, f = task.instance, selector.instance, factorization.instance
-    kinds = t.problem_kinds
-    spoken = "/".join(sorted(kinds))
-    if not kinds & s.problem_kinds:
-        return f"selector {s.name} does not handle {spoken} problems"
-    if not kinds & f.problem_kinds:
-        return f"factorization {f.name} does not handle {spoken} problems (task {t.name})"
-    kind = cell_kind(t, s, f)
-    if kind is None:
-        return f"selector {s.name} and factorization {f.name} share no problem kind of task {t.name}"
-    if t.budget_kind not in s.budget_kinds:
-        return f"selector {s.name} does not understand budget kind {t.budget_kind}"
-    for reason in (protocol_for(t, kind).skip(t, s, f), t.skip(s, f), s.skip(t, f), f.skip(t, s)):
-        if reason:
-            return reason
-    return None
+    return pairing_skip(task.instance, selector.instance, factorization.instance)
 
 
 def expand(suite: Suite, registry: Registry, device: str, timeout: float | None) -> list[Cell]:

@@ -23,61 +23,38 @@ CP factorisation, used by the ``bcpf`` solver and the ``ard`` selector).
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
-
-from rankbench.api import ADAPTATION, COMPRESSION, RECOVERY, TRAINING, Factorization, Selector, SelfRunningTask, Task
+from rankbench.api import COMPRESSION, TRAINING, Factorization, Selector, SelfRunningTask, Task
 from rankbench.kinds import adaptation, compression, recovery, training
-
-
-def _nothing(task: Task, ctx) -> None:
-    return None
-
-
-@dataclasses.dataclass(frozen=True)
-class Protocol:
-    """How the cells of one problem kind run: ``skip`` (why a pairing cannot run, decided at expansion), ``setup``
-    (the kind's shared work before every cell, timed as phase ``setup``), ``reference`` (the dense reference cell)
-    and ``run`` (a method's cell)."""
-
-    capability: type[Task]
-    run: Callable[..., None]
-    reference: Callable[..., None]
-    skip: Callable[[Task, Selector, Factorization], str | None]
-    setup: Callable[[Task, object], None] = _nothing
-
+from rankbench.kinds.protocol import Protocol
 
 PROTOCOLS: dict[str, Protocol] = {
-    COMPRESSION: Protocol(
-        compression.CompressionTask,
-        run=compression.run_compression,
-        reference=compression.run_compression_reference,
-        skip=compression.compression_skip,
-        setup=compression.compression_setup,
-    ),
-    ADAPTATION: Protocol(
-        adaptation.AdaptationTask,
-        run=adaptation.run_adaptation,
-        reference=adaptation.run_adaptation_reference,
-        skip=adaptation.adaptation_skip,
-        setup=adaptation.adaptation_setup,
-    ),
-    TRAINING: Protocol(
-        training.TrainingTask,
-        run=training.run_training,
-        reference=training.run_training_reference,
-        skip=training.training_skip,
-    ),
-    RECOVERY: Protocol(
-        recovery.RecoveryTask,
-        run=recovery.run_recovery,
-        reference=recovery.run_recovery_reference,
-        skip=recovery.recovery_skip,
-        setup=recovery.recovery_setup,
-    ),
+    protocol.kind: protocol
+    for protocol in (compression.PROTOCOL, adaptation.PROTOCOL, training.PROTOCOL, recovery.PROTOCOL)
 }
 
+class KindChosenByParameter(Task):
+    """A task that offers several kinds, one per configuration: its ``problem`` parameter names the kind it speaks
+    (its budget kind is that kind's), and ``training`` also speaks ``compression`` of the dense network it trains
+    where the task is a ``CompressionTask``. Derive from this and from the capability bases of the kinds offered."""
+
+    @property
+    def problem_kind(self) -> str:  # type: ignore[override]
+        return self.params.problem
+
+    @property
+    def problem_kinds(self) -> frozenset[str]:  # type: ignore[override]
+        kind = self.params.problem
+        if kind == TRAINING and isinstance(self, compression.CompressionTask):
+            return frozenset({TRAINING, COMPRESSION})
+        return frozenset({kind})
+
+    @property
+    def budget_kind(self) -> str | None:  # type: ignore[override]
+        return PROTOCOLS[self.params.problem].capability.budget_kind
+
+
 SELF_RUNNING = Protocol(
+    "self-running",
     SelfRunningTask,
     run=lambda task, ctx, selector, factorization: task.run(ctx, selector, factorization),
     reference=lambda task, ctx: task.run_reference(ctx),
@@ -94,6 +71,25 @@ def cell_kind(task: Task, selector: Selector | None = None, factorization: Facto
     if task.problem_kind in shared:
         return task.problem_kind
     return min(shared) if shared else None
+
+
+def pairing_skip(task: Task, selector: Selector, factorization: Factorization) -> str | None:
+    """Why the pair cannot run on the task (None: it can): no shared problem kind, a budget kind the selector does not
+    understand, the kind's own rule (``Protocol.skip``), or any plugin's ``skip``."""
+    kinds = task.problem_kinds
+    spoken = "/".join(sorted(kinds))
+    if not kinds & selector.problem_kinds:
+        return f"selector {selector.name} does not handle {spoken} problems"
+    if not kinds & factorization.problem_kinds:
+        return f"factorization {factorization.name} does not handle {spoken} problems (task {task.name})"
+    kind = cell_kind(task, selector, factorization)
+    if kind is None:
+        return f"selector {selector.name} and factorization {factorization.name} share no problem kind of task {task.name}"
+    if task.budget_kind not in selector.budget_kinds:
+        return f"selector {selector.name} does not understand budget kind {task.budget_kind}"
+    rules = (protocol_for(task, kind).skip(task, selector, factorization), task.skip(selector, factorization),
+             selector.skip(task, factorization), factorization.skip(task, selector))
+    return next((reason for reason in rules if reason), None)
 
 
 def protocol_for(task: Task, kind: str) -> Protocol:

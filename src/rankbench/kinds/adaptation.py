@@ -57,6 +57,8 @@ from rankbench.api import (
     Site,
     Task,
 )
+from rankbench.kinds.compression import CompressionTask
+from rankbench.kinds.protocol import Protocol
 
 
 class SVDAdapter(nn.Module):
@@ -275,6 +277,26 @@ class AdaptationTask(Task):
         """Steps, post-hoc retraining steps and learning rates of every cell."""
 
 
+class AdaptsCompressionModel(CompressionTask, AdaptationTask):
+    """The adaptation capabilities of a task whose pretrained model is its compression model (``model``, memoised)
+    and whose adapted sites are its compression sites, evaluated the same way. Its parameters carry ``steps``,
+    ``retrain_steps``, ``adapter_lr`` (the adapters' Adam rate) and ``lr`` (full fine-tuning in the reference cell);
+    it still supplies ``training_loss`` on the target problem."""
+
+    def pretrained_model(self, ctx) -> nn.Module:
+        return self.model(ctx)
+
+    def adaptation_sites(self, model: nn.Module) -> list[str]:
+        return list(self.target_sites(model))
+
+    def evaluate_adapted(self, ctx, model: nn.Module) -> None:
+        self.evaluate(ctx, model)
+
+    def adaptation_settings(self) -> AdaptationSettings:
+        p = self.params
+        return AdaptationSettings(steps=p.steps, retrain_steps=p.retrain_steps, lr=p.adapter_lr, reference_lr=p.lr)
+
+
 def dense_sites_params(model: nn.Module, names: list[str]) -> int:
     return sum(model.get_submodule(n).weight.numel() for n in names)
 
@@ -415,3 +437,9 @@ def adaptation_skip(task: AdaptationTask, selector, factorization: Factorization
     if not isinstance(factorization, AdapterFactorization):
         return f"factorization {factorization.name} builds no adapters"
     return None
+
+
+PROTOCOL = Protocol(
+    ADAPTATION, AdaptationTask, run=run_adaptation, reference=run_adaptation_reference, skip=adaptation_skip,
+    setup=adaptation_setup,
+)

@@ -45,6 +45,7 @@ from torch.nn.utils import skip_init
 
 from rankbench.files import atomic_write
 from rankbench.api import COMPRESSION, PARAM_RATIO, Factorization, RankProblem, Selector, Site, Task
+from rankbench.kinds.protocol import Protocol
 from rankbench.kinds.tensor_compression import TensorFactorization, run_tensor_compression
 
 STATISTIC_KINDS = ("gram", "input_abs_mean", "fisher_rows", "weight_grad")
@@ -596,3 +597,9 @@ def iter_named_linears(module: nn.Module, include: Iterable[str]) -> Iterator[tu
     for name, child in module.named_modules():
         if isinstance(child, nn.Linear) and any(p in name for p in patterns):
             yield name, child
+
+
+PROTOCOL = Protocol(
+    COMPRESSION, CompressionTask, run=run_compression, reference=run_compression_reference, skip=compression_skip,
+    setup=compression_setup,
+)

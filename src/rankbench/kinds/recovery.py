@@ -25,6 +25,7 @@ from typing import ClassVar
 import numpy as np
 
 from rankbench.api import RANK_CAP, RECOVERY, CellFailure, Diverged, Factorization, RankProblem, Selector, Site, Task
+from rankbench.kinds.protocol import Protocol
 
 BLOWUP = 1e6  # a final error above BLOWUP x the initial error counts as divergence
 
@@ -219,3 +220,9 @@ def recovery_skip(task: RecoveryTask, selector: Selector, factorization: Factori
     if not isinstance(factorization, RecoverySolver):
         return f"factorization {factorization.name} is not a recovery solver"
     return None
+
+
+PROTOCOL = Protocol(
+    RECOVERY, RecoveryTask, run=run_recovery, reference=run_recovery_reference, skip=recovery_skip,
+    setup=recovery_setup,
+)

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from rankbench.api import COMPRESSION, PARAM_RATIO, TRAINING, Diverged, Factorization, Selector, Task
+from rankbench.kinds.protocol import Protocol
 from rankbench.kinds.compression import CompressionTask, cached_weights, save_weights
 
 
@@ -288,3 +289,6 @@ def run_training(task: TrainingTask, ctx, method: RankAdaptiveTrainer, factoriza
     ctx.metric("rank_total", sum(_rank_sum(layer.ranks()) for layer in run.layers.values()))
     ctx.metric("epochs", run.settings.epochs)
     run.write_curves()
+
+
+PROTOCOL = Protocol(TRAINING, TrainingTask, run=run_training, reference=run_training_reference, skip=training_skip)

@@ -39,6 +39,7 @@ class ImageClassificationTask(CompressionTask, TrainingTask):
     scratch, is also what its compression cells compress)."""
 
     problem_kind = TRAINING
+    primary_metric = "accuracy"
 
     @abc.abstractmethod
     def build_network(self, ds: data.ImageDataset) -> nn.Module:

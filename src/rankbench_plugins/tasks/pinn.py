@@ -48,10 +48,11 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from rankbench.api import ADAPTATION, COMPRESSION, PARAM_RATIO, RANK_TOTAL, TRAINING, PluginParams, hookimpl
+from rankbench.api import ADAPTATION, TRAINING, PluginParams, hookimpl
 from rankbench.cells import derived_seed
-from rankbench.kinds.adaptation import AdaptationSettings, AdaptationTask
-from rankbench.kinds.compression import CompressionTask, cached_weights
+from rankbench.kinds import KindChosenByParameter
+from rankbench.kinds.adaptation import AdaptsCompressionModel
+from rankbench.kinds.compression import cached_weights
 from rankbench.kinds.training import TrainingSettings, TrainingTask, trained_dense_network
 from rankbench_plugins.tasks import _pde
 
@@ -123,25 +124,12 @@ class TanhMLP(nn.Module):
         return self.layers[-1](h).squeeze(-1)
 
 
-class PINN(CompressionTask, AdaptationTask, TrainingTask):
+class PINN(KindChosenByParameter, AdaptsCompressionModel, TrainingTask):
     name = "pinn"
     version = "1"
     description = "PINN (tanh MLP) pretrained on one PDE parameter: LoRA adaptation to another, or compression"
     Params = PINNParams
     primary_metric = "l2re"
-
-    # -- which kinds this configuration speaks (``problem``) ---------------------------------------------------------
-    @property
-    def problem_kind(self) -> str:  # type: ignore[override]
-        return self.params.problem
-
-    @property
-    def problem_kinds(self) -> frozenset[str]:  # type: ignore[override]
-        return frozenset({TRAINING, COMPRESSION}) if self.from_scratch else frozenset({self.params.problem})
-
-    @property
-    def budget_kind(self) -> str:  # type: ignore[override]
-        return RANK_TOTAL if self.params.problem == ADAPTATION else PARAM_RATIO
 
     @property
     def from_scratch(self) -> bool:
@@ -302,23 +290,10 @@ class PINN(CompressionTask, AdaptationTask, TrainingTask):
 
         return ctx.memo(("pinn_test", problem.family, problem.param, self.params.test_grid), test_set)
 
-    # -- adaptation hooks (the pretrained network, LoRA fine-tuned on the target problem) -----------------------------
-    def pretrained_model(self, ctx) -> nn.Module:
-        return self.model(ctx)
-
-    def adaptation_sites(self, model: nn.Module) -> list[str]:
-        return list(self.target_sites(model))
-
+    # -- adaptation (``AdaptsCompressionModel``: the pretrained network, LoRA fine-tuned on the target problem) -----
     def training_loss(self, ctx, model: nn.Module) -> torch.Tensor:
         problem = self.target_problem()
         return self.pinn_loss(model, problem, self.collocation(ctx, problem))
-
-    def evaluate_adapted(self, ctx, model: nn.Module) -> None:
-        self.evaluate(ctx, model)
-
-    def adaptation_settings(self) -> AdaptationSettings:
-        p = self.params
-        return AdaptationSettings(steps=p.steps, retrain_steps=p.retrain_steps, lr=p.adapter_lr, reference_lr=p.lr)
 
 
 def _to(pair, device):

@@ -53,9 +53,10 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from rankbench.api import ADAPTATION, COMPRESSION, PARAM_RATIO, RANK_TOTAL, TRAINING, PluginParams, hookimpl
+from rankbench.api import ADAPTATION, TRAINING, PluginParams, hookimpl
 from rankbench.cells import derived_seed
-from rankbench.kinds.adaptation import AdaptationSettings, AdaptationTask
+from rankbench.kinds import KindChosenByParameter
+from rankbench.kinds.adaptation import AdaptsCompressionModel
 from rankbench.kinds.compression import cached_weights
 from rankbench.kinds.training import TrainingSettings, trained_dense_network
 from rankbench_plugins.tasks import _vision_data as data
@@ -188,12 +189,11 @@ def load_pretrained_classifier(name: str, classes: int) -> PretrainedImageClassi
     return PretrainedImageClassifier(net, size if isinstance(size, int) else int(size[0]), net.config.num_channels)
 
 
-class ViTClassification(ImageClassificationTask, AdaptationTask):
+class ViTClassification(KindChosenByParameter, ImageClassificationTask, AdaptsCompressionModel):
     name = "vit-classification"
     version = "1"
     description = "Small ViT trained here on digits / MNIST / Fashion-MNIST: top-1 accuracy and latency"
     Params = ViTParams
-    primary_metric = "accuracy"
 
     @classmethod
     def conformance_params(cls) -> list[dict]:
@@ -204,19 +204,6 @@ class ViTClassification(ImageClassificationTask, AdaptationTask):
             {**tiny, "problem": "adaptation", "target": "digits", "steps": 6, "retrain_steps": 3},
             {**tiny, "problem": "training"},
         ]
-
-    # -- which kinds this configuration speaks (``problem``) ---------------------------------------------------------
-    @property
-    def problem_kind(self) -> str:  # type: ignore[override]
-        return self.params.problem
-
-    @property
-    def problem_kinds(self) -> frozenset[str]:  # type: ignore[override]
-        return frozenset({TRAINING, COMPRESSION}) if self.from_scratch else frozenset({self.params.problem})
-
-    @property
-    def budget_kind(self) -> str:  # type: ignore[override]
-        return RANK_TOTAL if self.params.problem == ADAPTATION else PARAM_RATIO
 
     @property
     def from_scratch(self) -> bool:
@@ -279,20 +266,7 @@ class ViTClassification(ImageClassificationTask, AdaptationTask):
     def training_settings(self) -> TrainingSettings:
         return TrainingSettings(epochs=self.params.epochs, lr=self.params.lr, optimizer="adamw", weight_decay=0.05)
 
-    # -- adaptation hooks (the trained network, LoRA fine-tuned on ``target``) ----------------------------------------
-    def pretrained_model(self, ctx) -> nn.Module:
-        return self.model(ctx)
-
-    def adaptation_sites(self, model: nn.Module) -> list[str]:
-        return list(self.target_sites(model))
-
-    def evaluate_adapted(self, ctx, model: nn.Module) -> None:
-        self.evaluate(ctx, model)
-
-    def adaptation_settings(self) -> AdaptationSettings:
-        p = self.params
-        return AdaptationSettings(steps=p.steps, retrain_steps=p.retrain_steps, lr=p.adapter_lr, reference_lr=p.lr)
-
+    # -- adaptation (``AdaptsCompressionModel``: the trained network, LoRA fine-tuned on ``target``) ------------------
     def trained_beside_adapters(self, model: nn.Module) -> list[nn.Parameter]:
         if not self.params.train_head:
             return []
