@@ -72,6 +72,8 @@ class PINNParams(PluginParams):
     steps: int = Field(1000, ge=1, description="fine-tuning steps per adaptation cell")
     retrain_steps: int = Field(300, ge=0, description="steps after a post-hoc rank selection (part of steps)")
     lr: float = Field(1e-3, gt=0.0, description="Adam learning rate of pretraining and of full fine-tuning (reference)")
+    lbfgs_steps: int = Field(0, ge=0, description="L-BFGS iterations after the Adam steps of pretraining (PINNacle "
+                             "trains its baselines with Adam, then L-BFGS); 0: Adam only")
     adapter_lr: float = Field(1e-2, gt=0.0, description="Adam learning rate of the adapters")
     n_interior: int = Field(1000, ge=1, description="interior collocation points")
     n_boundary: int = Field(200, ge=1, description="boundary / initial points (and periodic pairs)")
@@ -207,6 +209,8 @@ class PINN(KindChosenByParameter, AdaptsCompressionModel, TrainingTask):
         }
         if kind != "pretrained":
             config["kind"] = kind
+        if p.lbfgs_steps:
+            config["lbfgs_steps"] = p.lbfgs_steps
         digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
         return Path(ctx.cache_dir) / f"{kind}-{p.pde}-{digest}.pt"
 
@@ -218,7 +222,22 @@ class PINN(KindChosenByParameter, AdaptsCompressionModel, TrainingTask):
             optimizer.zero_grad(set_to_none=True)
             self.pinn_loss(model, problem, points).backward()
             optimizer.step()
+        if self.params.lbfgs_steps:
+            self.refine_lbfgs(model, problem, points, self.params.lbfgs_steps)
         model.cpu()
+
+    def refine_lbfgs(self, model: nn.Module, problem: _pde.PDEProblem, points: Collocation, iterations: int) -> None:
+        """Full-batch L-BFGS on the PINN loss (strong-Wolfe line search, history 50), as PINNacle's second phase."""
+        optimizer = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=iterations, history_size=50,
+                                      tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            loss = self.pinn_loss(model, problem, points)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
 
     def target_sites(self, model: nn.Module) -> dict[str, nn.Linear]:
         if self.from_scratch:  # the width x width hidden layers (the first and last have rank <= input dim / 1)
