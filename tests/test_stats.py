@@ -66,3 +66,9 @@ def test_rankings_average_tied_ranks_and_skip_the_test_with_few_configurations()
     ranking = stats.rank_methods(pd.DataFrame([{"a": 1.0, "b": 1.0, "c": 0.0}, {"a": 2.0, "b": 2.0, "c": 0.0}]), True)
     assert ranking.average_ranks.to_dict() == {"a": 1.5, "b": 1.5, "c": 3.0}
     assert ranking.friedman_p is None and not ranking.distinguishable
+
+
+def test_rankings_with_three_or_four_configurations_give_average_ranks_only():
+    rows = [{"a": 3.0 + i, "b": 2.0 + i, "c": 1.0 + i} for i in range(4)]
+    ranking = stats.rank_methods(pd.DataFrame(rows), True)
+    assert ranking.average_ranks.to_dict() == {"a": 1.0, "b": 2.0, "c": 3.0} and ranking.friedman_p is None

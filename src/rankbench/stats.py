@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 MIN_SEEDS = 3  # fewer values than this: no interval, no win/loss call
+MIN_CONFIGURATIONS = 5  # fewer ranked configurations than this: average ranks only (autorank needs at least 5)
 CONFIDENCE = 0.95
 N_BOOT = 9999
 BOOTSTRAP_SEED = 0
@@ -135,11 +136,11 @@ class Ranking:
 def rank_methods(scores: pd.DataFrame, higher_is_better: bool) -> Ranking:
     """``scores``: one row per configuration (task configuration, budget, ...), one column per method, no missing
     values. Average ranks always; the Friedman test and Nemenyi's CD where there are at least 3 methods and
-    ``MIN_SEEDS`` configurations (fewer: None)."""
+    ``MIN_CONFIGURATIONS`` configurations (fewer: None)."""
     scores = scores.dropna(axis=0, how="any")
     ranks = scores.rank(axis=1, ascending=not higher_is_better, method="average")
     average = ranks.mean(axis=0).sort_values()
-    if scores.shape[1] < 3 or scores.shape[0] < MIN_SEEDS:
+    if scores.shape[1] < 3 or scores.shape[0] < MIN_CONFIGURATIONS:
         return Ranking(average, None, None, int(scores.shape[0]))
     from autorank import autorank
 
