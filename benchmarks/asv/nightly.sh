@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The nightly routine behind `make nightly` (README: "Nightly regression tracking"):
-#   asv machine --yes; asv run (the nightly slice once per commit); asv publish (static site in .asv/html);
+#   asv machine --yes; asv run (the nightly slice once per commit); asv publish (static site in .asv/html, its
+#   CDN libraries replaced by local copies: benchmarks/asv/vendor.py);
 #   bench compare against the nearest earlier commit that has a nightly results folder; list asv's regressions.
 #
 #   benchmarks/asv/nightly.sh                        HEAD's committed code, in asv's per-commit environment
@@ -45,6 +46,8 @@ fi
 echo "nightly: asv run took $(( $(date +%s) - started )) s"
 
 "$ASV" publish || status=1
+# asv's pages load jQuery, flot and bootstrap from CDNs; copy them in (fetched once from npm) so the site works offline
+"$VENV/bin/python" benchmarks/asv/vendor.py site .asv/html || status=1  # the libraries: $ASV_VENDOR_DIR (Makefile)
 
 previous=""
 for commit in $(git rev-list --max-count=500 "${last%-dirty}"); do

@@ -424,4 +424,7 @@ def make_report(out: Path) -> Path:
     summary.to_csv(summary_path, index=False)
     report_path = folder / "report.md"
     atomic_write(report_path, "\n".join(lines))
+    from rankbench.html_report import write_html_report  # beside report.md: DIR/report/index.html, one offline page
+
+    print(f"html report: {write_html_report(out)}")
     return report_path
