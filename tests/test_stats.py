@@ -66,3 +66,13 @@ def test_rankings_average_tied_ranks_and_skip_the_test_with_few_configurations()
     ranking = stats.rank_methods(pd.DataFrame([{"a": 1.0, "b": 1.0, "c": 0.0}, {"a": 2.0, "b": 2.0, "c": 0.0}]), True)
     assert ranking.average_ranks.to_dict() == {"a": 1.5, "b": 1.5, "c": 3.0}
     assert ranking.friedman_p is None and not ranking.distinguishable
+
+
+def test_too_few_configurations_or_methods_give_average_ranks_without_a_test():
+    """autorank needs five rows: with four configurations (or two methods) there are average ranks, no test."""
+    rows = pd.DataFrame([{"a": 1.0, "b": 2.0, "c": 3.0}] * 4)
+    ranking = stats.rank_methods(rows, higher_is_better=False)
+    assert ranking.average_ranks.to_dict() == {"a": 1.0, "b": 2.0, "c": 3.0}
+    assert ranking.friedman_p is None and ranking.critical_difference is None and ranking.result is None
+    two = stats.rank_methods(pd.DataFrame([{"a": 1.0, "b": 2.0}] * 8), higher_is_better=True)
+    assert two.friedman_p is None and list(two.average_ranks.index) == ["b", "a"]
