@@ -16,7 +16,7 @@ from conftest import GOOD_PLUGINS
 from rankbench import results
 from rankbench.api import CellRecord
 from rankbench.cells import Cell
-from rankbench.compare import judge, metric_kind
+from rankbench.compare import FLOOR_NOTE, PAIRED_TIE_NOTE, TIME_FLOOR_S, judge, metric_kind, time_floor
 
 SUITE = """
 name: toy
@@ -196,6 +196,52 @@ def test_time_regression_is_reported_but_fails_only_when_asked(cli, pair):
     assert relaxed.returncode == 0 and flagged(table(b / "compare-vs-A")).empty
 
 
+def test_times_below_the_floor_are_noise_and_larger_ones_still_regress(cli, pair):
+    """Two runs of identical cells: time_setup_s 5 us -> 1 ms (x200) is timer noise, not a regression; 50 ms ->
+    500 ms (x10) still is."""
+    a, b = pair
+    assert "time_setup_s" in set(results.read_table(a, "metrics")["metric"])
+
+    def times(setup, total):
+        def edit(row, metrics):
+            for m in metrics:
+                if m["metric"] == "time_setup_s" and _is(row, "uniform", 0.3):
+                    m["value"] = setup * (1 + 0.01 * int(row["seed"]))
+                if m["metric"] == "time_factorize_s" and _is(row, "energy", 0.6):
+                    m["value"] = total * (1 + 0.01 * int(row["seed"]))
+
+        return edit
+
+    rewrite(a, times(5e-6, 0.050))
+    rewrite(b, times(1e-3, 0.500))
+    result = cli("compare", a, b, "--fail-on", "quality,time")
+    rows = table(b / "compare-vs-A")
+    setup = rows[(rows["metric"] == "time_setup_s") & (rows["selector"] == "uniform") & (rows["budget"] == "0.3")]
+    assert list(setup["verdict"]) == ["within noise"] and list(setup["note"]) == [FLOOR_NOTE]
+    assert setup["change_rel"].iloc[0] > 100  # far beyond the 100 % time threshold, but below 10 ms on both sides
+    bad = flagged(rows)
+    assert list(zip(bad["verdict"], bad["metric"], bad["selector"])) == [("regression", "time_factorize_s", "energy")]
+    assert result.returncode == 1  # the 50 ms -> 500 ms regression, with --fail-on time
+    assert "times below 10 ms on both sides are noise" in result.stdout
+    assert "times below the 10 ms floor" in result.stdout
+
+
+def test_a_quality_change_that_ties_paired_over_seeds_is_noise(cli, pair):
+    """The median moves beyond the threshold and both seed ranges (the range rule alone says regression), but seed
+    by seed B is worse on two seeds and better on the third: the paired call is a tie, so it is noise."""
+    a, b = pair
+    rewrite(a, set_values("uniform", 0.3, "rel_error", {0: 1.00, 1: 1.05, 2: 1.10}))
+    rewrite(b, set_values("uniform", 0.3, "rel_error", {0: 1.25, 1: 1.26, 2: 1.08}))
+    result = cli("compare", a, b)
+    assert result.returncode == 0, result.stdout
+    rows = table(b / "compare-vs-A")
+    row = rows[(rows["metric"] == "rel_error") & (rows["selector"] == "uniform") & (rows["budget"] == "0.3")].iloc[0]
+    assert (row["verdict"], row["note"], row["paired_verdict"]) == ("within noise", PAIRED_TIE_NOTE, "tie")
+    assert row["change"] > max(row["noise"], row["limit"])  # the range rule alone would call it a regression
+    assert flagged(rows).empty
+    assert "1 quality changes that tie paired over seeds" in result.stdout
+
+
 def test_cells_in_only_one_side_are_listed(cli, pair):
     a, b = pair
     rewrite(b, lambda row, metrics: "error" if _is(row, "energy", 0.6) else None)
@@ -275,6 +321,17 @@ def test_judge_uses_log_ratios_for_positive_values_and_differences_otherwise():
     # sizes: exact threshold, no direction
     assert judge(one(1000.0), one(1001.0), 0.0, 0)["verdict"] == "changed"
     assert judge(one(0.5), one(0.5 * (1 + 1e-12)), 0.0, 0)["verdict"] == "unchanged"
+    # the time floor: both medians below it is noise in either direction; one side above it is judged as usual
+    assert judge(one(5e-6), one(1e-3), 1.0, -1, floor=TIME_FLOOR_S) == {**judge(one(5e-6), one(1e-3), 1.0, -1),
+                                                                        "verdict": "within noise", "note": FLOOR_NOTE}
+    assert judge(one(1e-3), one(5e-6), 1.0, -1, floor=TIME_FLOOR_S)["verdict"] == "within noise"
+    assert judge(one(0.05), one(0.5), 1.0, -1, floor=TIME_FLOOR_S)["verdict"] == "regression"
+    assert judge(one(0.005), one(0.02), 1.0, -1, floor=TIME_FLOOR_S)["verdict"] == "regression"
+    assert time_floor("latency_ms", "ms") == 10.0 and time_floor("time_setup_s", "s") == TIME_FLOOR_S
+    # a paired tie is noise; a paired loss does not overrule the range rule either way
+    assert judge(one(1.0), one(2.0), 0.02, -1, paired="tie")["verdict"] == "within noise"
+    assert judge(one(1.0), one(2.0), 0.02, -1, paired="loss")["verdict"] == "regression"
+    assert judge(one(1.0), one(1.01), 0.02, -1, paired="loss")["verdict"] == "unchanged"
 
 
 def test_metric_kinds():

@@ -105,3 +105,53 @@ def test_figure_names_are_safe_and_unique():
     assert all(re.fullmatch(r"ranks_[A-Za-z0-9._-]+\.png", name) for name in names.values())
     assert names['toy[mode="a/b"]'].startswith("ranks_toy-mode-a-b-")  # same slug as "a b": a hash tells them apart
     assert len(names["mlp[" + "x" * 100 + "]"]) < 90
+
+
+def test_report_shows_intervals_paired_calls_and_rankings(cli, tmp_path):
+    """Planted: on six configurations a < b < c < d in error by a constant on every one of 5 seeds; a second task
+    family (2 seeds, higher is better) has no test. The report states intervals and seed counts, the paired calls
+    against the dense reference and between methods, the rankings with Friedman p and CD, and draws cd_toy.png."""
+    from test_leaderboard import REFERENCE, plant
+
+    out = tmp_path / "out"
+    level = {"a + svd": 0.1, "b + svd": 0.2, "c + svd": 0.3, "d + svd": 0.4}
+    base = {seed: 1.0 + 0.3 * seed for seed in range(5)}  # a wide spread over seeds, the same for every method
+    for size in (10, 20, 30):
+        plant(out, REFERENCE, base, task_params={"size": size})
+        for budget in (0.3, 0.6):
+            for method, step in level.items():
+                plant(out, method, {s: v + step for s, v in base.items()}, task_params={"size": size}, budget=budget)
+    for method, step in level.items():
+        plant(out, method, {0: 0.9 - step, 1: 0.8 - step}, task="cls", metric="accuracy", higher_is_better=True)
+    result = cli("report", out)
+    assert result.returncode == 0, result.stderr
+    folder = out / "report"
+    text = (folder / "report.md").read_text()
+    # leaderboard: intervals, seed counts, the paired call against the dense reference
+    assert "### toy[size=10]: rel_error (lower is better), 5 seeds ok per method" in text
+    assert "### cls: accuracy (higher is better), 2 seeds ok per method" in text
+    assert "0.75 (n=2: n too small)" in text and "(n=5)" in text
+    assert "loss -0.1 [-0.1, -0.1] (n=5)" in text  # a + svd: worse than dense by 0.1 on every seed
+    # pairwise: a beats b at both budgets, and the mirror
+    section = text[text.index("## Pairwise (paired over seeds)"):text.index("## Rankings")]
+    assert re.search(r"\| a \+ svd \|\s+\| WW\s+\| WW\s+\| WW\s+\|", section)
+    assert re.search(r"\| d \+ svd \| LL\s+\| LL\s+\| LL\s+\|", section)
+    assert "### cls (budget: 0.5)" in section and "| ?" in section
+    # rankings: average ranks 1..4 over six configurations, a test and its diagram; none for cls
+    rankings = text[text.index("## Rankings"):]
+    assert "### toy (lower is better; 6 configurations)" in rankings and "Friedman p = " in rankings
+    assert "Nemenyi CD = " in rankings and "![critical-difference diagram: toy](cd_toy.png)" in rankings
+    assert (folder / "cd_toy.png").stat().st_size > 5000 and not (folder / "cd_cls.png").exists()
+    assert "No Friedman test: it needs at least 3 methods and 5 configurations (here 4 and 1)." in rankings
+    assert "No overall ranking: only toy has the direction most families share (left out: cls)." in rankings
+    for png in re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", text):
+        assert (folder / png).stat().st_size > 5000
+    # the terminal: leaderboards, pairwise counts, rankings
+    assert "toy[size=20]: rel_error (lower is better), 5 seeds ok per method" in result.stdout
+    assert "pairwise (paired over seeds): 36 pairs decided, 0 tied, 6 with fewer than 3 common seeds" in result.stdout
+    assert "toy (6 configurations): a + svd 1, b + svd 2, c + svd 3, d + svd 4; Friedman p=" in result.stdout
+    board = pd.read_csv(folder / "leaderboard.csv")
+    methods = board[~board["is_reference"]]
+    calls = methods["vs_reference"].fillna("").groupby(methods["task"]).agg(set)
+    assert calls["cls"] == {"no dense reference"} and {c.split()[0] for c in calls["toy"]} == {"loss"}
+    assert len(pd.read_csv(folder / "pairwise.csv")) == 2 * 36 + 2 * 6

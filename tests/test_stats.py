@@ -68,7 +68,11 @@ def test_rankings_average_tied_ranks_and_skip_the_test_with_few_configurations()
     assert ranking.friedman_p is None and not ranking.distinguishable
 
 
-def test_rankings_with_three_or_four_configurations_give_average_ranks_only():
-    rows = [{"a": 3.0 + i, "b": 2.0 + i, "c": 1.0 + i} for i in range(4)]
-    ranking = stats.rank_methods(pd.DataFrame(rows), True)
-    assert ranking.average_ranks.to_dict() == {"a": 1.0, "b": 2.0, "c": 3.0} and ranking.friedman_p is None
+def test_too_few_configurations_or_methods_give_average_ranks_without_a_test():
+    """autorank needs five rows: with four configurations (or two methods) there are average ranks, no test."""
+    rows = pd.DataFrame([{"a": 1.0, "b": 2.0, "c": 3.0}] * 4)
+    ranking = stats.rank_methods(rows, higher_is_better=False)
+    assert ranking.average_ranks.to_dict() == {"a": 1.0, "b": 2.0, "c": 3.0}
+    assert ranking.friedman_p is None and ranking.critical_difference is None and ranking.result is None
+    two = stats.rank_methods(pd.DataFrame([{"a": 1.0, "b": 2.0}] * 8), higher_is_better=True)
+    assert two.friedman_p is None and list(two.average_ranks.index) == ["b", "a"]

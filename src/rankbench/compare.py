@@ -37,6 +37,18 @@ two or three values is degenerate (it is 0 or a single difference), and requirin
 the whole seed-to-seed spread of either side keeps false alarms rare. With one seed per side there is no noise
 estimate and the threshold alone decides (the seed counts are shown).
 
+Two more rules keep noise from being called a change:
+
+* **Time floor.** A time whose medians are below ``TIME_FLOOR_S`` (10 ms) on *both* sides is noise, whatever the
+  ratio: two runs of identical cells moved ``time_setup_s`` from 5 us to 1 ms (x196) -- timer resolution, caches
+  and scheduling, not the code. Such a change is ``within noise`` (``note``: the floor); 50 ms -> 500 ms is judged
+  as usual.
+* **Paired over seeds.** For quality metrics with at least 3 seeds on each side, B is compared with A seed by seed
+  (``stats.paired_comparison``: the mean of the per-seed differences and its bootstrap interval; columns
+  ``paired_verdict``: ``win`` = B better, ``tie``, ``loss`` = B worse, and ``paired``). A change beyond the
+  threshold and the range whose paired call is a ``tie`` (the per-seed differences straddle 0) is ``within
+  noise``, not a regression or an improvement.
+
 Scale
 -----
 When every value of a (configuration, metric) on both sides is positive, changes, thresholds and noise are measured
@@ -52,8 +64,9 @@ Verdicts
 --------
 ``regression`` / ``improvement``: the change exceeds both the threshold and the noise band and goes in the bad / good
 direction (``higher_is_better``; time and memory are lower-is-better). ``changed``: beyond both, but the metric has
-no direction (sizes, counts). ``within noise``: beyond the threshold but not the noise band. ``unchanged``: inside the
-threshold. Metrics reported on only one side are ``only in A`` / ``only in B``.
+no direction (sizes, counts). ``within noise``: beyond the threshold but not the noise band, or below the time
+floor, or a paired tie (the ``note`` column says which of the last two). ``unchanged``: inside the threshold.
+Metrics reported on only one side are ``only in A`` / ``only in B``.
 
 Exit code: 1 when a metric of a kind named in ``--fail-on`` (default ``quality``) regressed -- or, for a metric
 without a direction, changed -- or, with ``quality`` among them, when a configuration that ran in A fails in B
@@ -74,7 +87,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rankbench import results
+from rankbench import results, stats
 from rankbench.files import atomic_write
 
 EXIT_OK, EXIT_FAILED = 0, 1  # as in rankbench.cli; bad input (exit 2) is raised as CompareInputError
@@ -87,6 +100,9 @@ class CompareInputError(Exception):
 KINDS = ("quality", "time", "memory", "size", "other")
 DEFAULT_THRESHOLDS = {"quality": 0.02, "time": 1.0, "memory": 0.3, "size": 0.0, "other": 0.05}
 DEFAULT_FAIL_ON = ("quality",)
+TIME_FLOOR_S = 0.010  # a time below this on both sides (medians) is noise, never a regression
+FLOOR_NOTE = f"below the {TIME_FLOOR_S * 1000:g} ms time floor on both sides"
+PAIRED_TIE_NOTE = "paired over seeds: tie"
 KEY = [
     "task",
     "task_params",
@@ -257,8 +273,13 @@ def _summarise(values: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def judge(a: dict, b: dict, threshold: float, direction: int) -> dict:
-    """Compare the seed summaries of one (configuration, metric): ``a``/``b`` have median, min and max."""
+def judge(a: dict, b: dict, threshold: float, direction: int, floor: float | None = None,
+          paired: str | None = None) -> dict:
+    """Compare the seed summaries of one (configuration, metric): ``a``/``b`` have median, min and max.
+
+    ``floor`` (times, in the metric's unit): medians below it on both sides are noise. ``paired``: the verdict of
+    the paired comparison over seeds (``stats.paired_comparison``), where there is one; a ``tie`` is noise. Either
+    turns a change beyond the threshold into ``within noise``, with a ``note`` saying why."""
     if min(a["min"], b["min"]) > 0:
         scale = "log"
         change = math.log(b["median"] / a["median"])
@@ -279,7 +300,26 @@ def judge(a: dict, b: dict, threshold: float, direction: int) -> dict:
         verdict = "changed"
     else:
         verdict = "improvement" if change * direction > 0 else "regression"
-    return {"scale": scale, "change": change, "limit": limit, "noise": noise, "verdict": verdict}
+    note = ""
+    if verdict != "unchanged" and floor is not None and max(abs(a["median"]), abs(b["median"])) < floor:
+        verdict, note = "within noise", FLOOR_NOTE
+    elif verdict in ("regression", "improvement", "changed") and paired == stats.TIE:
+        verdict, note = "within noise", PAIRED_TIE_NOTE
+    return {"scale": scale, "change": change, "limit": limit, "noise": noise, "verdict": verdict, "note": note}
+
+
+def time_floor(metric: str, unit: str) -> float:
+    """``TIME_FLOOR_S`` in the unit of a time metric (``ms`` by unit or name, seconds otherwise)."""
+    return TIME_FLOOR_S * 1000 if unit == "ms" or metric.endswith("_ms") else TIME_FLOOR_S
+
+
+def _seed_values(values: pd.DataFrame) -> dict[tuple, dict[int, float]]:
+    """{(configuration key..., metric): {seed: value}} (a seed recorded twice counts once, as its median)."""
+    medians = values.groupby([*KEY, "metric", "seed"], sort=False)["value"].median()
+    by_key: dict[tuple, dict[int, float]] = {}
+    for (*key, seed), value in medians.items():
+        by_key.setdefault(tuple(key), {})[int(seed)] = float(value)
+    return by_key
 
 
 def _bool_or_none(value) -> bool | None:
@@ -347,6 +387,7 @@ def compare(a: str | Path, b: str | Path, thresholds: dict[str, float] | None = 
     joined = joined.merge(both, on=KEY)  # metrics of configurations compared on both sides
 
     all_keys = pd.concat([side_a.statuses[KEY], side_b.statuses[KEY]]).drop_duplicates()
+    seeds_a, seeds_b = _seed_values(side_a.values), _seed_values(side_b.values)
     records = []
     for row in joined.to_dict("records"):
         present_a, present_b = not pd.isna(row["median_a"]), not pd.isna(row["median_b"])
@@ -371,7 +412,13 @@ def compare(a: str | Path, b: str | Path, thresholds: dict[str, float] | None = 
         if present_a and present_b:
             a = {s: float(row[f"{s}_a"]) for s in ("median", "min", "max")}
             b = {s: float(row[f"{s}_b"]) for s in ("median", "min", "max")}
-            record.update(judge(a, b, thresholds[kind], direction))
+            paired = None
+            if kind == "quality" and direction and min(row["seeds_a"], row["seeds_b"]) >= stats.MIN_SEEDS:
+                key = (*(row[k] for k in KEY), row["metric"])
+                paired = stats.paired_comparison(seeds_b[key], seeds_a[key], higher_is_better=direction == 1)
+                record["paired_verdict"], record["paired"] = paired.verdict, paired.text()
+            floor = time_floor(row["metric"], unit or "") if kind == "time" else None
+            record.update(judge(a, b, thresholds[kind], direction, floor, paired.verdict if paired else None))
             record["change_abs"] = b["median"] - a["median"]
             record["change_rel"] = _relative(a["median"], b["median"])
         else:
@@ -379,8 +426,9 @@ def compare(a: str | Path, b: str | Path, thresholds: dict[str, float] | None = 
         records.append(record)
     columns = [*KEY, "metric", "kind", "unit", "better", "threshold", "median_a", "min_a", "max_a", "seeds_a",
                "median_b", "min_b", "max_b", "seeds_b", "change_abs", "change_rel", "scale", "change", "limit",
-               "noise", "verdict"]  # fmt: skip
+               "noise", "paired_verdict", "paired", "verdict", "note"]  # fmt: skip
     rows = pd.DataFrame(records, columns=columns)
+    rows[["paired_verdict", "paired", "note"]] = rows[["paired_verdict", "paired", "note"]].fillna("")
     rows = _add_labels(rows, all_keys)
     if not rows.empty:
         rows["_order"] = rows["verdict"].map(VERDICT_ORDER.index)
@@ -440,6 +488,8 @@ def format_report(cmp: Comparison) -> str:
         "thresholds: "
         + ", ".join(f"{k} {100 * v:g}%" for k, v in cmp.thresholds.items())
         + "; noise band: the larger range over seeds of A and B"
+        + f"; times below {TIME_FLOOR_S * 1000:g} ms on both sides are noise (floor)"
+        + f"; quality with >= {stats.MIN_SEEDS} seeds a side: a tie paired over seeds is noise"
     )
     shown = cmp.rows[cmp.rows["verdict"].isin(["regression", "improvement", "changed"])]
     if len(shown):
@@ -457,11 +507,12 @@ def format_report(cmp: Comparison) -> str:
                 _fmt_rel(r["change_rel"]),
                 _fmt_band(r),
                 f"{_seeds(r['seeds_a'])}/{_seeds(r['seeds_b'])}",
+                r["paired"],
             ]
             for r in shown.to_dict("records")
         ]
         headers = ["verdict", "kind", "task", "method", "budget", "metric", "A (median)", "B (median)",
-                   "B - A", "change", "noise", "seeds A/B"]  # fmt: skip
+                   "B - A", "change", "noise", "seeds A/B", "B vs A paired over seeds"]  # fmt: skip
         lines += ["", tabulate(table, headers=headers)]
     if len(cmp.unmatched):
         table = [
@@ -478,8 +529,16 @@ def format_report(cmp: Comparison) -> str:
         f"{counts.get('regression', 0)} regressions, {counts.get('improvement', 0)} improvements, "
         f"{counts.get('changed', 0)} changed; "
         f"{counts.get('unchanged', 0) + counts.get('within noise', 0)} unchanged "
-        f"({counts.get('within noise', 0)} of them beyond the threshold but within the seed noise) "
-        f"over {configs} configurations matched"
+        f"({counts.get('within noise', 0)} of them beyond the threshold but within the seed noise"
+        + "".join(
+            f"; {n} {what}"
+            for n, what in (
+                ((cmp.rows["note"] == FLOOR_NOTE).sum(), f"times below the {TIME_FLOOR_S * 1000:g} ms floor"),
+                ((cmp.rows["note"] == PAIRED_TIE_NOTE).sum(), "quality changes that tie paired over seeds"),
+            )
+            if n
+        )
+        + f") over {configs} configurations matched"
     )
     only_metric = counts.get("only in A", 0) + counts.get("only in B", 0)
     if only_metric:
@@ -555,9 +614,9 @@ def plot(cmp: Comparison, path: Path) -> bool:
     return True
 
 
-CSV_COLUMNS = ["verdict", "kind", "task_label", "method", "budget", "budget_kind", "metric", "unit", "better",
+CSV_COLUMNS = ["verdict", "note", "kind", "task_label", "method", "budget", "budget_kind", "metric", "unit", "better",
                "median_a", "min_a", "max_a", "seeds_a", "median_b", "min_b", "max_b", "seeds_b", "change_abs",
-               "change_rel", "scale", "change", "limit", "noise", "threshold", "task", "task_params", "selector",
+               "change_rel", "scale", "change", "limit", "noise", "threshold", "paired_verdict", "paired", "task", "task_params", "selector",
                "selector_params", "factorization", "factorization_params"]  # fmt: skip
 
 

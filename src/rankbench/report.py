@@ -1,4 +1,23 @@
-"""``bench report DIR``: a summary table (median and spread over seeds), seaborn plots, and ``DIR/report/report.md``.
+"""``bench report DIR``: leaderboards with intervals over seeds, paired calls, rankings, plots and
+``DIR/report/report.md``.
+
+The statistics come from ``rankbench.leaderboard`` (on ``rankbench.stats``); the terminal shows the cell counts,
+the leaderboards, a pairwise count and the rankings, and ``report.md`` has these sections:
+
+* **Leaderboard**, per task configuration: each method and budget with its rank, the median of the primary metric
+  over the seeds that finished ok with a 95 % percentile-bootstrap interval and the number of seeds (fewer than 3
+  seeds: "n too small", no interval), the parameter ratio, and the call against the dense reference paired over
+  seeds (win / tie / loss, with the mean difference and its interval).
+* **Pairwise (paired over seeds)**: every two methods at the same task configuration and budget, compared seed by
+  seed; per task configuration a matrix of the calls (win / loss / tie / too few seeds, one letter per budget).
+* **Rankings**, per task family and overall: average ranks across configurations, the Friedman p-value and
+  Nemenyi's critical difference, and a critical-difference diagram ``cd_<family>.png`` (``cd_overall.png``) where
+  there is a test (at least 3 methods and 5 configurations; otherwise a sentence says so). Which methods and
+  configurations a ranking covers: ``leaderboard.score_tables``.
+* **Summary**: per method and budget, primary metric, parameter ratio, rank and time as median [min, max] over seeds.
+* Plots, failed cells, skipped pairs.
+
+Tables: ``summary.csv``, ``leaderboard.csv`` and ``pairwise.csv`` (``leaderboard.leaderboard`` / ``pairwise``).
 
 Plots (PNG, in ``DIR/report/``):
 * ``quality_vs_params.png``: each task configuration's primary metric against the parameter ratio each method ended
@@ -12,11 +31,13 @@ Plots (PNG, in ``DIR/report/``):
   ``ranks_matrix-recovery-problem-completion.png``; a short hash of the label is appended where the slug would be
   long or would not be unique.
 * ``curves.png``: stored curves (e.g. error against iteration), one line per cell, log scale.
+* ``cd_<family>.png``: critical-difference diagrams (above); ``<family>`` slugged as for ``ranks_<task>.png``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import textwrap
 from collections import Counter
@@ -27,24 +48,12 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-from rankbench import results
-from rankbench.files import atomic_write
+from rankbench import results, stats
 from rankbench.cells import REFERENCE_FACTORIZATION
+from rankbench.files import atomic_write
+from rankbench.leaderboard import OVERALL, leaderboard, load, pairwise, score_tables
 
 METHOD_COLUMNS = ["task_config", "selector", "factorization", "budget"]
-
-
-def load(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    cells = results.read_table(out, "cells")
-    if cells.empty:
-        return cells, results.read_table(out, "metrics")
-    cells = results.latest_cells(cells)
-    cells["task_config"] = results.configuration_labels(cells["task"], cells["task_params"])
-    cells["method"] = cells["selector"] + " + " + cells["factorization"]
-    metrics = results.read_table(out, "metrics")
-    metrics = metrics[metrics["cell_id"].isin(cells["cell_id"])]
-    metrics = metrics.merge(cells[["cell_id", "task_config", "method", "primary_metric"]], on="cell_id")
-    return cells, metrics
 
 
 def _spread(values: pd.Series) -> str:
@@ -365,6 +374,167 @@ def _plot_curves(cells: pd.DataFrame, curves: pd.DataFrame, path: Path) -> bool:
     return True
 
 
+# --------------------------------------------------------------------------------------------------- statistics
+
+
+def _budget_text(budget) -> str:
+    return "" if budget is None or pd.isna(budget) else f"{budget:g}"
+
+
+def _direction_text(higher_is_better: bool) -> str:
+    return "higher is better" if higher_is_better else "lower is better"
+
+
+def _seed_counts(ns: Iterable[int]) -> str:
+    ns = sorted(set(int(n) for n in ns))
+    text = str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+    return f"{text} seed{'' if ns == [1] else 's'} ok per method"
+
+
+LEADERBOARD_NOTE = (
+    f"Value: the median of the primary metric over the seeds that finished ok, with its {stats.CONFIDENCE:.0%} "
+    f"percentile-bootstrap interval and the number of seeds n (fewer than {stats.MIN_SEEDS} seeds: no interval, "
+    f"\"{stats.TOO_FEW}\"). vs dense: the method against the dense reference on the same seeds, mean difference "
+    "(+ = the method is better) with its bootstrap interval: win, tie (the interval contains 0) or loss."
+)
+
+
+def leaderboard_tables(board: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Per task configuration: a title (metric, direction, seeds) and the rows of ``board`` to show."""
+    tables = []
+    for config, sub in board.groupby("task_config", sort=True):
+        metric, hib = sub["metric"].iloc[0], bool(sub["higher_is_better"].iloc[0])
+        title = f"{config}: {metric} ({_direction_text(hib)}), {_seed_counts(sub['n'])}"
+        table = pd.DataFrame(
+            {
+                "rank": sub["rank"],
+                "method": sub["method"],
+                "budget": sub["budget"].map(_budget_text),
+                f"{metric} median [95% interval] (n)": sub["text"],
+                "param_ratio": sub["param_ratio"].map(lambda v: "" if pd.isna(v) else f"{v:.3g}"),
+                "vs dense (paired over seeds)": [
+                    "reference" if ref else vs for ref, vs in zip(sub["is_reference"], sub["vs_reference"])
+                ],
+            }
+        )
+        tables.append((title, table))
+    return tables
+
+
+def _pair_counts(pairs: pd.DataFrame) -> dict[str, int]:
+    """Unordered pairs per verdict (``pairwise`` lists each pair in both orders)."""
+    counts = pairs["verdict"].value_counts()
+    return {
+        "decided": int(counts.get(stats.WIN, 0)),
+        "tied": int(counts.get(stats.TIE, 0)) // 2,
+        "few": int(counts.get(stats.TOO_FEW, 0)) // 2,
+    }
+
+
+PAIR_CODES = {stats.WIN: "W", stats.LOSS: "L", stats.TIE: "=", stats.TOO_FEW: "?"}
+
+
+def pairwise_matrices(pairs: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Per task configuration: a title naming its budgets, and a matrix of the ``pairwise`` calls, rows A, columns
+    B, each cell one letter per budget (in the title's order): W (A better), L (A worse), = (tie), ? (fewer than 3
+    common seeds), . (not both run at that budget)."""
+    matrices = []
+    for config, sub in pairs.groupby("task_config", sort=True):
+        budgets = sorted(sub["budget"].dropna().unique()) + ([math.nan] if sub["budget"].isna().any() else [])
+        labels = [_budget_text(b) or "none" for b in budgets]
+        calls = {(a, b, _budget_text(bu) or "none"): PAIR_CODES.get(v, "?")
+                 for a, b, bu, v in zip(sub["a"], sub["b"], sub["budget"], sub["verdict"])}  # fmt: skip
+        methods = sorted(set(sub["a"]))
+        rows = {a: ["".join(calls.get((a, b, label), ".") for label in labels) if a != b else "" for b in methods]
+                for a in methods}  # fmt: skip
+        title = f"{config} (budget{'s' if len(labels) > 1 else ''}: {', '.join(labels)})"
+        matrices.append((title, pd.DataFrame.from_dict(rows, orient="index", columns=methods)))
+    return matrices
+
+
+def pairwise_lines(pairs: pd.DataFrame) -> list[str]:
+    """The Markdown "Pairwise" section: per task configuration, the matrix of calls (``pairwise_matrices``)."""
+    counts = _pair_counts(pairs)
+    lines = [
+        "## Pairwise (paired over seeds)",
+        "",
+        "Every two methods run at the same task configuration and budget, compared seed by seed: the mean over their "
+        f"common seeds of how much better the row's method is than the column's, with its {stats.CONFIDENCE:.0%} "
+        "bootstrap interval, gives one letter per budget: **W** the row's method is better (the interval is above "
+        f"0), **L** worse, **=** a tie (the interval contains 0), **?** fewer than {stats.MIN_SEEDS} common seeds, "
+        "**.** not both run at that budget. Differences and intervals: `pairwise.csv`. "
+        f"{counts['decided']} pairs are decided, {counts['tied']} tie, {counts['few']} have too few seeds.",
+        "",
+    ]
+    for title, matrix in pairwise_matrices(pairs):
+        lines += [f"### {title}", "", tabulate(matrix, headers="keys", tablefmt="github"), ""]
+    return lines
+
+
+RANKINGS_NOTE = (
+    "Per configuration (task configuration and budget) the methods are ranked by the median of the primary metric "
+    "over seeds (1 = best) and the ranks averaged; the Friedman test asks whether any method ranks differently from "
+    "the others, and Nemenyi's critical difference (CD) is how far apart two average ranks must be to tell the "
+    f"methods apart at {stats.CONFIDENCE:.0%} (autorank, non-parametric; Demšar 2006). The dense reference is not "
+    "ranked. Within a family, the methods run on the most configurations are kept and configurations missing any "
+    "of them are dropped. \"overall\" combines the families whose primary metrics share a direction, as ranks per "
+    "configuration (scale-free)."
+)
+
+
+def _ranking_text(ranking: stats.Ranking, methods: int) -> str:
+    if ranking.friedman_p is None:
+        return (
+            f"No Friedman test: it needs at least {stats.MIN_METHODS} methods and {stats.MIN_CONFIGURATIONS} "
+            f"configurations (here {methods} and {ranking.n})."
+        )
+    cd = "" if ranking.critical_difference is None else f", Nemenyi CD = {ranking.critical_difference:.3g}"
+    verdict = "the methods differ" if ranking.distinguishable else "no method is distinguishable from the others"
+    return f"Friedman p = {ranking.friedman_p:.3g}{cd} over {ranking.n} configurations: {verdict}."
+
+
+def rankings_lines(tables: dict, ranked: dict[str, stats.Ranking], folder: Path) -> tuple[list[str], list[str]]:
+    """The Markdown "Rankings" section (critical-difference diagrams drawn into ``folder`` as ``cd_<family>.png``)
+    and one line per ranking for the terminal."""
+    lines = ["## Rankings", "", RANKINGS_NOTE, ""]
+    short = []
+    names = figure_names(ranked, "cd")
+    families = [name for name in tables if name != OVERALL]
+    for name, ranking in ranked.items():
+        table = tables[name]
+        if name == OVERALL and len(table.families) < 2:  # it would repeat that family's ranking
+            other = [f for f in families if f not in table.families]
+            if other:
+                lines += [f"No overall ranking: only {table.families[0]} has the direction most families share "
+                          f"(left out: {', '.join(other)}).", ""]  # fmt: skip
+            (folder / names[name]).unlink(missing_ok=True)
+            continue
+        direction = _direction_text(table.higher_is_better) if name != OVERALL else "ranks per configuration"
+        lines += [f"### {name} ({direction}; {ranking.n} configurations)", ""]
+        averages = pd.DataFrame({"method": ranking.average_ranks.index, "average rank": ranking.average_ranks.values})
+        lines += [tabulate(averages, headers="keys", showindex=False, tablefmt="github", floatfmt=".3g"), ""]
+        lines.append(_ranking_text(ranking, len(ranking.average_ranks)))
+        if name == OVERALL:
+            other = [f for f in families if f not in table.families]
+            lines.append(f"Families: {', '.join(table.families)}"
+                         + (f"; left out (the other direction): {', '.join(other)}." if other else "."))
+        if table.dropped_methods or table.dropped_rows:
+            lines.append(f"Left out: {', '.join(table.dropped_methods) or 'no method'} (not run on the most "
+                         f"configurations); {table.dropped_rows} configurations dropped.")  # fmt: skip
+        lines.append("")
+        path = folder / names[name]
+        if stats.critical_difference_diagram(ranking, path):
+            lines += [f"![critical-difference diagram: {name}]({path.name})", ""]
+        else:
+            path.unlink(missing_ok=True)  # a stale diagram from an earlier report
+            lines += ["No critical-difference diagram (no test).", ""]
+        ranks = ", ".join(f"{m} {r:.3g}" for m, r in ranking.average_ranks.items())
+        test = "" if ranking.friedman_p is None else f"; Friedman p={ranking.friedman_p:.3g}"
+        cd = "" if ranking.critical_difference is None else f", CD={ranking.critical_difference:.3g}"
+        short.append(f"{name} ({ranking.n} configurations): {ranks}{test}{cd}")
+    return lines, short
+
+
 def make_report(out: Path) -> Path:
     import matplotlib
 
@@ -377,10 +547,26 @@ def make_report(out: Path) -> Path:
     summary = summary_table(metrics) if not metrics.empty else pd.DataFrame()
     failures = cells[~cells["status"].isin(["ok", "skipped"])] if not cells.empty else cells
 
+    board = leaderboard(cells, metrics) if not cells.empty else pd.DataFrame()
+    pairs = pairwise(cells, metrics) if not cells.empty else pd.DataFrame(columns=["verdict"])
+    tables = score_tables(cells, metrics) if not cells.empty else {}
+    ranked = {name: stats.rank_methods(t.scores, t.higher_is_better) for name, t in tables.items()}  # = rankings()
+    boards = leaderboard_tables(board) if not board.empty else []
+    ranking_md, ranking_short = rankings_lines(tables, ranked, folder)
+
     print(tabulate(list(status_counts.items()), headers=["status", "cells"]))
-    if not summary.empty:
-        print()
-        print(tabulate(summary, headers="keys", showindex=False))
+    if boards:
+        print(f"\n{LEADERBOARD_NOTE}")
+    for title, table in boards:
+        print(f"\n{title}")
+        print(tabulate(table, headers="keys", showindex=False))
+    if len(pairs):
+        counts = _pair_counts(pairs)
+        print(f"\npairwise (paired over seeds): {counts['decided']} pairs decided, {counts['tied']} tied, "
+              f"{counts['few']} with fewer than {stats.MIN_SEEDS} common seeds (matrices: report.md)")
+    if ranking_short:
+        print("\nrankings (average rank, 1 = best):")
+        print("\n".join(f"  {line}" for line in ranking_short))
     if len(failures):
         print(f"\n{len(failures)} failed cells (reasons in {folder / 'report.md'})")
 
@@ -392,6 +578,14 @@ def make_report(out: Path) -> Path:
         tabulate(list(status_counts.items()), headers=["status", "cells"], tablefmt="github"),
         "",
     ]
+    if boards:
+        lines += ["## Leaderboard (per task configuration)", "", LEADERBOARD_NOTE, ""]
+        for title, table in boards:
+            lines += [f"### {title}", "", tabulate(table, headers="keys", showindex=False, tablefmt="github"), ""]
+    if len(pairs):
+        lines += pairwise_lines(pairs)
+    if ranked:
+        lines += ranking_md
     if not summary.empty:
         lines += [
             "## Summary (median [min, max] over seeds)",
@@ -422,6 +616,8 @@ def make_report(out: Path) -> Path:
         lines += ["## Skipped pairs", "", tabulate(reasons, headers="keys", showindex=False, tablefmt="github"), ""]
     summary_path = folder / "summary.csv"
     summary.to_csv(summary_path, index=False)
+    board.to_csv(folder / "leaderboard.csv", index=False)
+    pairs.to_csv(folder / "pairwise.csv", index=False)
     report_path = folder / "report.md"
     atomic_write(report_path, "\n".join(lines))
     from rankbench.html_report import write_html_report  # beside report.md: DIR/report/index.html, one offline page

@@ -18,7 +18,9 @@ Bootstraps are seeded (``BOOTSTRAP_SEED``), so a report is reproducible.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -27,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 MIN_SEEDS = 3  # fewer values than this: no interval, no win/loss call
-MIN_CONFIGURATIONS = 5  # fewer ranked configurations than this: average ranks only (autorank needs at least 5)
+MIN_METHODS, MIN_CONFIGURATIONS = 3, 5  # fewer: no Friedman test (autorank needs at least five rows)
 CONFIDENCE = 0.95
 N_BOOT = 9999
 BOOTSTRAP_SEED = 0
@@ -135,16 +137,16 @@ class Ranking:
 
 def rank_methods(scores: pd.DataFrame, higher_is_better: bool) -> Ranking:
     """``scores``: one row per configuration (task configuration, budget, ...), one column per method, no missing
-    values. Average ranks always; the Friedman test and Nemenyi's CD where there are at least 3 methods and
-    ``MIN_CONFIGURATIONS`` configurations (fewer: None)."""
+    values. Average ranks always; the Friedman test and Nemenyi's CD where there are at least ``MIN_METHODS`` (3)
+    methods and ``MIN_CONFIGURATIONS`` (5, autorank's minimum) configurations (fewer: None)."""
     scores = scores.dropna(axis=0, how="any")
     ranks = scores.rank(axis=1, ascending=not higher_is_better, method="average")
     average = ranks.mean(axis=0).sort_values()
-    if scores.shape[1] < 3 or scores.shape[0] < MIN_CONFIGURATIONS:
+    if scores.shape[1] < MIN_METHODS or scores.shape[0] < MIN_CONFIGURATIONS:
         return Ranking(average, None, None, int(scores.shape[0]))
     from autorank import autorank
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # autorank prints what it does
         warnings.simplefilter("ignore")
         result = autorank(scores, alpha=1 - CONFIDENCE, verbose=False, force_mode="nonparametric",
                           order="descending" if higher_is_better else "ascending")
@@ -162,7 +164,7 @@ def critical_difference_diagram(ranking: Ranking, path) -> bool:
     import matplotlib.pyplot as plt
     from autorank import plot_stats
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         ax = plot_stats(ranking.result, allow_insignificant=True)
     ax.figure.savefig(path, dpi=110, bbox_inches="tight")
