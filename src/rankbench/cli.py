@@ -203,6 +203,7 @@ def cmd_plugins(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from rankbench.html_report import write_html_report
     from rankbench.report import make_report
 
     out = Path(args.dir)
@@ -210,6 +211,7 @@ def cmd_report(args) -> int:
         raise BadInput(f"{args.dir}: expected a results folder written by `bench run` (no cells/ inside)")
     report_path = make_report(out)
     print(f"report: {report_path}")
+    print(f"html report: {write_html_report(out)}")  # beside report.md: one page that opens offline
     return EXIT_OK
 
 

@@ -28,21 +28,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from rankbench import report, results, stats
+from rankbench import leaderboard, report, results, stats
+from rankbench.leaderboard import LEADERBOARD_COLUMNS
 from rankbench.cells import REFERENCE_FACTORIZATION
 from rankbench.files import atomic_write
 
-try:
-    from rankbench import leaderboard as _leaderboard
-except ImportError:  # TEMPORARY (delete at merge, with the _fallback_* functions below): leaderboard.py is not here yet
-    _leaderboard = None
-
 PAGE = "index.html"
-LEADERBOARD_COLUMNS = [
-    "task_config", "task", "method", "selector", "factorization", "budget", "budget_kind", "metric",
-    "higher_is_better", "n", "estimate", "low", "high", "text", "param_ratio", "is_reference", "rank",
-    "vs_reference", "verdict_vs_reference",
-]
 CLAIM_COLUMNS = ["claim", "source", "verdict", "numbers"]
 _PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
 
@@ -50,94 +41,10 @@ _PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
 # ------------------------------------------------------------------------------------------------------- inputs
 
 
-def load(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    return _leaderboard.load(out) if _leaderboard is not None else report.load(out)
-
-
-def leaderboard_frame(cells: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
-    if _leaderboard is not None:
-        return _leaderboard.leaderboard(cells, metrics)
-    return _fallback_leaderboard(metrics)
-
-
-def rankings(cells: pd.DataFrame, metrics: pd.DataFrame) -> dict[str, stats.Ranking]:
-    if _leaderboard is not None:
-        return _leaderboard.rankings(cells, metrics)
-    return _fallback_rankings(_fallback_leaderboard(metrics))
-
-
 def _budget_label(budget, kind) -> str:
     if budget is None or (isinstance(budget, float) and math.isnan(budget)):
         return ""
     return f"{kind}={budget:g}" if isinstance(kind, str) and kind else f"{budget:g}"
-
-
-def _fallback_leaderboard(metrics: pd.DataFrame) -> pd.DataFrame:
-    """TEMPORARY stand-in for ``leaderboard.leaderboard`` (same columns), to be deleted when leaderboard.py is merged:
-    per task configuration, method and budget, the primary metric's median over seeds with ``stats.seed_interval``,
-    the median parameter ratio, the rank within the configuration and the paired call against the dense reference."""
-    if metrics.empty:
-        return pd.DataFrame(columns=LEADERBOARD_COLUMNS)
-    ok = metrics[metrics["status"] == "ok"]
-    keys = ["task_config", "selector", "factorization", "budget"]
-    rows, by_seed = [], {}
-    for (config, selector, factorization, budget), group in ok.groupby(keys, dropna=False, sort=True):
-        primary = group["primary_metric"].iloc[0]
-        values = group[group["metric"] == primary]
-        if values.empty:
-            continue
-        direction = values["higher_is_better"].dropna()
-        higher = bool(direction.iloc[0]) if len(direction) else False
-        interval = stats.seed_interval(values["value"].tolist())
-        ratio = group[group["metric"] == "param_ratio"]["value"]
-        by_seed[len(rows)] = dict(zip(values["seed"], values["value"]))
-        rows.append({
-            "task_config": config, "task": group["task"].iloc[0], "method": f"{selector} + {factorization}",
-            "selector": selector, "factorization": factorization, "budget": budget,
-            "budget_kind": group["budget_kind"].iloc[0], "metric": primary, "higher_is_better": higher,
-            "n": interval.n, "estimate": interval.estimate,
-            "low": interval.low if interval.enough else math.nan,
-            "high": interval.high if interval.enough else math.nan,
-            "text": interval.text(), "param_ratio": ratio.median() if len(ratio) else math.nan,
-            "is_reference": factorization == REFERENCE_FACTORIZATION,
-        })
-    board = pd.DataFrame(rows, columns=[c for c in LEADERBOARD_COLUMNS if c not in ("rank", "vs_reference",
-                                                                                    "verdict_vs_reference")])
-    board["rank"] = math.nan
-    board["vs_reference"] = ""
-    board["verdict_vs_reference"] = ""
-    for _, sub in board.groupby("task_config"):
-        higher = bool(sub["higher_is_better"].iloc[0])
-        board.loc[sub.index, "rank"] = sub["estimate"].rank(ascending=not higher, method="min")
-        reference = sub[sub["is_reference"]]
-        if reference.empty:
-            continue
-        for i in sub.index[~sub["is_reference"]]:
-            paired = stats.paired_comparison(by_seed[i], by_seed[reference.index[0]], higher)
-            board.loc[i, "vs_reference"] = paired.text()
-            board.loc[i, "verdict_vs_reference"] = paired.verdict
-    return board
-
-
-def _fallback_rankings(board: pd.DataFrame) -> dict[str, stats.Ranking]:
-    """TEMPORARY stand-in for ``leaderboard.rankings``: per primary metric, methods (with budget) ranked across the
-    task configurations that ran all of them."""
-    out = {}
-    methods = board[~board["is_reference"]] if not board.empty else board
-    for metric, sub in methods.groupby("metric"):
-        sub = sub.assign(column=[m + (f" @{_budget_label(b, k)}" if _budget_label(b, k) else "")
-                                 for m, b, k in zip(sub["method"], sub["budget"], sub["budget_kind"])])
-        scores = sub.pivot_table(index="task_config", columns="column", values="estimate", aggfunc="first")
-        if scores.shape[1] < 2:
-            continue
-        higher = bool(sub["higher_is_better"].iloc[0])
-        try:
-            out[metric] = stats.rank_methods(scores, higher)
-        except ValueError:  # autorank wants at least 5 configurations: average ranks only
-            scores = scores.dropna()
-            average = scores.rank(axis=1, ascending=not higher).mean().sort_values()
-            out[metric] = stats.Ranking(average, None, None, int(scores.shape[0]))
-    return out
 
 
 def run_environment(out: Path) -> tuple[str, dict] | None:
@@ -156,12 +63,13 @@ def write_html_report(out: Path, claims: pd.DataFrame | None = None) -> Path:
     out = Path(out)
     folder = out / "report"
     folder.mkdir(parents=True, exist_ok=True)
-    cells, metrics = load(out)
-    board = leaderboard_frame(cells, metrics) if not metrics.empty else pd.DataFrame(columns=LEADERBOARD_COLUMNS)
-    ranked = rankings(cells, metrics) if not metrics.empty else {}
-    report_cells = report.load(out)[0] if _leaderboard is not None else cells
+    cells, metrics = leaderboard.load(out)
+    board = leaderboard.leaderboard(cells, metrics) if not metrics.empty else pd.DataFrame(columns=LEADERBOARD_COLUMNS)
+    ranked = leaderboard.rankings(cells, metrics) if not metrics.empty else {}
+    if len(ranked) == 2 and leaderboard.OVERALL in ranked:  # one family: "overall" would repeat its ranking
+        ranked.pop(leaderboard.OVERALL)
     ranks = results.read_table(out, "ranks")
-    tables = report.rank_tables(report_cells, ranks) if not report_cells.empty and not ranks.empty else {}
+    tables = report.rank_tables(cells, ranks) if not cells.empty and not ranks.empty else {}
     statuses = cells["status"].value_counts().sort_index().to_dict() if "status" in cells.columns else {}
     page = render_html(
         title=f"rankbench report: {out.resolve().name}",

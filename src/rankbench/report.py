@@ -620,7 +620,4 @@ def make_report(out: Path) -> Path:
     pairs.to_csv(folder / "pairwise.csv", index=False)
     report_path = folder / "report.md"
     atomic_write(report_path, "\n".join(lines))
-    from rankbench.html_report import write_html_report  # beside report.md: DIR/report/index.html, one offline page
-
-    print(f"html report: {write_html_report(out)}")
     return report_path
