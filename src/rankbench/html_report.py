@@ -136,7 +136,7 @@ def quality_figure(sub: pd.DataFrame):
         span = [min(xs), max(xs)]
         if _finite(ref.get("low")) and _finite(ref.get("high")) and ref["high"] > ref["low"]:
             fig.add_trace(go.Scatter(
-                x=span + span[::-1], y=[float(ref["high"])] * 2 + [float(ref["low"])] * 2, fill="toself",
+                x=span + span[::-1], y=[float(ref["high"])] * 2 + [float(ref["low"])] * 2, mode="lines", fill="toself",
                 fillcolor="rgba(120,120,120,0.15)", line=dict(width=0), hoverinfo="skip", showlegend=False,
             ))
             values += [float(ref["low"]), float(ref["high"])]
