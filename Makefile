@@ -136,11 +136,14 @@ benchmark: $(STAMP)
 #   make nightly                      HEAD's committed code in asv's per-commit environment (this venv's dependencies)
 #   make nightly RANGE=A..B           every commit of A..B, one asv run each, then publish
 #   make nightly NIGHTLY_PYTHON=same  the working tree in this venv, stored under HEAD (HEAD-dirty when modified)
+# It also runs `bench verify claims/seeds.yaml` on the commit's results; NIGHTLY_VERIFY_STRICT=1 fails on a
+# contradicted claim (default: reported only).
 RANGE ?=
 NIGHTLY_PYTHON ?=
+NIGHTLY_VERIFY_STRICT ?= 0
 nightly: $(STAMP)
-	RANGE="$(RANGE)" NIGHTLY_PYTHON="$(NIGHTLY_PYTHON)" VENV="$(VENV)" ASV_VENDOR_DIR="$(ASV_VENDOR_DIR)" \
-		bash benchmarks/asv/nightly.sh
+	RANGE="$(RANGE)" NIGHTLY_PYTHON="$(NIGHTLY_PYTHON)" NIGHTLY_VERIFY_STRICT="$(NIGHTLY_VERIFY_STRICT)" \
+		VENV="$(VENV)" ASV_VENDOR_DIR="$(ASV_VENDOR_DIR)" bash benchmarks/asv/nightly.sh
 
 # The same benchmarks on the working tree in this venv (`asv run --python=same`), stored under HEAD; no publish.
 asv: $(STAMP)

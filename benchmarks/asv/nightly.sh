@@ -2,14 +2,16 @@
 # The nightly routine behind `make nightly` (README: "Nightly regression tracking"):
 #   asv machine --yes; asv run (the nightly slice once per commit); asv publish (static site in .asv/html, its
 #   CDN libraries replaced by local copies: benchmarks/asv/vendor.py);
-#   bench compare against the nearest earlier commit that has a nightly results folder; list asv's regressions.
+#   bench compare against the nearest earlier commit that has a nightly results folder; bench verify the seed
+#   papers' claims (claims/seeds.yaml) on the commit's results folder; list asv's regressions.
 #
 #   benchmarks/asv/nightly.sh                        HEAD's committed code, in asv's per-commit environment
 #   RANGE=A..B benchmarks/asv/nightly.sh             every commit of A..B, oldest first, one `asv run` each
 #   NIGHTLY_PYTHON=same benchmarks/asv/nightly.sh    the working tree in the project venv, stored under HEAD
 #                                                    (results folder HEAD-dirty when the tree has local changes)
-# Exit status 1 when a benchmark failed (a cell did not finish ok), publishing failed, or bench compare found a
-# quality regression; the site is published either way.
+# Exit status 1 when a benchmark failed (a cell did not finish ok), publishing failed, bench compare found a
+# quality regression, or the claims file is malformed; the site is published either way. A contradicted claim is
+# only reported (the verdict table is in the log) unless NIGHTLY_VERIFY_STRICT=1, which makes it fail the nightly too.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 VENV=${VENV:-.venv}
@@ -59,6 +61,16 @@ if [ -n "$previous" ] && [ -d "$RANKBENCH_NIGHTLY_DIR/$last/cells" ]; then
     "$BENCH" compare "$RANKBENCH_NIGHTLY_DIR/$previous" "$RANKBENCH_NIGHTLY_DIR/$last" || status=1
 else
     echo "nightly: no earlier nightly results folder to compare $last with"
+fi
+if [ -d "$RANKBENCH_NIGHTLY_DIR/$last/cells" ]; then
+    echo "nightly: bench verify claims/seeds.yaml $RANKBENCH_NIGHTLY_DIR/$last"
+    "$BENCH" verify claims/seeds.yaml "$RANKBENCH_NIGHTLY_DIR/$last"
+    verified=$?
+    if [ $verified -eq 1 ] && [ "${NIGHTLY_VERIFY_STRICT:-0}" = 1 ]; then
+        status=1
+    elif [ $verified -ne 0 ] && [ $verified -ne 1 ]; then
+        status=1  # a malformed claims file (exit 2) or a crash
+    fi
 fi
 "$VENV/bin/python" benchmarks/asv/nightlylib.py regressions .asv/html
 echo "nightly: results $RANKBENCH_NIGHTLY_DIR/$last; site $(pwd)/.asv/html/index.html (serve: $ASV preview)"

@@ -5,11 +5,12 @@
 * ``bench plugins`` -- list the plugins and the ones that failed to load;
 * ``bench report DIR`` -- summary table, plots and ``DIR/report/report.md`` for a results folder;
 * ``bench compare A B`` -- compare two results folders per configuration; flag changes beyond seed noise;
-* ``bench test-plugin NAME`` -- run one plugin through the conformance checks every built-in passes.
+* ``bench test-plugin NAME`` -- run one plugin through the conformance checks every built-in passes;
+* ``bench verify CLAIMS RESULTS_DIR...`` -- judge published claims on results folders (writes nothing).
 
-Exit codes: 0 success; 1 at least one cell failed (``run``), a regression beyond noise (``compare``) or a failed
-check (``test-plugin``); 2 bad input (one message on stderr naming the file, the key and what was expected; no
-traceback; nothing written).
+Exit codes: 0 success; 1 at least one cell failed (``run``), a regression beyond noise (``compare``), a failed
+check (``test-plugin``) or a contradicted claim (``verify``); 2 bad input (one message on stderr naming the file,
+the key and what was expected; no traceback; nothing written).
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     test.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="where the tiny cells run")
     test.add_argument("--timeout", type=float, help="seconds per tiny cell (default 300)")
     test.add_argument("--out", help="keep the tiny runs' results in this folder (default: a temporary folder)")
+
+    verify = sub.add_parser("verify", help="judge the claims of a claims file on results folders (writes nothing)")
+    verify.add_argument("claims", help="claims YAML file (e.g. claims/seeds.yaml)")
+    verify.add_argument("dirs", nargs="+", metavar="RESULTS_DIR", help="results folders written by `bench run`")
     return parser
 
 
@@ -249,6 +254,24 @@ def cmd_test_plugin(args) -> int:
     return EXIT_OK if report.passed else EXIT_FAILED
 
 
+def cmd_verify(args) -> int:
+    from tabulate import tabulate
+
+    from rankbench.verify import CONTRADICTED, VERDICTS, ClaimsError, check_claims, load_claims, verdict_frame
+
+    try:
+        claims = load_claims(args.claims)
+        verdicts = check_claims(claims, args.dirs)
+    except ClaimsError as exc:
+        raise BadInput(str(exc)) from None
+    frame = verdict_frame(verdicts)
+    print(tabulate(frame.values.tolist(), headers=list(frame.columns), maxcolwidths=[None, 36, None, 90]))
+    counts = {v: sum(x.verdict == v for x in verdicts) for v in VERDICTS}
+    summary = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
+    print(f"{len(verdicts)} claim{'s' if len(verdicts) != 1 else ''}: {summary}")
+    return EXIT_FAILED if counts[CONTRADICTED] else EXIT_OK
+
+
 COMMANDS = {
     "run": cmd_run,
     "check": cmd_check,
@@ -256,6 +279,7 @@ COMMANDS = {
     "report": cmd_report,
     "compare": cmd_compare,
     "test-plugin": cmd_test_plugin,
+    "verify": cmd_verify,
 }
 
 
