@@ -421,6 +421,20 @@ def test_cli_exit_codes_and_table(cli, tmp_path):
     assert result.returncode == 1 and "contradicted" in result.stdout
 
 
+def test_bench_report_with_claims_adds_the_verdicts_to_report_md_and_the_html_page(cli, tmp_path):
+    out = tmp_path / "out"
+    plant(out, "a", [0.90, 0.91, 0.93])
+    plant(out, "b", [0.80, 0.82, 0.81])
+    result = cli("report", out, "--claims", claims_file(tmp_path, BETTER))
+    assert result.returncode == 0, result.stderr
+    assert "claims (bench verify):" in result.stdout and "reproduced" in result.stdout
+    markdown = (out / "report" / "report.md").read_text()
+    assert "## Claims (`bench verify`)" in markdown and "a-beats-b" in markdown
+    assert "a-beats-b" in (out / "report" / "index.html").read_text()
+    bad = cli("report", out, "--claims", claims_file(tmp_path, BETTER.replace("kind: better", "kind: faster"), "b.yaml"))
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ")
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="summary table, plots (PNG) and a Markdown report for a results folder")
     report.add_argument("dir", help="results folder written by `bench run`")
+    report.add_argument("--claims", help="claims file: add the verdicts of `bench verify CLAIMS DIR` to the report")
 
     compare = sub.add_parser("compare", help="compare two results folders per configuration; flag changes beyond noise")
     compare.add_argument("a", help="baseline results folder")
@@ -214,9 +215,17 @@ def cmd_report(args) -> int:
     out = Path(args.dir)
     if not (out / "cells").is_dir():
         raise BadInput(f"{args.dir}: expected a results folder written by `bench run` (no cells/ inside)")
-    report_path = make_report(out)
+    claims = None
+    if args.claims:
+        from rankbench.verify import ClaimsError, check_claims, load_claims, verdict_frame
+
+        try:
+            claims = verdict_frame(check_claims(load_claims(args.claims), [out]))
+        except ClaimsError as exc:
+            raise BadInput(str(exc)) from None
+    report_path = make_report(out, claims=claims)
     print(f"report: {report_path}")
-    print(f"html report: {write_html_report(out)}")  # beside report.md: one page that opens offline
+    print(f"html report: {write_html_report(out, claims=claims)}")  # beside report.md: one page that opens offline
     return EXIT_OK
 
 

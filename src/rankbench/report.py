@@ -535,7 +535,8 @@ def rankings_lines(tables: dict, ranked: dict[str, stats.Ranking], folder: Path)
     return lines, short
 
 
-def make_report(out: Path) -> Path:
+def make_report(out: Path, claims: pd.DataFrame | None = None) -> Path:
+    """Write ``DIR/report/`` (report.md, CSVs, PNGs); with ``claims`` (``verify.verdict_frame``) a "Claims" section."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -578,6 +579,11 @@ def make_report(out: Path) -> Path:
         tabulate(list(status_counts.items()), headers=["status", "cells"], tablefmt="github"),
         "",
     ]
+    if claims is not None and len(claims):
+        print("\nclaims (bench verify):")
+        print(tabulate(claims.values.tolist(), headers=list(claims.columns), maxcolwidths=[None, 36, None, 90]))
+        lines += ["## Claims (`bench verify`)", "", tabulate(claims, headers="keys", showindex=False, tablefmt="github"),
+                  ""]
     if boards:
         lines += ["## Leaderboard (per task configuration)", "", LEADERBOARD_NOTE, ""]
         for title, table in boards:
