@@ -134,22 +134,29 @@ def manual_cell(task, budget, seed: int = 0):
 
 
 @pytest.mark.parametrize("module", [adalora, sublora])
-def test_both_kinds_declared_and_mismatched_budgets_skipped(module):
+def test_kinds_declared_and_mismatched_budgets_skipped(module):
     selector = make(module)
-    assert type(selector).problem_kinds == {COMPRESSION, ADAPTATION}
-    assert type(selector).budget_kinds == {PARAM_RATIO, RANK_TOTAL}
+    if module is sublora:
+        assert type(selector).problem_kinds == {COMPRESSION, ADAPTATION}
+        assert type(selector).budget_kinds == {PARAM_RATIO, RANK_TOTAL}
+    else:  # AdaLoRA needs training steps; its one-gradient compression score is taylor-sensitivity
+        assert type(selector).problem_kinds == {ADAPTATION} and type(selector).budget_kinds == {RANK_TOTAL}
+        with pytest.raises(TypeError, match="taylor-sensitivity"):
+            selector.select(RankProblem(sites=[], budget=0.5, budget_kind=PARAM_RATIO, seed=0))
     for kind, budget_kind, skipped in [
         (ADAPTATION, RANK_TOTAL, False),
         (ADAPTATION, PARAM_RATIO, True),
         (COMPRESSION, PARAM_RATIO, False),
         (COMPRESSION, RANK_TOTAL, True),
     ]:
+        if kind not in type(selector).problem_kinds:
+            continue
         task = SimpleNamespace(problem_kind=kind, budget_kind=budget_kind)
         factorization = lora() if kind == ADAPTATION else SVD()
         assert bool(selector.skip(task, factorization)) == skipped
         assert bool(kind_budget_skip(selector, task)) == skipped
-    # compression with a factorization that has no SVD-form decomposition (a tensor format)
-    assert selector.skip(SimpleNamespace(problem_kind=COMPRESSION, budget_kind=PARAM_RATIO), Tucker())
+    if module is sublora:  # compression with a factorization that has no SVD-form decomposition (a tensor format)
+        assert selector.skip(SimpleNamespace(problem_kind=COMPRESSION, budget_kind=PARAM_RATIO), Tucker())
     with pytest.raises(ValueError, match="tinit_fraction"):
         type(selector).Params(tinit_fraction=0.8, tfinal_fraction=0.3)
     problem, trainer = manual_cell(PlantedTask(steps=4), 2)
@@ -163,8 +170,9 @@ def test_new_parameter_defaults():
     a = adalora.AdaLoraSelector.Params()
     assert (a.beta1, a.beta2, a.tinit_fraction, a.tfinal_fraction, a.delta_t) == (0.85, 0.85, 0.1, 0.3, 10)
     s = sublora.SubLoraSelector.Params()
-    assert (s.mode, s.retrain_fraction, s.tinit_fraction, s.tfinal_fraction, s.determinations) == (
-        "posthoc", None, 0.1, 0.3, 10)
+    assert (s.mode, s.retrain_fraction, s.tinit_fraction, s.tfinal_fraction, s.determinations, s.schedule) == (
+        "posthoc", None, 0.1, 0.3, 10, "cubic")
+    assert s.fill is False  # the greedy stops at a non-positive gain unless asked to fill the budget
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -209,6 +217,11 @@ def set_grads(adapter, gE, gP, gQ):
     adapter.Q.grad = torch.tensor(gQ, dtype=torch.float64)
 
 
+def at_step(step: int):
+    """What a RankAllocator reads of the trainer: the step count (and where it records determinations)."""
+    return SimpleNamespace(step_count=step, mark_determination=lambda **extra: None)
+
+
 def allocator_for(adapters, score="triplet", beta1=0.85, beta2=0.85, **kw):
     args = dict(target=1, total_steps=100, tinit=50, tfinal=10, t_end=90, delta_t=1)
     args.update(kw)
@@ -225,7 +238,7 @@ def test_ema_scores_after_two_callbacks_by_hand():
     zeros_P, zeros_Q = np.zeros((3, 2)), np.zeros((2, 2))
     for step, gE in [(1, [0.5, 1.0]), (2, [1.0, 0.0])]:
         set_grads(adapter, gE, zeros_P, zeros_Q)
-        allocator(SimpleNamespace(step_count=step))
+        allocator(at_step(step))
     np.testing.assert_allclose(allocator.scores().numpy(), [0.147166875, 0.01625625], rtol=1e-12)
     assert adapter.E.tolist() == [2.0, -1.0] and adapter.rank == 2  # warm-up: nothing masked
 
@@ -240,7 +253,7 @@ def test_ema_scores_after_two_callbacks_by_hand():
     ubar = {k: np.zeros_like(v) for k, v in values.items()}
     for step, (gE, gP, gQ) in enumerate(grads, start=1):
         set_grads(adapter, gE, gP, gQ)
-        allocator(SimpleNamespace(step_count=step))
+        allocator(at_step(step))
         for k, g in zip("EPQ", (gE, gP, gQ)):
             sens = np.abs(values[k] * g)
             ibar[k] = b1 * ibar[k] + (1 - b1) * sens
@@ -303,9 +316,11 @@ def test_adalora_schedule_drives_training(monkeypatch):
         (adalora, {}),
         (adalora, {"score": "singular", "delta_t": 1}),
         (sublora, {}),
-        (sublora, {"mode": "joint"}),
-        (sublora, {"hessian": "none"}),
-        (sublora, {"structure": "block", "top_k": 2, "fill": False}),
+        (sublora, {"fill": True}),
+        (sublora, {"mode": "joint", "fill": True}),
+        (sublora, {"mode": "joint", "schedule": "constant"}),
+        (sublora, {"hessian": "none", "fill": True}),
+        (sublora, {"structure": "block", "top_k": 2}),
     ],
 )
 def test_total_rank_within_budget_through_run_adaptation(module, params):
@@ -315,7 +330,7 @@ def test_total_rank_within_budget_through_run_adaptation(module, params):
         ranks, metrics, task = run_cell(selector, budget, task)  # run_adaptation checks answer == masks
         assert set(ranks) == set(SITES)
         assert sum(ranks.values()) == metrics["rank_total"] <= budget
-        if params.get("fill", True):
+        if module is adalora or params.get("fill"):  # else SubLoRA may stop below the budget (non-positive gain)
             assert sum(ranks.values()) == min(budget, N)
         for name, rank in ranks.items():
             adapter = task.adapted.get_submodule(name)
@@ -376,11 +391,15 @@ def finite_differences(f, x, h=1e-4):
 
 
 def naive_greedy(c, M, b):
+    """At most b items by largest marginal gain of F, stopping at the first non-positive best gain."""
     chosen = []
     for _ in range(b):
         gains = [(submodular_value([*chosen, i], c, M) - submodular_value(chosen, c, M), -i)
                  for i in range(len(c)) if i not in chosen]
-        chosen.append(-max(gains)[1])
+        gain, i = max(gains)
+        if gain <= 0:
+            break
+        chosen.append(-i)
     return chosen
 
 
@@ -442,7 +461,7 @@ def test_sigma_zero_components_have_no_terms():
 
 def test_sublora_joint_alternates_on_adalora_schedule(monkeypatch):
     T, budget = 60, 2
-    selector = make(sublora, mode="joint", determinations=4)
+    selector = make(sublora, mode="joint", determinations=4, fill=True)
     problem, trainer = manual_cell(PlantedTask(steps=T), budget)
     calls = []
     original = sublora.SubLoraSelector.determine
@@ -469,8 +488,203 @@ def test_budget_at_least_the_components_keeps_everything_without_derivatives(mon
         raise AssertionError("no derivatives needed")
 
     monkeypatch.setattr(sublora.SubLoraSelector, "adaptation_derivatives", fail)
-    for module in (adalora, sublora):
+    for selector in (make(adalora), make(sublora, fill=True)):  # sublora's default greedy may still stop earlier
         problem, trainer = manual_cell(PlantedTask(steps=10), N + 0.5)
-        assert make(module).adapt(problem, trainer) == {"0": INIT_RANK, "2": INIT_RANK}
+        assert selector.adapt(problem, trainer) == {"0": INIT_RANK, "2": INIT_RANK}
         assert trainer.step_count == 0  # the protocol trains all steps
     assert math.floor(N + 0.5) == N
+
+
+# --------------------------------------------------------------------------------------------------------------
+# AdaLoRA against PEFT's AdaLoraModel / RankAllocator
+
+
+def test_adalora_scores_and_masks_agree_with_peft():
+    """The same tiny network, the same initial P, E, Q, the same data and optimiser: after every step the EMA'd
+    sensitivity (Ibar) and uncertainty (Ubar) of every entry, the triplet scores and the intermediate masks (PEFT's
+    ``update_and_allocate``) agree to round-off. At the final determination (t = T - tfinal) PEFT's
+    ``update_and_allocate`` skips the score update that this selector (and the paper's algorithm) makes; the final
+    kept set is compared with PEFT's own ``update_ipt`` + ``mask_to_budget`` at b_T, i.e. after the same update."""
+    pytest.importorskip("peft")
+    from peft import AdaLoraConfig, get_peft_model
+
+    T, tinit, tfinal, delta_t, init_r, target_r, alpha = 24, 4, 8, 2, 3, 1, 2.0
+    gen = torch.Generator().manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    x = torch.randn(32, 6, generator=gen, dtype=torch.float64)
+    y = torch.randn(32, 4, generator=gen, dtype=torch.float64)
+    ours_model = copy.deepcopy(base)
+    config = AdaLoraConfig(init_r=init_r, target_r=target_r, tinit=tinit, tfinal=tfinal, deltaT=delta_t,
+                           total_step=T, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(SITES),
+                           beta1=0.85, beta2=0.85, orth_reg_weight=0.0)
+    torch.manual_seed(1)  # PEFT draws A and B from the global generator
+    peft_model = get_peft_model(base, config)
+    inner = peft_model.base_model  # AdaLoraModel
+    allocator_p = inner.rankallocator
+    layers = {name: inner.model.get_submodule(name) for name in SITES}
+    adapters = {}
+    for name, layer in layers.items():  # our adapters with PEFT's initial P (lora_B), E, Q (lora_A)
+        adapter = SVDAdapter(ours_model.get_submodule(name), init_r, alpha, 0.02, torch.Generator())
+        with torch.no_grad():
+            adapter.P.copy_(layer.lora_B["default"])
+            adapter.E.copy_(layer.lora_E["default"].view(-1))
+            adapter.Q.copy_(layer.lora_A["default"])
+        adapter.scaling = alpha / (init_r + 1e-5)  # PEFT's scaling / (ranknum + 1e-5)
+        ours_model.set_submodule(name, adapter)
+        adapters[name] = adapter
+    with torch.no_grad():
+        torch.testing.assert_close(ours_model(x), peft_model(x), rtol=1e-12, atol=1e-14)
+
+    t_end = T - tfinal
+    allocator = adalora.RankAllocator(adapters, target_r * len(SITES), T, tinit, tfinal, t_end, delta_t, 0.85, 0.85)
+    peft_params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+    ours_params = [p for a in adapters.values() for p in (a.P, a.E, a.Q)]
+    opt_p, opt_o = torch.optim.Adam(peft_params, lr=0.05), torch.optim.Adam(ours_params, lr=0.05)
+    part = {"P": "lora_B", "E": "lora_E", "Q": "lora_A"}
+    masked = 0
+    for t in range(1, t_end + 1):
+        for model, opt in ((peft_model, opt_p), (ours_model, opt_o)):
+            opt.zero_grad(set_to_none=True)
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+        if t < t_end:
+            inner.update_and_allocate(t)
+        else:  # the paper's last step: update the scores, then keep b_T (PEFT's own pieces)
+            allocator_p.update_ipt(inner.model)
+            allocator_p.mask_to_budget(inner.model, target_r * len(SITES))
+        allocator(at_step(t))
+        for name, adapter in adapters.items():
+            for ours_part, peft_part in part.items():
+                key = f"{name}.{peft_part}.default"
+                shape = getattr(adapter, ours_part).shape
+                torch.testing.assert_close(allocator.ema.ibar[(name, ours_part)],
+                                           allocator_p.exp_avg_ipt[key].view(shape), rtol=1e-9, atol=1e-15)
+                torch.testing.assert_close(allocator.ema.ubar[(name, ours_part)],
+                                           allocator_p.exp_avg_unc[key].view(shape), rtol=1e-9, atol=1e-15)
+            alive_p = (layers[name].lora_E["default"].view(-1) != 0)
+            alive_o = adapter.effective_e() != 0
+            assert torch.equal(alive_o, alive_p), (t, name)
+        if t < t_end:  # PEFT's triplet scores (its own combination) equal ours
+            peft_scores = []
+            for name in SITES:
+                e = allocator_p._element_score(f"{name}.lora_E.default")
+                a = allocator_p._element_score(f"{name}.lora_A.default").mean(dim=1, keepdim=True)
+                b = allocator_p._element_score(f"{name}.lora_B.default").mean(dim=0).view(-1, 1)
+                peft_scores.append(allocator_p._combine_ipt(e, torch.cat([a, b], dim=1)))
+            torch.testing.assert_close(allocator.scores(), torch.cat(peft_scores), rtol=1e-9, atol=1e-15)
+        masked += any(not bool((a.E != 0).all()) for a in adapters.values()) and t < t_end
+    assert allocator.masked_at and masked  # intermediate masks were made (and compared) ...
+    assert allocator.finalised and sum(a.rank for a in adapters.values()) == target_r * len(SITES)  # ... and the final
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SubLoRA: the greedy stops at a non-positive gain; the joint schedule; rank-determination points
+
+
+def test_sublora_determination_stops_at_a_non_positive_gain():
+    """A planted loss exactly quadratic in E: L = a.(E - E0) + 1/2 (E - E0)^T H (E - E0); pruning component i moves
+    E_i to 0, so F is known exactly. With a budget of all four components the greedy keeps only the two whose
+    marginal gain stays positive; ``fill`` keeps all four."""
+    adapters = {"a": small_adapter(0), "b": small_adapter(1)}
+    E0 = torch.tensor([2.0, 1.0, -1.0, 3.0], dtype=torch.float64)
+    with torch.no_grad():
+        adapters["a"].E.copy_(E0[:2])
+        adapters["b"].E.copy_(E0[2:])
+    linear = np.array([1.5, -0.2, 0.7, -1.0])  # gains -c_i + M_ii / 2 with no pairwise terms but one
+    d = np.array([0.5, 2.0, 1.0, 0.25])  # H_ii: M_ii = E_i^2 H_ii = (2, 2, 1, 2.25)
+    e = E0.numpy()
+    M_diag = e**2 * d
+    c = 0.5 * M_diag - linear
+    H = np.diag(d)
+    H[0, 2] = H[2, 0] = 0.1 / (e[0] * e[2])  # M_02 = 0.1 >= 0: submodular, projection leaves it
+    a, Ht = torch.as_tensor(c / e), torch.as_tensor(H)
+
+    def sigma_loss(sigmas):
+        delta = torch.cat([sigmas["a"], sigmas["b"]]) - E0
+        return a @ delta + 0.5 * delta @ Ht @ delta
+
+    marks = []
+    trainer = SimpleNamespace(adapters=adapters, sigma_loss=sigma_loss,
+                              mark_determination=lambda **extra: marks.append(extra))
+    problem = RankProblem(sites=[adapter_site(n, ad) for n, ad in adapters.items()], budget=4,
+                          budget_kind=RANK_TOTAL, seed=0)
+    keep = make(sublora).determine(problem, trainer, 4)
+    assert keep.tolist() == [True, False, True, False]
+    M = e[:, None] * H * e[None, :]
+    assert sorted(naive_greedy(c, M, 4)) == [0, 2]
+    for i in (1, 3):  # what is left out has a non-positive marginal gain
+        assert submodular_value([0, 2, i], c, M) - submodular_value([0, 2], c, M) <= 0
+    assert make(sublora, fill=True).determine(problem, trainer, 4).tolist() == [True] * 4
+    assert make(sublora).determine(problem, trainer, 1).tolist() == [True, False, False, False]
+    # every determination is recorded with ||dL/dE|| of the derivatives used (here g = a at E0)
+    assert marks[0]["sigma_grad_norm"] == pytest.approx(float(torch.linalg.norm(a)), rel=1e-12)
+
+
+def test_sublora_joint_constant_schedule_uses_the_target_every_time(monkeypatch):
+    T, budget = 60, 2
+    selector = make(sublora, mode="joint", determinations=4, schedule="constant")
+    problem, trainer = manual_cell(PlantedTask(steps=T), budget)
+    budgets = []
+    original = sublora.SubLoraSelector.determine
+
+    def recording(self, problem, trainer, b):
+        budgets.append((trainer.step_count, b))
+        return original(self, problem, trainer, b)
+
+    monkeypatch.setattr(sublora.SubLoraSelector, "determine", recording)
+    selector.adapt(problem, trainer)
+    assert budgets == [(15, 2), (24, 2), (33, 2), (42, 2)]
+    assert trainer.rank_total() <= budget
+
+
+def test_gradient_norms_at_each_determination_are_recorded():
+    """Every determination point carries the last optimiser step's loss and gradient norms; they are the ones of the
+    objective at the parameters that step started from (checked against autograd on a copy)."""
+    task = PlantedTask(steps=30, retrain=10)
+    problem, trainer = manual_cell(task, 2)
+    trainer.train(12)
+    params = [p for a in trainer.adapters.values() for p in (a.P, a.E, a.Q)]
+    loss = task.training_loss(None, trainer.model)
+    total = loss + trainer.orth_reg * trainer.regulariser()
+    grads = torch.autograd.grad(total, params)
+    expected = float(torch.sqrt(sum(g.square().sum() for g in grads)))
+    expected_E = float(torch.sqrt(sum(g.square().sum() for p, g in zip(params, grads) if p.ndim == 1)))
+    trainer.train(1)
+    trainer.mark_determination(extra=1.5)
+    (row,) = trainer.determinations
+    assert row["step"] == 13 and row["extra"] == 1.5
+    assert row["loss"] == pytest.approx(float(loss.detach()), rel=1e-12)
+    assert row["grad_norm"] == pytest.approx(expected, rel=1e-10)
+    assert row["grad_norm_E"] == pytest.approx(expected_E, rel=1e-10)  # the regulariser does not depend on E
+
+
+@pytest.mark.parametrize(
+    "module,params,steps",
+    [
+        (sublora, {}, [30]),  # posthoc: T - R
+        (sublora, {"mode": "joint", "determinations": 3}, [12, 20, 28]),  # tinit 4 + round(j * 24 / 3)
+        (adalora, {"delta_t": 5}, [5, 10, 15, 20, 25, 28]),  # masking steps after tinit, then the final one
+        (None, {}, [30]),  # a post-hoc selector: the protocol marks the selection point
+    ],
+)
+def test_determination_curves_through_run_adaptation(module, params, steps):
+    from rankbench_plugins.selectors.uniform import UniformSelector
+
+    selector = make(module, **params) if module else UniformSelector()
+    ctx = make_ctx(2)
+    run_adaptation(PlantedTask(steps=40, retrain=10), ctx, selector, lora())
+    metrics = {m["metric"]: m["value"] for m in ctx.metrics}
+    curves: dict[str, list] = {}
+    for row in ctx.curve_rows:
+        curves.setdefault(row["curve"], []).append((row["step"], row["value"]))
+    names = ["loss_at_selection", "grad_norm_at_selection", "grad_norm_E_at_selection"]
+    if module is sublora:
+        names.append("sigma_grad_norm_at_selection")
+    assert set(curves) == {"train_loss", "rank_total", *names}
+    for name in names:
+        assert [s for s, _ in curves[name]] == steps
+        assert all(v > 0 for _, v in curves[name])
+        assert metrics[name] == curves[name][-1][1]

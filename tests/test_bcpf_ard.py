@@ -18,7 +18,7 @@ from rankbench.kinds.recovery import RecoveryProblem
 from rankbench_plugins.selectors import ard as ard_module
 from rankbench_plugins.selectors.ard import ARDSelector
 from rankbench_plugins.solvers import bcpf as bcpf_module
-from rankbench.kinds.bcpf_core import bcpf, cp_full, factor_update, rebalance_scales
+from rankbench.kinds.bcpf_core import bcpf, cp_full, default_max_rank, factor_update, rebalance_scales
 from rankbench_plugins.solvers.bcpf import BCPFSolver
 
 
@@ -349,7 +349,7 @@ def test_ard_fully_observed_noisy_matrix(seed):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_ard_matrix_completion(seed):
-    """40% observed 100 x 120 rank-5 matrix, from max_rank = min(shape) = 100 components."""
+    """40% observed 100 x 120 rank-5 matrix, from the default max_rank = min(shape) = 100 components."""
     problem = matrix_completion_problem(100, 120, 5, seed=seed, observed=0.4)
     assert select([problem.site()], seed=seed) == {"X": 5}
 
@@ -379,6 +379,26 @@ def test_ard_contract():
     assert registered == [ARDSelector]
 
 
+def test_one_default_starting_rank_for_ard_and_bcpf(monkeypatch):
+    """Both plugins start from ``bcpf_core.default_max_rank``: max(dims) for a tensor (the reference's), min(dims)
+    for a matrix (its largest possible rank)."""
+    assert default_max_rank((20, 30, 10)) == 30 and default_max_rank((60, 80)) == 60
+    starts = []
+
+    def spy(data, mask=None, **kw):
+        starts.append(kw.get("max_rank"))
+        return bcpf(data, mask, **kw)
+
+    monkeypatch.setattr(ard_module, "bcpf", spy)
+    rng = np.random.default_rng(0)
+    for shape in [(12, 15), (6, 7, 8)]:
+        data = cp_tensor(shape, 2, rng)
+        select([Site(name="W", shape=shape, data=data)])
+        assert starts[-1] == default_max_rank(shape)  # ard's default
+        # bcpf's own default (no pruning in the first sweep, so its history shows the starting rank)
+        assert bcpf(data, None, max_iters=1).history[0]["rank"] == default_max_rank(shape)
+
+
 def test_ard_pure_noise_gives_rank_at_least_one():
     rng = np.random.default_rng(0)
     noise = rng.standard_normal((30, 40))
@@ -400,6 +420,39 @@ def test_bcpf_rank_recovery_sweep():
             found[(rank, seed)] = result.rank
             assert missing_error(result.estimate, target, mask) < 0.5 * noise_rel
     assert all(k[0] == v for k, v in found.items()), found
+
+
+SWEEP_SEEDS = range(4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("missing", [0.5, 0.7, 0.8, 0.9])
+def test_rank_recovered_across_missing_fractions_and_starting_ranks(missing):
+    """True rank 3, SNR 20 dB, 50-90 % of the entries missing, 4 seeds. A 20 x 20 x 20 tensor (bcpf) from 6, 9 and
+    the default (max dims = 20) components, and a 100 x 120 matrix (the ard selector) from 6, 9 and the default
+    (min dims = 100): the rank found is 3 everywhere, except from the default for the matrix at 90 % missing,
+    where the 100 starting components are shrunk away with the signal (a known limitation, asserted below; from
+    max dims = 120 that already happens at 85 %, which is why a matrix starts from min dims)."""
+    tensor_dims, matrix_dims = (20, 20, 20), (100, 120)
+    assert default_max_rank(tensor_dims) == 20 and default_max_rank(matrix_dims) == 100
+    found = {}
+    for seed in SWEEP_SEEDS:
+        target, observed, mask, noise_rel = noisy_incomplete(tensor_dims, 3, seed, observed=1 - missing)
+        for start in (6, 9, None):
+            result = bcpf(observed, mask, max_rank=start, seed=seed)
+            found[("tensor", start, seed)] = result.rank
+            if missing <= 0.8:
+                assert missing_error(result.estimate, target, mask) < noise_rel
+        _, observed, mask, _ = noisy_incomplete(matrix_dims, 3, seed, observed=1 - missing)
+        site = Site(name="X", shape=matrix_dims, data=observed, mask=mask)
+        for start in (6, 9, None):
+            params = {} if start is None else {"max_rank": start}
+            found[("matrix", start, seed)] = select([site], seed=seed, **params)["X"]
+    failing = {key: rank for key, rank in found.items() if rank != 3}
+    if missing < 0.9:
+        assert failing == {}
+    else:  # the known limitation, and nothing else
+        assert failing and all(kind == "matrix" and start is None for kind, start, _ in failing)
 
 
 @pytest.mark.slow

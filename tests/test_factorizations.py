@@ -14,6 +14,7 @@ from rankbench_plugins.factorizations.svd_llm import SVDLLM, whitening_factor
 from rankbench.kinds.compression import Decomposition, LowRankFactorization, LowRankLinear, SiteStatistics
 
 OUT, IN, TOKENS = 7, 5, 40
+ROWS = FWSVD(FWSVD.Params(axis="out"))  # FWSVD with one Fisher weight per output row (version 1's only axis)
 ALL = {"svd": SVD, "asvd": ASVD, "fwsvd": FWSVD, "svd-llm": SVDLLM}
 
 
@@ -27,7 +28,9 @@ def calibration(out=OUT, inp=IN, tokens=TOKENS, seed=0):
     W = torch.randn(out, inp, generator=g, dtype=torch.float64)
     X = torch.randn(tokens, inp, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3.0, inp, dtype=torch.float64)
     fisher = torch.rand(out, generator=g, dtype=torch.float64) * 5 + 0.1
-    stats = SiteStatistics(gram=X.T @ X, input_abs_mean=X.abs().mean(0), fisher_rows=fisher, tokens=tokens)
+    fisher_cols = torch.rand(inp, generator=g, dtype=torch.float64) * 5 + 0.1
+    stats = SiteStatistics(gram=X.T @ X, input_abs_mean=X.abs().mean(0), fisher_rows=fisher, fisher_cols=fisher_cols,
+                           tokens=tokens)
     return W, X, stats
 
 
@@ -46,10 +49,11 @@ def test_plugins_are_registered_with_their_names_and_needs():
     for name, cls in ALL.items():
         info = registry.get("factorization", name)
         assert info.cls is cls and issubclass(cls, LowRankFactorization)
-        assert cls.version == "1" and cls.description
+        assert cls.version == ("2" if name == "fwsvd" else "1") and cls.description
     assert SVD.needs == frozenset()
     assert ASVD.needs == {"input_abs_mean"}
-    assert FWSVD.needs == {"fisher_rows"}
+    assert FWSVD.needs == FWSVD().needs == {"fisher_cols"}  # the default axis: input channels
+    assert ROWS.needs == {"fisher_rows"} and FWSVD.needs == {"fisher_cols"}
     assert SVDLLM.needs == {"gram"}
     assert ASVD().params.alpha == 0.5 and ASVD().params.eps == 1e-6
 
@@ -167,20 +171,24 @@ def test_asvd_with_constant_scales_equals_svd():
         torch.testing.assert_close(rank_k(a, k), rank_k(s, k), rtol=1e-10, atol=1e-12)
 
 
-def test_fwsvd_with_constant_fisher_equals_svd():
+@pytest.mark.parametrize("axis,size", [("out", OUT), ("in", IN)])
+def test_fwsvd_with_constant_fisher_equals_svd(axis, size):
     W, _, _ = calibration()
-    stats = SiteStatistics(fisher_rows=torch.full((OUT,), 4.0, dtype=torch.float64))
-    f, s = FWSVD().decompose(W, stats), SVD().decompose(W, stats)
+    stats = SiteStatistics(**{FWSVD_STAT[axis]: torch.full((size,), 4.0, dtype=torch.float64)})
+    f, s = FWSVD(FWSVD.Params(axis=axis)).decompose(W, stats), SVD().decompose(W, stats)
     for k in range(1, IN + 1):
         torch.testing.assert_close(rank_k(f, k), rank_k(s, k), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(f.s, s.s * math.sqrt(4.0 * (1 + 1e-6)))
+
+
+FWSVD_STAT = {"out": "fisher_rows", "in": "fisher_cols"}
 
 
 def test_fwsvd_minimises_the_fisher_weighted_error():
     W, _, stats = calibration(9, 6)
     fisher = stats.fisher_rows
     w = (fisher + 1e-6 * fisher.max()).sqrt()  # the documented floor
-    f, s = FWSVD().decompose(W, stats), SVD().decompose(W, stats)
+    f, s = ROWS.decompose(W, stats), SVD().decompose(W, stats)
     torch.testing.assert_close(f.s, torch.linalg.svdvals(w[:, None] * W))
     g = generator(7)
     for k in range(1, 6):
@@ -202,17 +210,49 @@ def test_fwsvd_minimises_the_fisher_weighted_error():
         assert float(torch.linalg.norm(W - Wk)) >= float(torch.linalg.norm(W - rank_k(s, k))) * (1 - 1e-9)
 
 
-def test_fwsvd_guards_zero_fisher_rows():
+def test_fwsvd_input_axis_is_the_column_weighted_svd():
+    """axis in (the default): W_k minimises ||(W - X) diag(sqrt(Ihat))||_F over rank-k X, Ihat the Fisher column sums;
+    checked against a weighted SVD computed here directly, in numpy."""
+    import numpy as np
+
+    W, _, stats = calibration(9, 6)
+    Wn, fisher = W.numpy(), stats.fisher_cols.numpy()
+    w = np.sqrt(fisher + 1e-6 * fisher.max())
+    U, s, Vt = np.linalg.svd(Wn * w[None, :], full_matrices=False)
+    f = FWSVD().decompose(W, stats)
+    assert FWSVD().params.axis == "in"
+    np.testing.assert_allclose(f.s.numpy(), s, rtol=1e-12)
+    g = generator(8)
+    for k in range(1, 6):
+        direct = (U[:, :k] * s[:k]) @ Vt[:k] / w[None, :]
+        np.testing.assert_allclose(rank_k(f, k).numpy(), direct, rtol=1e-9, atol=1e-12)
+        ours = np.linalg.norm((Wn - direct) * w[None, :])
+        assert math.isclose(ours, float(np.sqrt((s[k:] ** 2).sum())), rel_tol=1e-9)
+        for _ in range(5):  # no nearby rank-k matrix is better in the column-weighted norm
+            other = best_rank_k(torch.from_numpy(direct) + 1e-2 * torch.randn(9, 6, generator=g, dtype=torch.float64), k)
+            assert np.linalg.norm((Wn - other.numpy()) * w[None, :]) >= ours * (1 - 1e-9)
+    # the two axes differ in general, and the input axis ignores the row sums (and vice versa)
+    assert not torch.allclose(rank_k(f, 2), rank_k(ROWS.decompose(W, stats), 2))
+    no_rows = SiteStatistics(fisher_cols=stats.fisher_cols)
+    torch.testing.assert_close(rank_k(FWSVD().decompose(W, no_rows), 2), rank_k(f, 2))
+    with pytest.raises(ValueError, match="fisher_rows"):
+        ROWS.decompose(W, no_rows)
+
+
+@pytest.mark.parametrize("axis,size", [("out", OUT), ("in", IN)])
+def test_fwsvd_guards_zero_fisher_rows(axis, size):
     W, _, _ = calibration()
-    fisher = torch.rand(OUT, generator=generator(2), dtype=torch.float64) + 0.5
+    fwsvd = FWSVD(FWSVD.Params(axis=axis))
+    kind = FWSVD_STAT[axis]
+    fisher = torch.rand(size, generator=generator(2), dtype=torch.float64) + 0.5
     fisher[2] = 0.0
-    d = FWSVD().decompose(W, SiteStatistics(fisher_rows=fisher))
-    assert torch.isfinite(d.left).all()
+    d = fwsvd.decompose(W, SiteStatistics(**{kind: fisher}))
+    assert torch.isfinite(d.left).all() and torch.isfinite(d.right).all()
     torch.testing.assert_close(d.matrix(), W, rtol=1e-9, atol=1e-9)
-    weights = FWSVD().row_weights(SiteStatistics(fisher_rows=fisher), W)
+    weights = fwsvd.channel_weights(SiteStatistics(**{kind: fisher}), W)
     assert math.isclose(float(weights[2]), math.sqrt(1e-6 * float(fisher.max())), rel_tol=1e-12)
     # no gradient at all: plain SVD
-    none = FWSVD().decompose(W, SiteStatistics(fisher_rows=torch.zeros(OUT, dtype=torch.float64)))
+    none = fwsvd.decompose(W, SiteStatistics(**{kind: torch.zeros(size, dtype=torch.float64)}))
     torch.testing.assert_close(rank_k(none, 2), best_rank_k(W, 2))
     assert none.note.startswith("zero Fisher") and d.note == ""
 
@@ -239,7 +279,7 @@ def test_asvd_alpha_changes_the_scaling():
     torch.testing.assert_close(rank_k(zero, 2), best_rank_k(W, 2))
 
 
-@pytest.mark.parametrize("name,missing", [("asvd", "input_abs_mean"), ("fwsvd", "fisher_rows"), ("svd-llm", "gram")])
+@pytest.mark.parametrize("name,missing", [("asvd", "input_abs_mean"), ("fwsvd", "fisher_cols"), ("svd-llm", "gram")])
 def test_missing_statistics_are_a_clear_error(name, missing):
     W, _, _ = calibration()
     with pytest.raises(ValueError, match=missing):
@@ -251,5 +291,7 @@ def test_bad_parameters_are_refused():
         ASVD.Params(alpha=-1.0)
     with pytest.raises(ValueError):
         FWSVD.Params(rel_floor=0.0)
+    with pytest.raises(ValueError):
+        FWSVD.Params(axis="rows")
     with pytest.raises(ValueError):
         SVDLLM.Params(typo=1.0)

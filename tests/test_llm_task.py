@@ -11,6 +11,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -522,6 +523,52 @@ def test_data_aware_factorizations_at_full_rank(tiny_dir, calib_file, llm_cache,
     run_cell(task, full, FullRank(), factorization)
     assert metrics(full)["ppl_token"] == pytest.approx(metrics(ref)["ppl_token"], rel=1e-4)
     assert shared["counters"]["calibration_passes"] == 1
+
+
+def test_fwsvd_both_axes_on_the_tiny_llama(tiny_dir, calib_file, llm_cache):
+    """FWSVD's two axes on the tiny Llama: the per-column Fisher sums of the calibration pass equal a direct
+    per-batch computation, the input-axis decomposition equals a weighted SVD computed here (numpy), asking for the
+    column sums leaves the row sums' numbers unchanged, and a cell at half rank runs with either axis."""
+    from rankbench_plugins.factorizations.fwsvd import FWSVD
+
+    task = make_task(model=str(tiny_dir), corpus=str(calib_file), calib_corpus=str(calib_file), seq_len=SEQ,
+                     max_eval_tokens=4 * SEQ, calib_samples=6, lm_eval=False)
+    shared: dict = {}
+    ctx = make_ctx(llm_cache, shared)
+    task.setup(ctx)
+    rows_first = {n: s.fisher_rows.clone() for n, s in task.statistics(ctx, ["fisher_rows"]).items()}
+    stats = task.statistics(ctx, ["fisher_cols"])  # a second pass, for the new kind only
+    both = make_task(**task.params.model_dump()).statistics(make_ctx(llm_cache), ["fisher_rows", "fisher_cols"])
+    model, sites = task.model(ctx), task.sites(ctx)
+    name = "model.layers.1.mlp.down_proj"
+    weight = sites[name].weight
+    batches = task.calibration_batches(ctx)
+    direct = torch.zeros(weight.shape[1], dtype=torch.float64)
+    for batch in batches:
+        (grad,) = torch.autograd.grad(task.calibration_loss(model, batch), [weight])
+        direct += grad.detach().to(torch.float64).square().sum(dim=0)
+    direct /= len(batches)
+    torch.testing.assert_close(stats[name].fisher_cols, direct, rtol=1e-5, atol=1e-12)
+    for n in sites:
+        torch.testing.assert_close(both[n].fisher_rows, rows_first[n], rtol=1e-6, atol=0)
+        torch.testing.assert_close(both[n].fisher_cols, stats[n].fisher_cols, rtol=1e-6, atol=0)
+    # axis in: the SVD of W diag(sqrt(Ihat)), back-scaled on the right
+    fisher = stats[name].fisher_cols.numpy()
+    W = weight.detach().to(torch.float64).numpy()
+    w = np.sqrt(fisher + 1e-6 * fisher.max())
+    U, s, Vt = np.linalg.svd(W * w[None, :], full_matrices=False)
+    dec = task.decomposition(ctx, FWSVD(), name)
+    np.testing.assert_allclose(dec.s.numpy(), s, rtol=1e-10)
+    k = 5
+    np.testing.assert_allclose(dec.matrix(k).numpy(), (U[:, :k] * s[:k]) @ Vt[:k] / w[None, :], rtol=1e-8,
+                               atol=1e-12)
+    ppl = {}
+    for axis in ("in", "out"):
+        cell = make_ctx(llm_cache, shared)
+        run_cell(task, cell, HalfRank(), FWSVD(FWSVD.Params(axis=axis)))
+        ppl[axis] = metrics(cell)["ppl_token"]
+        assert math.isfinite(ppl[axis])
+    assert ppl["in"] != ppl["out"]
 
 
 def test_bench_run_on_a_tiny_model(tiny_dir, text_file, tmp_path, write_suite, cli):

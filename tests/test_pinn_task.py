@@ -109,7 +109,9 @@ def test_adaptation_cell_end_to_end(tmp_path):
     for a, b in zip(before.values(), task.pretrained_model(ctx).state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     curves = {row["curve"] for row in ctx.curve_rows}
-    assert curves == {"train_loss", "rank_total"}
+    # the post-hoc selection point is a rank determination: loss and adapter gradient norms recorded there
+    assert curves == {"train_loss", "rank_total", "loss_at_selection", "grad_norm_at_selection",
+                      "grad_norm_E_at_selection"}
 
 
 def test_reference_cell_fine_tunes_every_weight(tmp_path):

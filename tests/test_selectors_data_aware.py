@@ -1,4 +1,5 @@
-"""Tests for the data-aware selectors of compression tasks: welore, sensitivity (ASVD STRS), adalora, sublora.
+"""Tests for the data-aware selectors of compression tasks: welore, sensitivity (ASVD STRS), taylor-sensitivity,
+sublora.
 
 A tiny float64 MLP task (3 Linears on fixed random data) with a plain-SVD factorization defined here drives the
 selectors through ``CompressionTask.run`` exactly as the host does.
@@ -19,8 +20,8 @@ from torch import nn
 
 from rankbench.api import PARAM_RATIO, RANK_TOTAL, PluginParams, RankProblem, Selector, Site
 from rankbench.context import CellContext
-from rankbench.kinds.compression import CompressionTask, Decomposition, LowRankFactorization
-from rankbench_plugins.selectors import adalora, sensitivity, sublora, welore
+from rankbench.kinds.compression import Components, CompressionTask, Decomposition, LowRankFactorization
+from rankbench_plugins.selectors import sensitivity, sublora, taylor_sensitivity, welore
 from rankbench_plugins.selectors._allocation import (
     budgeted_greedy,
     project_submodular,
@@ -30,7 +31,8 @@ from rankbench_plugins.selectors._allocation import (
 )
 from rankbench.kinds import run_cell
 
-MODULES = {"welore": welore, "sensitivity": sensitivity, "adalora": adalora, "sublora": sublora}
+MODULES = {"welore": welore, "sensitivity": sensitivity, "taylor-sensitivity": taylor_sensitivity, "sublora": sublora}
+VERSIONS = {"sublora": "2"}  # the others are at "1"
 BUDGETS = (0.3, 0.5, 0.8)
 
 
@@ -128,16 +130,22 @@ def built_problem(tmp_path, shared, budget=0.5):
     return task, capture.problem
 
 
-def run_tiny_cell(tmp_path, shared, selector, budget):
+def run_tiny_cell(tmp_path, shared, selector, budget, task=None):
     ctx = context(tmp_path, shared, budget)
-    run_cell(TinyTask(), ctx, selector, PlainSVD())
+    run_cell(task or TinyTask(), ctx, selector, PlainSVD())
     ranks = {row["site"]: row["rank"] for row in ctx.ranks_rows}
     metrics = {m["metric"]: m["value"] for m in ctx.metrics}
     return ranks, metrics
 
 
+def counts(answer) -> dict[str, int]:
+    """The rank of every site of a selector's answer (ints, or ``Components``: the number kept)."""
+    return {name: int(value) for name, value in answer.items()}
+
+
 def assert_cannot_grow(problem: RankProblem, ranks: dict[str, int]):
     """Adding one rank to any site would exceed the budget."""
+    ranks = counts(ranks)
     limit = problem.budget * problem.dense_params
     total = sum(site.params_at_rank(ranks[site.name]) for site in problem.sites)
     assert total <= limit
@@ -154,10 +162,10 @@ def assert_cannot_grow(problem: RankProblem, ranks: dict[str, int]):
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_registered_class_contract(name):
     cls = selector_class(name)
-    assert issubclass(cls, Selector) and cls.name == name and cls.version == "1"
+    assert issubclass(cls, Selector) and cls.name == name and cls.version == VERSIONS.get(name, "1")
     assert cls.description and "\n" not in cls.description
     assert issubclass(cls.Params, PluginParams) and cls.Params is not PluginParams
-    if name in ("adalora", "sublora"):  # also rank allocators for LoRA fine-tuning
+    if name == "sublora":  # also a rank allocator for LoRA fine-tuning
         assert cls.problem_kinds == {"compression", "adaptation"} and cls.budget_kinds == {PARAM_RATIO, RANK_TOTAL}
     else:
         assert cls.problem_kinds == {"compression"} and cls.budget_kinds == {PARAM_RATIO}
@@ -187,15 +195,15 @@ def test_budget_met_through_the_task(name, tmp_path):
 @pytest.mark.parametrize(
     "name,params",
     [
-        ("adalora", {}),
-        ("adalora", {"components": "prefix"}),
-        ("adalora", {"score": "singular"}),
-        ("sublora", {}),
-        ("sublora", {"components": "prefix"}),
-        ("sublora", {"greedy": "ratio"}),
-        ("sublora", {"hessian": "diagonal"}),
-        ("sublora", {"hessian": "none"}),
-        ("sublora", {"structure": "block", "top_k": 3}),
+        ("taylor-sensitivity", {}),
+        ("taylor-sensitivity", {"components": "prefix"}),
+        ("taylor-sensitivity", {"score": "singular"}),
+        ("sublora", {"fill": True}),
+        ("sublora", {"fill": True, "components": "prefix"}),
+        ("sublora", {"fill": True, "greedy": "ratio"}),
+        ("sublora", {"fill": True, "hessian": "diagonal"}),
+        ("sublora", {"fill": True, "hessian": "none"}),
+        ("sublora", {"fill": True, "structure": "block", "top_k": 3}),
     ],
 )
 def test_greedy_selectors_fill_the_budget(name, params, tmp_path):
@@ -355,7 +363,7 @@ def test_sensitivity_table_reused_across_cells(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# AdaLoRA
+# Taylor sensitivity (AdaLoRA's sensitivity of one calibration gradient)
 
 
 def autograd_scores(task, ctx, name, dec):
@@ -374,7 +382,7 @@ def autograd_scores(task, ctx, name, dec):
     return e.detach().numpy(), u.detach().numpy(), v.detach().numpy(), (L * gL).sum(0).detach().numpy()
 
 
-def test_adalora_chain_rule_matches_autograd(tmp_path):
+def test_taylor_sensitivity_chain_rule_matches_autograd(tmp_path):
     shared: dict = {}
     task, problem = built_problem(tmp_path, shared)
     ctx = context(tmp_path, shared, 0.5)
@@ -382,7 +390,7 @@ def test_adalora_chain_rule_matches_autograd(tmp_path):
     for site in problem.sites:
         dec = problem.stats.decomposition(site.name)
         grad = problem.stats.weight_grad(site.name)
-        e, u, v = adalora.sensitivity_scores(grad, dec.left, dec.s, dec.right)
+        e, u, v = taylor_sensitivity.sensitivity_scores(grad, dec.left, dec.s, dec.right)
         ae, au, av, euler = autograd_scores(task, ctx, site.name, dec)
         np.testing.assert_allclose(e, ae, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(u, au, rtol=1e-9, atol=1e-12)
@@ -423,16 +431,18 @@ def naive_score_allocation(sites, scores, limit, prefix):
 
 
 @pytest.mark.parametrize("prefix", [False, True])
-def test_adalora_greedy_keeps_highest_scores(prefix):
+def test_taylor_greedy_keeps_highest_scores(prefix):
     rng = np.random.default_rng(3)
     sites = [Site("a", (6, 9)), Site("b", (12, 5)), Site("c", (7, 7))]
     problem = RankProblem(sites=sites, budget=0.45, budget_kind=PARAM_RATIO, seed=0)
     for _ in range(5):
         scores = [rng.exponential(size=s.max_rank) for s in sites]
         limit = 0.45 * problem.dense_params
-        ranks = adalora.allocate_scores(problem, scores, limit, prefix=prefix)
+        answer = taylor_sensitivity.allocate_scores(problem, scores, limit, prefix=prefix)
         expected, kept = naive_score_allocation(sites, scores, limit, prefix)
-        assert ranks == expected
+        assert counts(answer) == expected
+        # exactly the selected components are the answer (not the leading ones of the same count)
+        assert {(g, i) for g, s in enumerate(sites) for i in answer[s.name].indices} == kept
         if not prefix:  # every kept component outscores every dropped one of the same site
             for g, sc in enumerate(scores):
                 mine = [sc[i] for i in range(len(sc)) if (g, i) in kept]
@@ -610,3 +620,137 @@ def test_sublora_objective_is_projected_and_memoised(tmp_path):
     problem2.budget = 0.6
     selector.select(problem2)
     assert after - before == 1 and shared["counters"]["sigma_loss_evaluations"] == after
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SubLoRA: the greedy stops at a non-positive gain; exactly the selected components are kept
+
+
+class QuadraticStatistics:
+    """A planted loss that is exactly quadratic in the singular values: L(sigma) = a.(sigma - s) + 1/2 (sigma - s)^T H
+    (sigma - s) over the concatenated sigma of all sites, so SubLoRA's second-order model is exact and
+    F(S) = h([n]) - h([n] minus S) with c = a * s and M = diag(s) H diag(s)."""
+
+    def __init__(self, names, s, a, H):
+        self.names, self.s, self.a, self.H = names, torch.as_tensor(s), torch.as_tensor(a), torch.as_tensor(H)
+        p = len(s) // len(names)
+        self.decompositions = {
+            name: Decomposition(torch.eye(10 - g, p, dtype=torch.float64), self.s[g * p : (g + 1) * p],
+                                torch.eye(p, 3, dtype=torch.float64))
+            for g, name in enumerate(names)
+        }
+        self.stored = {}
+
+    def decomposition(self, site):
+        return self.decompositions[site]
+
+    def store(self):
+        return self.stored
+
+    def sigma_loss(self, sigmas, max_batches=None):
+        d = torch.cat([sigmas[name] for name in self.names]) - self.s
+        return self.a @ d + 0.5 * d @ self.H @ d
+
+
+def planted_quadratic_problem(budget=2.0):
+    # Two sites of 3 components, s = (3, 2, 1) each; c = a * s and M = diag(s) H diag(s). Linear gains
+    # -c_i + M_ii / 2: A0 4, A1 -1, A2 2, B0 3, B1 1, B2 -0.5; one pairwise term M(A2, B1) = 0.5.
+    s = np.array([3.0, 2.0, 1.0, 3.0, 2.0, 1.0])
+    d = np.full(6, 1.0)  # H_ii, so M_ii = s_i^2
+    linear = np.array([4.0, -1.0, 2.0, 3.0, 1.0, -0.5])
+    c = 0.5 * d * s**2 - linear
+    H = np.diag(d)
+    H[2, 4] = H[4, 2] = 0.5 / (s[2] * s[4])
+    names = ["A", "B"]
+    stats = QuadraticStatistics(names, s, c / s, H)
+    sites = [Site("A", (10, 3)), Site("B", (9, 3))]
+    problem = RankProblem(sites=sites, budget=budget, budget_kind=PARAM_RATIO, seed=0, stats=stats)
+    M = s[:, None] * H * s[None, :]
+    return problem, c, M
+
+
+def test_sublora_greedy_stops_at_a_non_positive_gain():
+    problem, c, M = planted_quadratic_problem()
+    limit = problem.budget * problem.dense_params
+    assert sum(site.params_at_rank(3) for site in problem.sites) <= limit  # everything would fit
+    answer = make("sublora").select(problem)
+    # forced A0, B0; then A2 (gain 2 + 0.5 while B1 is pruned), B1 (1); then the best gain is B2's -0.5: stop
+    assert answer == {"A": Components((0, 2)), "B": Components((0, 1))}
+    chosen = [0, 2, 3, 4]
+    for i in set(range(6)) - set(chosen):  # every component left out has a non-positive marginal gain
+        assert submodular_value([*chosen, i], c, M) - submodular_value(chosen, c, M) <= 0
+    # with the forced leading components, this set is the best of all
+    best = max(
+        (S for r in range(7) for S in itertools.combinations(range(6), r) if {0, 3} <= set(S)),
+        key=lambda S: submodular_value(list(S), c, M),
+    )
+    assert sorted(best) == chosen
+    # fill: true spends the budget on components that only lower F (here all of them fit)
+    filled = make("sublora", fill=True).select(problem)
+    assert filled == {"A": Components((0, 1, 2)), "B": Components((0, 1, 2))}
+    assert submodular_value(list(range(6)), c, M) < submodular_value(chosen, c, M)
+    # a binding budget: 2 components of A (26) + 1 of B (12) = 38 <= 40 < 50
+    problem.budget = 40 / problem.dense_params
+    assert make("sublora").select(problem) == {"A": Components((0, 2)), "B": Components((0,))}
+
+
+class RecordingTask(TinyTask):
+    """TinyTask that records, at evaluation, the weight every compressed site computes with."""
+
+    def evaluate(self, ctx, model):
+        super().evaluate(ctx, model)
+        self.weights = {}
+        for name in self.target_sites(self.model(ctx)):
+            module = model.get_submodule(name)
+            self.weights[name] = (module.up.weight @ module.down.weight).detach().clone()
+
+
+class Fixed(Selector):
+    name = "fixed"
+
+    def __init__(self, answer):
+        super().__init__()
+        self.answer = answer
+
+    def select(self, problem):
+        return self.answer
+
+
+def test_compression_keeps_exactly_the_selected_components(tmp_path):
+    shared: dict = {}
+    _, problem = built_problem(tmp_path, shared)
+    decs = {site.name: problem.stats.decomposition(site.name) for site in problem.sites}
+    answer = {"0": Components((1, 3)), "2": 4, "4": Components((2,))}
+    task = RecordingTask()
+    ranks, metrics = run_tiny_cell(tmp_path, shared, Fixed(answer), 0.5, task=task)
+    assert ranks == {"0": 2, "2": 4, "4": 1}
+    assert metrics["params"] == 2 * (12 + 8) + 4 * (10 + 12) + 1 * (4 + 10)
+    for name, kept in {"0": [1, 3], "2": [0, 1, 2, 3], "4": [2]}.items():
+        d = decs[name]
+        expected = sum(d.s[i] * torch.outer(d.left[:, i], d.right[i]) for i in kept)
+        torch.testing.assert_close(task.weights[name], expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="at least one"):
+        Components(())
+    with pytest.raises(ValueError, match="offers components"):
+        run_tiny_cell(tmp_path, shared, Fixed({"0": Components((8,)), "2": 1, "4": 1}), 0.5)
+
+
+@pytest.mark.parametrize("name", ["sublora", "taylor-sensitivity"])
+def test_selected_components_are_the_ones_the_cell_keeps(name, tmp_path):
+    shared: dict = {}
+    _, problem = built_problem(tmp_path, shared)
+    decs = {site.name: problem.stats.decomposition(site.name) for site in problem.sites}
+    non_prefix = 0
+    for budget in BUDGETS:
+        problem.budget = budget
+        answer = make(name).select(problem)
+        task = RecordingTask()
+        ctx = context(tmp_path, shared, budget)
+        run_cell(task, ctx, make(name), PlainSVD())
+        for site, kept in answer.items():
+            d = decs[site]
+            expected = sum(d.s[i] * torch.outer(d.left[:, i], d.right[i]) for i in kept.indices)
+            torch.testing.assert_close(task.weights[site], expected, rtol=1e-10, atol=1e-12)
+            non_prefix += not kept.is_prefix
+        assert ("kept_components" in ctx.notes) == any(not kept.is_prefix for kept in answer.values())
+    print(f"{name}: {non_prefix} non-prefix site selections")

@@ -30,6 +30,19 @@ total rank summed over sites must not exceed the budget. The dense reference cel
 model (no adapters) for the same steps. Per cell the kind records ``params`` (the adapters' parameters at the final
 ranks; the sites' dense parameters for the reference), ``rank_total``, ``param_ratio`` (params over the sites' dense
 parameters) and the curves ``train_loss`` and ``rank_total``.
+
+Rank-determination points. How well the adapters are optimised when ranks are decided is measured at every
+determination (SubLoRA's premise is that they are, AdaLoRA decides while they are not): ``AdapterTrainer.step``
+keeps, for its optimiser step, the training loss (no regulariser) and the gradient norms of the objective it
+differentiated, over every adapter parameter (P, E, Q of all adapters) and over the E alone (the regulariser does
+not depend on E, so that one is the training loss's); ``mark_determination()`` appends those of the last step
+(the gradient at the parameters that step started from: no extra loss evaluation, so no minibatch or random draw
+is consumed and training is unchanged) with any numbers the selector adds. The protocol marks the post-hoc
+selection point itself; a selector that drives training marks its own (``adalora``: every masking step and the
+final one; ``sublora``: every determination, adding ``sigma_grad_norm`` = ||dL/dE|| of its own derivatives at the
+determination). The cell records the curves ``loss_at_selection``, ``grad_norm_at_selection``,
+``grad_norm_E_at_selection`` (and the selector's extras, ``<name>_at_selection``) over the determination steps,
+and the values at the last determination as metrics of the same names.
 """
 
 from __future__ import annotations
@@ -175,6 +188,9 @@ class AdapterTrainer:
         self.step_count = 0
         self.loss_curve: list[tuple[int, float]] = []
         self.rank_curve: list[tuple[int, int]] = [(0, self.rank_total())]
+        # the last optimiser step's loss and gradient norms, and those at every rank determination (module docstring)
+        self.last_step: dict[str, float] | None = None
+        self.determinations: list[dict[str, float]] = []
         # modules the task trains fully beside the adapters (PEFT's ``modules_to_save``, e.g. a new head)
         self.extra_params = [p for p in task.trained_beside_adapters(model)]
         for p in self.extra_params:
@@ -206,6 +222,7 @@ class AdapterTrainer:
         if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
+            self.last_step = {"loss": float(loss.detach()), **self._gradient_norms()}
             self.optimizer.step()
         self.step_count += 1
         if after is not None:
@@ -222,6 +239,28 @@ class AdapterTrainer:
     def train(self, steps: int, after: Callable[[AdapterTrainer], None] | None = None) -> None:
         for _ in range(min(int(steps), self.steps_left)):
             self.step(after)
+
+    @torch.no_grad()
+    def _gradient_norms(self) -> dict[str, float]:
+        """||grad|| over every adapter parameter (P, E, Q) and over the E alone, from the ``.grad`` just computed."""
+        total = e_only = 0.0
+        for adapter in self.adapters.values():
+            for part in (adapter.P, adapter.E, adapter.Q):
+                if part.grad is not None:
+                    square = float(part.grad.detach().to(torch.float64).square().sum())
+                    total += square
+                    if part is adapter.E:
+                        e_only += square
+        return {"grad_norm": total**0.5, "grad_norm_E": e_only**0.5}
+
+    def mark_determination(self, **extra: float) -> None:
+        """Record a rank determination now: the last optimiser step's loss and gradient norms (nothing before the
+        first step) and the selector's ``extra`` numbers, at the current step (see the module docstring)."""
+        row: dict[str, float] = {"step": float(self.step_count)}
+        if self.last_step is not None:
+            row.update(self.last_step)
+        row.update({name: float(value) for name, value in extra.items()})
+        self.determinations.append(row)
 
     def sigma_loss(self, sigmas: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training loss (no regulariser) with each named adapter's E replaced by ``sigmas[name]`` (the mask still
@@ -349,6 +388,7 @@ def run_adaptation(task: AdaptationTask, ctx, selector, factorization: AdapterFa
                 raise RuntimeError(f"{selector.name} answered ranks {ranks} but left the adapters masked otherwise")
         else:
             trainer.train(settings.steps - settings.retrain_steps)
+            trainer.mark_determination()
             problem.sites = [adapter_site(name, a, with_update=True) for name, a in adapters.items()]
             with ctx.phase("select"):
                 ranks = selector.select(problem)
@@ -371,6 +411,16 @@ def run_adaptation(task: AdaptationTask, ctx, selector, factorization: AdapterFa
     if trainer.loss_curve:
         ctx.curve("train_loss", [v for _, v in trainer.loss_curve], [s for s, _ in trainer.loss_curve])
     ctx.curve("rank_total", [r for _, r in trainer.rank_curve], [s for s, _ in trainer.rank_curve])
+    record_determinations(ctx, trainer.determinations)
+
+
+def record_determinations(ctx, rows: list[dict[str, float]]) -> None:
+    """Curves ``<name>_at_selection`` over the determination steps and, as metrics, their last values."""
+    names = sorted({name for row in rows for name in row} - {"step"})
+    for name in names:
+        points = [(row["step"], row[name]) for row in rows if name in row]
+        ctx.curve(f"{name}_at_selection", [v for _, v in points], [s for s, _ in points])
+        ctx.metric(f"{name}_at_selection", points[-1][1], "", None)
 
 
 def adapter_site(name: str, adapter: SVDAdapter, with_update: bool = False) -> Site:

@@ -17,6 +17,13 @@ Flow of one cell (``run_compression``; the task supplies the capabilities of ``C
    ``params`` / ``param_ratio`` (weights of the targeted sites only; biases are unchanged and not counted) and the
    ranks; then the dense Linears are put back, so one loaded model serves every cell.
 
+Which components a site keeps. A rank k (an int) keeps the *leading* k components of the site's decomposition
+(W_k = sum_{i < k} s_i l_i r_i^T). A selector that chooses components individually (``sublora``,
+``taylor-sensitivity``) answers ``Components((i, j, ...))`` for a site instead: exactly those components are kept
+(W_S = sum_{i in S} s_i l_i r_i^T, any subset of the decomposition's components, at least one), the site's rank is
+|S| and it costs ``params_at_rank(|S|)``, as a prefix of the same length would. The cell records the rank as usual
+and, for every site whose kept set is not a prefix, the indices in the note ``kept_components`` (JSON).
+
 Memoisation (``ctx.memo`` slots). ``ctx.shared`` lives for one task configuration and device but is shared by all
 suite seeds. The model is therefore memoised under ``model_key(ctx)`` and the statistics and decompositions under
 ``calibration_key(ctx)``; both default to ``ctx.task_seed`` (always correct). A task whose model does not depend on
@@ -48,7 +55,7 @@ from rankbench.api import COMPRESSION, PARAM_RATIO, Factorization, RankProblem, 
 from rankbench.kinds.protocol import Protocol
 from rankbench.kinds.tensor_compression import TensorFactorization, run_tensor_compression
 
-STATISTIC_KINDS = ("gram", "input_abs_mean", "fisher_rows", "weight_grad")
+STATISTIC_KINDS = ("gram", "input_abs_mean", "fisher_rows", "fisher_cols", "weight_grad")
 
 _MODEL = "compression.model"  # memo slot: {"model", "sites"} of the current model key
 _CALIBRATION = "compression.calibration"  # memo slot: {"statistics", "done", "decompositions", "stores", ...}
@@ -86,6 +93,42 @@ class Decomposition:
         """The rank-k approximation W_k = left[:, :k] diag(s[:k]) right[:k] (k = None: all of it)."""
         k = self.rank if k is None else int(k)
         return (self.left[:, :k] * self.s[:k]) @ self.right[:k]
+
+    def factors_of(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) with A @ B = sum over the given components i of s_i left[:, i] right[i] (split as ``factors``)."""
+        index = torch.as_tensor([int(i) for i in indices], dtype=torch.long, device=self.s.device)
+        if index.numel() == 0:
+            raise ValueError("a component selection keeps at least one component")
+        if int(index.min()) < 0 or int(index.max()) >= self.rank:
+            raise ValueError(f"component indices must lie in 0..{self.rank - 1}, got {index.tolist()}")
+        root = self.s[index].clamp_min(0).sqrt()
+        return self.left[:, index] * root, root[:, None] * self.right[index]
+
+
+@dataclasses.dataclass(frozen=True)
+class Components:
+    """A selector's answer for one site that names the components to keep (see the module docstring): sorted,
+    distinct indices into the site's decomposition. ``int(Components(...))`` is the rank, the number kept."""
+
+    indices: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        indices = tuple(sorted({int(i) for i in self.indices}))
+        if not indices:
+            raise ValueError("a component selection keeps at least one component")
+        if indices[0] < 0:
+            raise ValueError(f"component indices must be >= 0, got {indices}")
+        object.__setattr__(self, "indices", indices)
+
+    def __int__(self) -> int:
+        return len(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def is_prefix(self) -> bool:
+        return self.indices == tuple(range(len(self.indices)))
 
 
 class LowRankLinear(nn.Module):
@@ -163,6 +206,7 @@ class SiteStatistics:
     gram: torch.Tensor | None = None  # Σ over calibration tokens of x xᵀ (in x in): XᵀX
     input_abs_mean: torch.Tensor | None = None  # mean over tokens of |x| per input channel (in)
     fisher_rows: torch.Tensor | None = None  # Σ_j E_batches[(∂L/∂W_ij)²] per output row (out)
+    fisher_cols: torch.Tensor | None = None  # Σ_i E_batches[(∂L/∂W_ij)²] per input column (in)
     weight_grad: torch.Tensor | None = None  # ∂L/∂W of the mean calibration loss at the dense model (out x in)
     tokens: int = 0
 
@@ -372,19 +416,23 @@ def _run_low_rank(task: CompressionTask, ctx, selector: Selector, factorization:
         with ctx.phase("evaluate"):
             task.evaluate(ctx, model)
     ctx.record_size(kept, dense)
+    selected = {name: list(answer.indices) for name, answer in ranks.items()
+                if isinstance(answer, Components) and not answer.is_prefix}
+    if selected:
+        ctx.note("kept_components", json.dumps(selected, sort_keys=True))
 
 
 class CompressionStatistics:
     """What data-aware selectors may ask of a compression task (``problem.stats``), for one cell's factorization.
 
-    * ``gram(site)``, ``input_abs_mean(site)``, ``fisher_rows(site)``, ``weight_grad(site)``: the site's calibration
-      statistics (``SiteStatistics``), each computed once per calibration key;
+    * ``gram(site)``, ``input_abs_mean(site)``, ``fisher_rows(site)``, ``fisher_cols(site)``, ``weight_grad(site)``:
+      the site's calibration statistics (``SiteStatistics``), each computed once per calibration key;
     * ``decomposition(site)``: the factorization's ``Decomposition`` of the site;
     * ``store()``: a dict that selectors may memoise their own expensive work in: one per factorization (and its
       parameters), living exactly as long as that factorization's decompositions (same calibration key, same worker
       process), so every budget and selector cell of the configuration sees it;
-    * ``calibration_loss(ranks)``: the mean calibration loss with the given sites compressed at the given ranks (the
-      others dense);
+    * ``calibration_loss(ranks)``: the mean calibration loss with the given sites compressed at the given ranks (or
+      ``Components``; the others dense);
     * ``sigma_loss({site: sigma})``: a differentiable mean calibration loss where each listed site's weight is
       left diag(sigma) right of its decomposition (sigma of any length <= p: the leading components), for first and
       second derivatives with respect to singular values (autograd gradients and Hessian-vector products). The
@@ -408,6 +456,9 @@ class CompressionStatistics:
 
     def fisher_rows(self, site: str) -> torch.Tensor:
         return self._site_statistic("fisher_rows", site)
+
+    def fisher_cols(self, site: str) -> torch.Tensor:
+        return self._site_statistic("fisher_cols", site)
 
     def weight_grad(self, site: str) -> torch.Tensor:
         return self._site_statistic("weight_grad", site)
@@ -466,8 +517,9 @@ class CompressionStatistics:
 
 
 class swapped:
-    """Context manager: replace each site by ``LowRankLinear`` at its rank (clipped to [1, p]), and put the dense
-    Linears back after -- also when building or installing the replacements fails half-way."""
+    """Context manager: replace each site by ``LowRankLinear`` at its rank (clipped to [1, p]; the leading components)
+    or with exactly its ``Components``, and put the dense Linears back after -- also when building or installing the
+    replacements fails half-way. Entering returns the rank (number of components kept) of every site."""
 
     def __init__(self, model, sites, factorization, decompositions, ranks):
         self.model, self.sites, self.factorization = model, sites, factorization
@@ -478,13 +530,22 @@ class swapped:
         for name, linear in self.sites.items():  # build everything first: nothing is touched if a rank is bad
             if name not in self.ranks:
                 raise ValueError(f"the selector gave no rank for site {name!r}")
-            try:
-                rank = int(self.ranks[name])
-            except (TypeError, ValueError):
-                raise ValueError(f"site {name!r} takes one integer rank, got {self.ranks[name]!r}") from None
+            answer = self.ranks[name]
             decomposition = self.decompositions[name]
-            rank = max(1, min(rank, decomposition.rank))
-            A, B = decomposition.factors(rank)
+            if isinstance(answer, Components):
+                if answer.indices[-1] >= decomposition.rank:
+                    raise ValueError(
+                        f"site {name!r} offers components 0..{decomposition.rank - 1}, the selector kept {answer.indices}"
+                    )
+                rank = len(answer)
+                A, B = decomposition.factors_of(answer.indices)
+            else:
+                try:
+                    rank = int(answer)
+                except (TypeError, ValueError):
+                    raise ValueError(f"site {name!r} takes one integer rank, got {answer!r}") from None
+                rank = max(1, min(rank, decomposition.rank))
+                A, B = decomposition.factors(rank)
             weight = linear.weight
             bias = None if linear.bias is None else linear.bias.detach()
             module = LowRankLinear(A.to(device=weight.device, dtype=weight.dtype), B.to(weight), bias)
@@ -514,17 +575,19 @@ def collect_statistics(task: CompressionTask, ctx, model: nn.Module, kinds: set[
     """One calibration pass over ``task.calibration_batches(ctx)``, filling ``store[site]`` for ``kinds``.
 
     Forward hooks accumulate, in float64, XᵀX and Σ|x| of every site's input (all leading dimensions are tokens).
-    With ``fisher_rows``/``weight_grad`` each batch's loss is also differentiated with respect to the site weights
-    only (every other parameter is frozen for the pass): ``fisher_rows`` = the per-batch empirical Fisher as FWSVD
-    computes it, Σ_j (∂L_batch/∂W_ij)² averaged over batches; ``weight_grad`` = the mean of the per-batch gradients,
-    i.e. the gradient of the mean calibration loss. A site that the batches never reach gets zeros.
+    With ``fisher_rows``/``fisher_cols``/``weight_grad`` each batch's loss is also differentiated with respect to the
+    site weights only (every other parameter is frozen for the pass): ``fisher_rows`` = the per-batch empirical Fisher
+    summed over each output row, Σ_j (∂L_batch/∂W_ij)² averaged over batches; ``fisher_cols`` = the same summed over
+    each input column, Σ_i (∂L_batch/∂W_ij)² averaged over batches (FWSVD's two axes); ``weight_grad`` = the mean of
+    the per-batch gradients, i.e. the gradient of the mean calibration loss. A site that the batches never reach
+    gets zeros. Asking for more kinds never changes the numbers of the others.
     """
     kinds = set(kinds)
     sites = dict(task.target_sites(model))
     for name in sites:
         store.setdefault(name, SiteStatistics())
     need_inputs = bool(kinds & {"gram", "input_abs_mean"})
-    need_grads = bool(kinds & {"fisher_rows", "weight_grad"})
+    need_grads = bool(kinds & {"fisher_rows", "fisher_cols", "weight_grad"})
     sums: dict[str, dict[str, torch.Tensor]] = {name: {} for name in sites}
     counts = dict.fromkeys(sites, 0)
 
@@ -562,6 +625,7 @@ def collect_statistics(task: CompressionTask, ctx, model: nn.Module, kinds: set[
                     g = grad.detach().to(torch.float64)
                     acc = sums[name]
                     acc["fisher"] = acc.get("fisher", 0) + (g * g).sum(dim=1)
+                    acc["fisher_cols"] = acc.get("fisher_cols", 0) + (g * g).sum(dim=0)
                     acc["grad"] = acc.get("grad", 0) + g
             else:
                 with torch.no_grad():
@@ -585,6 +649,8 @@ def collect_statistics(task: CompressionTask, ctx, model: nn.Module, kinds: set[
             stats.input_abs_mean = acc.get("abs", torch.zeros(in_features, **zeros)) / max(counts[name], 1)
         if "fisher_rows" in kinds:
             stats.fisher_rows = acc["fisher"] / batches
+        if "fisher_cols" in kinds:
+            stats.fisher_cols = acc["fisher_cols"] / batches
         if "weight_grad" in kinds:
             stats.weight_grad = acc["grad"] / batches
         if need_inputs:

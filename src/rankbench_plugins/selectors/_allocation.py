@@ -4,9 +4,10 @@ Contents
 --------
 ``param_limit``        the parameter budget rho * sum dense of a ``param_ratio`` problem.
 ``budgeted_greedy``    greedy selection of singular components under a parameter budget, for a set function whose
-                       marginal gains are linear-plus-pairwise (AdaLoRA's modular scores; SubLoRA's quadratic
+                       marginal gains are linear-plus-pairwise (first-order Taylor scores; SubLoRA's quadratic
                        objective). Lazy evaluation (Minoux's accelerated greedy) is exact when gains never increase,
                        which holds for the submodular objectives it is used with (pairwise terms M_ij >= 0).
+``selection_answer``   the selector's answer for a set of selected components: exactly those (``Components``).
 ``submodular_value``   F(S) of the SubLoRA objective, for checks.
 ``strs_search``        ASVD's sensitivity-based truncation rank search (STRS) over a (site, ratio, ppl) table.
 ``ratio_rank``         the rank that a parameter ratio gives a site (largest k with params_at_rank(k) <= ratio*dense).
@@ -16,10 +17,11 @@ Contents
 ``schedule_steps``     (tinit, tfinal, last determination step) of that schedule from fractions of the total steps.
 ``kind_budget_skip``   skip reason for a task whose (problem kind, budget kind) pair a two-kind selector cannot read.
 
-Rank semantics. The compression protocol keeps the *leading* k components of a site's decomposition. A greedy
-that selects arbitrary components ("free" mode) therefore answers with the *count* of components it kept per
-site; "prefix" mode only lets component i of a site be selected after component i-1, so that the set it scores
-is the set the task keeps.
+Rank semantics. An int rank keeps the *leading* k components of a site's decomposition; the compression protocol
+also takes ``Components`` (``rankbench.kinds.compression``), the exact set of components to keep. A greedy that
+selects arbitrary components ("free" mode) answers with exactly the components it selected (``selection_answer``),
+so the set it scored is the set the task keeps; "prefix" mode only lets component i of a site be selected after
+component i-1 (its answer is a prefix as well).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from rankbench.api import ADAPTATION, COMPRESSION, PARAM_RATIO, RANK_TOTAL, RankProblem, Site
+from rankbench.kinds.compression import Components
 from rankbench_plugins.selectors._spectral import largest_fitting
 
 # --------------------------------------------------------------------------------------------------------------
@@ -52,7 +55,7 @@ def rank_total_limit(problem: RankProblem, who: str) -> int:
     return max(0, int(math.floor(float(problem.budget))))
 
 
-#: the budget kind each problem kind is read with by the selectors that handle both kinds (adalora, sublora)
+#: the budget kind each problem kind is read with by the selectors that handle both kinds (sublora)
 KIND_BUDGETS = {COMPRESSION: PARAM_RATIO, ADAPTATION: RANK_TOTAL}
 
 
@@ -252,8 +255,22 @@ def component_layout(problem: RankProblem, lengths: list[int]):
 
 
 def ranks_from_selection(problem: RankProblem, groups: np.ndarray, chosen: list[int]) -> dict[str, int]:
+    """The number of components selected per site (at least 1, at most ``max_rank``)."""
     counts = np.bincount(groups[chosen], minlength=len(problem.sites)) if chosen else np.zeros(len(problem.sites))
     return {site.name: max(1, min(int(counts[g]), int(site.max_rank))) for g, site in enumerate(problem.sites)}
+
+
+def selection_answer(problem: RankProblem, groups: np.ndarray, chosen: list[int]) -> dict[str, Components]:
+    """Exactly the selected components of every site (``Components``; local indices within the site), so that the
+    compression protocol keeps the set the selector scored. A site with none selected keeps its leading component."""
+    groups = np.asarray(groups, dtype=np.int64)
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(groups)) + 1]) if len(groups) else np.zeros(0, np.int64)
+    first = {int(groups[s]): int(s) for s in starts}
+    local: dict[int, list[int]] = {g: [] for g in range(len(problem.sites))}
+    for i in chosen:
+        g = int(groups[i])
+        local[g].append(int(i) - first[g])
+    return {site.name: Components(tuple(local[g]) or (0,)) for g, site in enumerate(problem.sites)}
 
 
 def submodular_value(selected: Sequence[int], c: np.ndarray, M: np.ndarray) -> float:

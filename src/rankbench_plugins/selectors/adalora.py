@@ -1,8 +1,8 @@
 """``adalora``: AdaLoRA -- Zhang, Chen, Bukharin et al., "Adaptive Budget Allocation for Parameter-Efficient
-Fine-Tuning" (AdaLoRA), ICLR 2023; ``docs/algorithms.md#adalora``. Two problem kinds: ``adaptation`` (the method itself:
-ranks of LoRA adapters allocated during fine-tuning, budget kind ``rank_total``) and ``compression`` (its sensitivity
-score used for post-training SVD compression, budget kind ``param_ratio``). Any other (kind, budget kind) pair is
-skipped.
+Fine-Tuning" (AdaLoRA), ICLR 2023; ``docs/algorithms.md#adalora``. Problem kind ``adaptation`` only (ranks of LoRA
+adapters allocated during fine-tuning, budget kind ``rank_total``): the method's smoothed sensitivity and uncertainty
+need a sequence of training steps. Its one-gradient sensitivity score for post-training SVD compression, which this
+selector used to offer, is the separate selector ``taylor-sensitivity`` (first order, no smoothing, no uncertainty).
 
 Adaptation (``adapt``; follows PEFT's ``RankAllocator``, huggingface/peft ``tuners/adalora/layer.py``). Every site
 has an adapter scaling * P diag(E * mask) Q (``kinds.adaptation``); triplet i of a site is (P[:, i], E_i, Q[i, :]).
@@ -42,37 +42,15 @@ and the final mask keeps exactly b_T triplets (PEFT's ``<= thr`` may drop more o
 here still do). The orthogonality regulariser R(P, Q) is added by the trainer for every selector (factorization
 ``lora``'s ``orth_reg``), not here.
 
-Compression (``select``). AdaLoRA keeps each adapter in SVD form P diag(E) Q and scores a parameter p by its
-sensitivity I(p) = |p dL/dp|; the score of triplet i is S_i = s(E_i) + mean_j s(P_ji) + mean_k s(Q_ik).
-Post-training analogue used here: the site's decomposition
-W = L diag(s) R (``decomposition``: left L out x p, s, right R p x in; W = sum_i s_i l_i r_i^T with l_i = L[:, i]
-and r_i = R[i, :]) plays P diag(E) Q, and G = dL/dW is the gradient of the mean calibration loss
-at the dense model (``weight_grad``). By the chain rule (W is linear in s_i, in l_i and in r_i):
+Checked against PEFT (``tests/test_adaptation_selectors.py``, with PEFT's ``AdaLoraModel`` and ``RankAllocator``
+on the same tiny network, the same initial P, E, Q and the same gradients): the EMA'd sensitivity and uncertainty
+of every entry, the triplet scores, the thresholds and the intermediate masks agree to round-off step by step, and
+the final kept set equals PEFT's ``mask_to_budget`` at b_T after the same last score update. PEFT's own
+``update_and_allocate`` skips that last update at step T - tfinal (see the differences above), so the final sets
+agree whenever that one update does not reorder the scores around the threshold.
 
-    dL/ds_i     = l_i^T G r_i
-    dL/dL[j,i]  = s_i (G r_i)_j              (j = 1..out)
-    dL/dR[i,k]  = s_i (l_i^T G)_k            (k = 1..in)
-
-    I_i^E  = | s_i dL/ds_i |
-    S_i    = I_i^E + (1/out) sum_j | L[j,i] s_i (G r_i)_j | + (1/in) sum_k | R[i,k] s_i (l_i^T G)_k |   (``triplet``)
-
-(``score: singular`` uses I_i^E alone.) Both sums of the *signed* entry sensitivities equal s_i dL/ds_i (Euler's
-identity for a function linear in l_i, resp. r_i), so the vector terms are absolute-value spreads of the same
-first-order quantity. AdaLoRA's element score Ibar * Ubar (EMA of I over training steps times the EMA of |I - Ibar|)
-needs a sequence of estimates; here there is one, so no EMA and no uncertainty factor: s(p) = I(p), the sensitivity
-of one calibration gradient (the mean over calibration batches; |s * mean grad|, not a mean of per-batch |.|).
-(With one estimate the uncertainty |I - Ibar| is 0 if Ibar is that estimate; PEFT's zero-initialised EMAs after a
-single step would instead give s(p) proportional to I(p)^2.) The scores depend on how the decomposition splits
-scale between L, s and R (orthonormal L and R for ``svd``). Scores are memoised per task configuration and
-factorization (``_allocation.memo``), so every budget reuses them.
-
-Allocation (budget kind ``param_ratio``, rho). All (site, i) are ranked by S_i; every site first keeps its best
-component (at least rank 1), then components are taken in decreasing score while the parameter total (kept
-components of a site of shape m x n cost params_at_rank(count), i.e. m+n each) stays <= rho * sum dense; a
-component that no longer fits is skipped and the scan goes on, so in the end no further component of any site fits.
-AdaLoRA masks arbitrary triplets, but the compression protocol keeps the leading k components of each site: with
-``components: free`` (default) a site's rank is the number of its components selected; ``components: prefix`` only
-lets component i be selected after component i-1 (a greedy over prefixes), so the scored set is the kept set.
+Rank-determination points (``AdapterTrainer.mark_determination``): every intermediate masking step and the final
+determination are recorded with the last step's loss and adapter gradient norms (curves ``*_at_selection``).
 """
 
 from __future__ import annotations
@@ -83,45 +61,14 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from rankbench.api import (
-    ADAPTATION,
-    COMPRESSION,
-    PARAM_RATIO,
-    RANK_TOTAL,
-    PluginParams,
-    RankProblem,
-    Ranks,
-    Selector,
-    hookimpl,
-)
+from rankbench.api import ADAPTATION, RANK_TOTAL, PluginParams, RankProblem, Ranks, Selector, hookimpl
 from rankbench.kinds.adaptation import AdapterTrainer, SVDAdapter, mask_components
 from rankbench_plugins.selectors._allocation import (
     budget_schedule,
-    budgeted_greedy,
-    component_layout,
     kind_budget_skip,
-    needs_svd_form,
-    memo,
-    ones,
-    param_limit,
     rank_total_limit,
-    ranks_from_selection,
     schedule_steps,
-    site_params,
 )
-
-
-def sensitivity_scores(weight_grad: torch.Tensor, left: torch.Tensor, s: torch.Tensor, right: torch.Tensor):
-    """(I^E, mean_j |L_ji dL/dL_ji|, mean_k |R_ik dL/dR_ik|) per component, as float64 numpy arrays."""
-    G = weight_grad.to(torch.float64)
-    L, s, R = left.to(G), s.to(G), right.to(G)
-    GR = G @ R.T  # out x p: column i = G r_i
-    LG = L.T @ G  # p x in:  row i = l_i^T G
-    ds = (L * GR).sum(dim=0)
-    e = (s * ds).abs()
-    u = ((L * GR).abs() * s.abs()).mean(dim=0)
-    v = ((R * LG).abs() * s.abs()[:, None]).mean(dim=1)
-    return tuple(x.detach().cpu().numpy() for x in (e, u, v))
 
 
 class SensitivityEMA:
@@ -201,12 +148,14 @@ class RankAllocator:
         if step <= self.t_end:
             self.ema.update(self.adapters)
         if step >= self.t_end:
+            trainer.mark_determination()
             self.finalise()
             return
         if step > self.tinit and self.delta_t and step % self.delta_t == 0:
             budget = self.budget(step)
             self.mask_to_budget(budget)
             self.masked_at.append((step, budget))
+            trainer.mark_determination()
 
     @torch.no_grad()
     def mask_to_budget(self, budget: int) -> None:
@@ -241,31 +190,28 @@ class RankAllocator:
 
 class AdaLoraSelector(Selector):
     name = "adalora"
-    version = "1"
+    version = "2"
     description = (
-        "AdaLoRA: EMA sensitivity scores and cubic budget schedule during fine-tuning (adaptation); its sensitivity"
-        " |s dL/ds| (+ singular-vector terms) from the calibration gradient, greedy to budget (compression)."
+        "AdaLoRA: EMA sensitivity x uncertainty scores and cubic budget schedule while fine-tuning LoRA adapters"
+        " (adaptation; the one-gradient compression score is taylor-sensitivity)."
     )
-    problem_kinds: ClassVar[frozenset[str]] = frozenset({COMPRESSION, ADAPTATION})
-    budget_kinds: ClassVar[frozenset[str | None]] = frozenset({PARAM_RATIO, RANK_TOTAL})
+    problem_kinds: ClassVar[frozenset[str]] = frozenset({ADAPTATION})
+    budget_kinds: ClassVar[frozenset[str | None]] = frozenset({RANK_TOTAL})
 
     class Params(PluginParams):
         score: Literal["triplet", "singular"] = Field(
-            "triplet", description="both kinds: AdaLoRA's triplet score S_i, or the E / singular-value term alone"
+            "triplet", description="AdaLoRA's triplet score S_i, or the E term s(E_i) alone"
         )
-        components: Literal["free", "prefix"] = Field(
-            "free", description="compression: any components (rank = count) or prefixes"
-        )
-        beta1: float = Field(0.85, gt=0.0, lt=1.0, description="adaptation: EMA factor of the sensitivity (Ibar)")
-        beta2: float = Field(0.85, gt=0.0, lt=1.0, description="adaptation: EMA factor of the uncertainty (Ubar)")
+        beta1: float = Field(0.85, gt=0.0, lt=1.0, description="EMA factor of the sensitivity (Ibar)")
+        beta2: float = Field(0.85, gt=0.0, lt=1.0, description="EMA factor of the uncertainty (Ubar)")
         tinit_fraction: float = Field(
-            0.1, ge=0.0, le=1.0, description="adaptation: warm-up without masking, tinit = round(this * total steps)"
+            0.1, ge=0.0, le=1.0, description="warm-up without masking, tinit = round(this * total steps)"
         )
         tfinal_fraction: float = Field(
             0.3, ge=0.0, le=1.0,
-            description="adaptation: final phase with the masks fixed, tfinal = round(this * total steps)",
+            description="final phase with the masks fixed, tfinal = round(this * total steps)",
         )
-        delta_t: int = Field(10, ge=1, description="adaptation: mask to the schedule's budget every delta_t steps")
+        delta_t: int = Field(10, ge=1, description="mask to the schedule's budget every delta_t steps")
 
         @model_validator(mode="after")
         def _phases_fit(self):
@@ -274,24 +220,10 @@ class AdaLoraSelector(Selector):
             return self
 
     def skip(self, task, factorization) -> str | None:
-        return kind_budget_skip(self, task) or needs_svd_form(self, factorization)
+        return kind_budget_skip(self, task)
 
     def uses_budget(self, budget_kind: str | None) -> bool:
         return True
-
-    def scores(self, problem: RankProblem) -> list[np.ndarray]:
-        """Score of every component of every site (memoised)."""
-        return memo(problem, ("adalora-scores", self.params.score), lambda: self._scores(problem))
-
-    def _scores(self, problem: RankProblem) -> list[np.ndarray]:
-        out = []
-        for site in problem.sites:
-            dec = problem.stats.decomposition(site.name)
-            grad = problem.stats.weight_grad(site.name)
-            e, u, v = sensitivity_scores(grad, dec.left, dec.s, dec.right)
-            score = e + u + v if self.params.score == "triplet" else e
-            out.append(score[: int(site.max_rank)])
-        return out
 
     def adapt(self, problem: RankProblem, trainer: AdapterTrainer) -> dict[str, int]:
         """Fine-tune with AdaLoRA's allocation up to the final determination (step T - tfinal); see the docstring."""
@@ -308,30 +240,12 @@ class AdaLoraSelector(Selector):
         )
         trainer.train(t_end - trainer.step_count, after=allocator)
         if not allocator.finalised:  # no step was left to train (T = 0): decide on the scores there are
+            trainer.mark_determination()
             allocator.finalise()
         return {name: a.rank for name, a in adapters.items()}
 
     def select(self, problem: RankProblem) -> Ranks:
-        limit = param_limit(problem, self.name)
-        if sum(site_params(site, 1) for site in problem.sites) > limit:
-            return ones(problem)
-        scores = self.scores(problem)
-        return allocate_scores(problem, scores, limit, prefix=self.params.components == "prefix")
-
-
-def allocate_scores(problem: RankProblem, scores: list[np.ndarray], limit: float, prefix: bool) -> dict[str, int]:
-    """Keep components in decreasing score under the budget (at least one per site); ranks = counts per site."""
-    groups, pred, starts = component_layout(problem, [len(s) for s in scores])
-    flat = np.concatenate(scores)
-    if prefix:
-        forced = [int(i) for i in starts]
-    else:
-        forced = [int(start + np.argmax(s)) for start, s in zip(starts, scores)]
-    costs = [lambda k, site=site: site_params(site, k) for site in problem.sites]
-    chosen, _ = budgeted_greedy(
-        flat, groups, costs, limit, pred=pred if prefix else None, forced=forced, ratio=False, fill=True
-    )
-    return ranks_from_selection(problem, groups, chosen)
+        raise TypeError("adalora allocates ranks while fine-tuning (adapt); for compression use taylor-sensitivity")
 
 
 @hookimpl

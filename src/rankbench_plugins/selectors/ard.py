@@ -9,7 +9,9 @@ falls to (relatively) zero are removed; the rank is the number left.
 
 For a site with ``data`` (and optionally ``mask``, True where observed): BCPF on the site's data, a 2-way fit
 (Bayesian matrix factorisation with ARD) for a matrix site and an N-way CP fit for a tensor site, starting from
-``max_rank`` components (None: min(site.shape)). The answer is an int for a matrix site and, for a tensor site, a
+``max_rank`` components (None: ``bcpf_core.default_max_rank``, the same default as ``bcpf`` itself: max(site.shape),
+the reference's default, for a tensor site and min(site.shape), the largest possible rank, for a matrix site;
+version 1 started from min(site.shape) for tensor sites too). The answer is an int for a matrix site and, for a tensor site, a
 tuple repeating that number once per mode (a CP rank is one number for all modes). At least 1: if every component
 is switched off (the data look like pure noise to the model) the selector answers 1, as the other selectors do.
 
@@ -25,12 +27,12 @@ import numpy as np
 from pydantic import Field
 
 from rankbench.api import ADAPTATION, RECOVERY, PluginParams, RankProblem, Ranks, Selector, Site, hookimpl
-from rankbench.kinds.bcpf_core import bcpf
+from rankbench.kinds.bcpf_core import bcpf, default_max_rank
 
 
 class ARDSelector(Selector):
     name = "ard"
-    version = "1"
+    version = "2"
     description = (
         "Bayesian ARD (BCPF, Zhao et al. TPAMI 2015): fits a CP / matrix factorisation with one shared precision per "
         "component to the site's (observed) data and returns the number of components that survive."
@@ -40,8 +42,12 @@ class ARDSelector(Selector):
     problem_kinds: ClassVar[frozenset[str]] = frozenset({RECOVERY, ADAPTATION})
 
     class Params(PluginParams):
-        max_rank: int | None = Field(None, ge=1, description="initial number of components (None: min(site.shape))")
-        max_iters: int = Field(100, ge=1)
+        max_rank: int | None = Field(
+            None, ge=1,
+            description="initial number of components (None: bcpf_core.default_max_rank, max(shape) for a tensor, "
+            "min(shape) for a matrix)",
+        )
+        max_iters: int = Field(100, ge=1, description="at most this many BCPF sweeps")
         tol: float = Field(1e-5, gt=0.0, description="relative change of the lower bound at which BCPF stops")
         prune_tol: float = Field(1e-9, gt=0.0, lt=1.0, description="relative power below which a component is dropped")
 
@@ -59,7 +65,7 @@ class ARDSelector(Selector):
         if data.ndim < 2:
             raise ValueError(f"ard needs a matrix or tensor site, site {site.name!r} has data of shape {data.shape}")
         mask = None if site.mask is None else np.asarray(site.mask, dtype=bool)
-        max_rank = self.params.max_rank if self.params.max_rank is not None else int(min(data.shape))
+        max_rank = self.params.max_rank if self.params.max_rank is not None else default_max_rank(data.shape)
         result = bcpf(
             data,
             mask,

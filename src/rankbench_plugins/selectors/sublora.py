@@ -1,9 +1,18 @@
 """``sublora``: second-order submodular rank allocation -- Gao & Tan, "Automatic Rank Determination for Low-Rank
 Adaptation via Submodular Function Maximization" (2025, arXiv 2507.01841; not Lotfi et al.'s subspace LoRA);
-``docs/algorithms.md#sublora``, whose "implementable version" (a derivation, not the paper's text; the paper's Eq. 7-9
-were not available to check) this follows. Two problem kinds: ``adaptation`` (the paper's setting: ranks of LoRA
-adapters, budget kind ``rank_total``; see "Adaptation" below) and ``compression`` (the same objective applied to
-post-training SVD compression, budget kind ``param_ratio``). Any other (kind, budget kind) pair is skipped.
+``docs/algorithms.md#sublora``. Two problem kinds: ``adaptation`` (the paper's setting: ranks of LoRA adapters, budget
+kind ``rank_total``; see "Adaptation" below) and ``compression`` (the same objective applied to post-training SVD
+compression, budget kind ``param_ratio``). Any other (kind, budget kind) pair is skipped.
+
+What could be checked against the paper. Only the paper's abstract and opening sections were readable here (the
+arXiv HTML 2507.01841v1 and summaries of it); its method section was not. Confirmed: the loss change from pruning is
+modelled by a second-order Taylor expansion in the concatenated singular values sigma, as a quadratic function of
+the pruned index set S^- = [n] \\ S, minimised subject to |S| <= b (the paper's Eq. 7); the problem is rewritten as a
+maximisation (its Eq. 9) and solved by a greedy with an approximation guarantee; there is a necessary and sufficient
+submodularity condition and a closed-form projection of the Hessian; the joint variant alternates LoRA updates with
+rank determination under the rank budget. Not confirmed (our derivation, below): the exact form of the objective
+F, the condition (M_ij >= 0 off the diagonal), the projection (entry-wise clipping), the greedy's stopping rule and
+the joint variant's schedule (a documented parameter, ``schedule``).
 
 Objective. sigma in R^n concatenates the singular values of all sites -- for compression those of the sites'
 decompositions (W_l = L_l diag(sigma_l) R_l, the factorization's ``decomposition``), for adaptation the adapters' E
@@ -13,7 +22,7 @@ current E (adaptation, ``AdapterTrainer.sigma_loss``: E replaced by sigma, masks
 autograd. Pruning a set T of components moves sigma by -sigma * 1_T, and the second-order
 Taylor expansion of the loss increase is, with c = g * sigma and M = diag(sigma) H diag(sigma),
 
-    h(T) = -sum_{i in T} c_i + 1/2 sum_{i,j in T} M_ij .
+    h(T) = -sum_{i in T} c_i + 1/2 sum_{i,j in T} M_ij .                                       (Eq. 7's objective)
 
 Keeping S (pruning [n] \\ S) is scored by F(S) = h([n]) - h([n] \\ S) (F(empty) = 0), maximised under the budget.
 
@@ -31,17 +40,24 @@ is a product of one interval per entry ([0, inf) off the diagonal, R on it), so 
 M^_ij = max(M_ij, 0) for i != j, M^_ii = M_ii (after symmetrising M against round-off). ``hessian: diagonal``
 keeps only M_ii (F is then modular) and ``hessian: none`` only c (first order, no Hessian at all).
 
-Greedy (variant). Component i of a site of shape m x n costs m+n parameters (exactly: params_at_rank(count+1) -
+Greedy. Component i of a site of shape m x n costs m+n parameters (exactly: params_at_rank(count+1) -
 params_at_rank(count)); budget rho * sum dense (``param_ratio``). Every site first keeps its leading component (at
 least rank 1). ``greedy: ratio`` is the cost-benefit greedy: each step takes the affordable component with the
 largest gain / cost. ``greedy: best`` (default) also runs the unit-cost greedy (largest gain) and keeps whichever
 reaches the higher F -- the CELF rule of Leskovec et al. (KDD 2007), which guarantees >= (1 - 1/e)/2 of the optimum
 for monotone submodular F under a knapsack constraint (the plain ratio greedy alone has no constant factor); under
 a cardinality budget both are the classical (1 - 1/e) greedy. Both use lazy evaluation (exact, since with M^ >= 0
-gains never increase). ``fill`` (default true) keeps adding components after the gains turn non-positive, until
-nothing more fits: the benchmark compares methods at equal budgets, and the quadratic model is only local. The
-protocol keeps the leading k components of a site, so with ``components: free`` a site's rank is the number of its
-components selected, while ``components: prefix`` only lets component i in after component i-1.
+gains never increase). The greedy stops as soon as the best marginal gain is <= 0 (``fill: false``, default):
+adding such a component cannot raise F, and since gains never increase no later one can either, so the budget is
+an upper bound that need not be spent (a cell may keep fewer parameters, or components, than the budget allows).
+``fill: true`` keeps adding components with non-positive gain until nothing more fits -- only for comparisons that
+want every method at exactly the same budget; it is not the maximisation of F.
+
+Which components are kept. With ``components: free`` (default) the greedy may select any components, and a site
+keeps exactly those: for compression the answer is ``rankbench.kinds.compression.Components`` (the protocol
+rebuilds the site from the selected components of its decomposition, not from the leading ones), for adaptation the
+components outside the set are masked (``mask_components``). ``components: prefix`` (compression only) only lets
+component i of a site in after component i-1, so the kept set is a prefix.
 
 Hessian restriction (deviation). n = sum_l min(m_l, n_l) is far too large for a dense Hessian on an LLM.
 ``structure: full`` computes the exact Hessian over the leading ``top_k`` components of every site, cross-site
@@ -50,35 +66,42 @@ terms included; ``structure: block`` computes exact per-site blocks over each si
 loss over all sites) and sets cross-site terms to zero. Components beyond top_k are scored first order only (no M
 terms). ``structure: auto`` (default) takes the exact full Hessian over all n components when n <= ``full_max``
 (small models, tests), else ``block``. g is exact for every component. All derivatives of the compression path are
-memoised per task configuration and factorization (``_allocation.memo``).
+memoised per task configuration and factorization (``_allocation.memo``). With ``structure: block, top_k: 1`` (the
+LLM suite, where one Hessian-vector product costs seconds on a CPU) the only second-order number per site is the
+curvature of its leading component, which every site keeps anyway: that configuration is first order in effect.
 
 Adaptation (``adapt``; budget b = floor(budget) components in total, each component costs 1 whatever its site).
 The objective above with sigma = E: c = g * E, M^ = the projection of diag(E) H diag(E), and the unit-cost greedy
-(cardinality budget, where the ratio and unit-cost greedies coincide; ``greedy`` is ignored) keeps S, |S| <= b; no
-site is forced to keep a component (a site may end at rank 0, its adapter then adds nothing). A component with
-E_i = 0 has c_i = 0 and a zero row of M^ (no first- or second-order effect on the loss when pruned). Pruning is
-sigma_i := 0 for i not in S. ``structure`` as above with n = sum of initial ranks (``auto``: the exact full Hessian
-when n <= ``full_max``, which covers PINN-sized adapters; ``block``: per-site blocks over the ``top_k`` components
-of largest |E_i|, as the adapters' components have no order). ``components`` and ``calib_batches`` are compression
-only. Components already masked stay masked and are not candidates. Two modes (``mode``):
+(cardinality budget, where the ratio and unit-cost greedies coincide; ``greedy`` is ignored) keeps S, |S| <= b,
+stopping at a non-positive gain as above (``fill``); no site is forced to keep a component (a site may end at rank
+0, its adapter then adds nothing). A component with E_i = 0 has c_i = 0 and a zero row of M^ (no first- or
+second-order effect on the loss when pruned). Pruning is sigma_i := 0 for i not in S. ``structure`` as above with
+n = sum of initial ranks (``auto``: the exact full Hessian when n <= ``full_max``, which covers PINN-sized adapters;
+``block``: per-site blocks over the ``top_k`` components of largest |E_i|, as the adapters' components have no
+order). ``components`` and ``calib_batches`` are compression only. Components already masked stay masked and are
+not candidates. At every determination the trainer records the last step's loss and adapter gradient norms and
+||dL/dE|| of the derivatives used (``AdapterTrainer.mark_determination``; curves ``*_at_selection``), so the
+premise that the adapters are well optimised when ranks are determined is measured. Two modes (``mode``):
 
 * ``posthoc`` (default): train T - R steps at the initial ranks, with R the task's retrain steps (the same as for
   every post-hoc selector; round(``retrain_fraction`` T) when that is set), determine S once at the trained E,
   switch the components outside S off for good (E := 0, mask := 0, ``mask_components``), and let the protocol
-  train the last R steps with the masks fixed (the greedy run once at the fine-tuned sigma, as in the
-  pseudo-code of ``docs/algorithms.md#sublora``).
-* ``joint``: the paper's joint variant, which "alternates LoRA updates with rank determination" (the summary in
-  ``docs/algorithms.md#sublora``); the paper's schedule was not available, so this implementation borrows AdaLoRA's
-  (``_allocation.budget_schedule``, with the same tinit and tfinal defaults, so the two methods are comparable at
-  equal steps): after tinit warm-up steps, ``determinations`` rank determinations D are evenly spaced over (tinit, T -
+  train the last R steps with the masks fixed (the greedy run once at the fine-tuned sigma).
+* ``joint``: the paper's joint variant, which alternates LoRA updates with rank determination under the rank
+  budget. After tinit warm-up steps, ``determinations`` rank determinations D are evenly spaced over (tinit, T -
   tfinal] (t_j = tinit + round(j (T - tfinal - tinit) / D), j = 1..D, duplicates dropped), and the adapters train
-  between two of them. Determination j recomputes g and H at the current E and keeps the greedy's set of b(t_j)
-  components, zeroing E of the others without masking them, so they get gradients again and may revive (as AdaLoRA's
-  intermediate masks do); the last one (t = T - tfinal, b = b_T) masks for good, and the protocol trains the remaining
-  tfinal steps with the masks fixed.
+  between two of them. Determination j recomputes g and H at the current E and keeps the greedy's set of at most
+  b(t_j) components, zeroing E of the others without masking them, so they get gradients again and may revive (as
+  AdaLoRA's intermediate masks do); the last one (t = T - tfinal, b = b_T) masks for good, and the protocol trains
+  the remaining tfinal steps with the masks fixed. The paper's schedule could not be read, so b(t) is a parameter:
+  ``schedule: cubic`` (default) borrows AdaLoRA's cubic decrease from the initial total rank to b_T
+  (``_allocation.budget_schedule``, with AdaLoRA's tinit and tfinal defaults, so the two methods are comparable at
+  equal steps); ``schedule: constant`` determines under the target budget b_T every time (the abstract's "under a
+  rank budget constraint", read literally).
 
-When b >= the number of unmasked components, nothing is pruned and no derivative is computed. Nothing of the
-adaptation path is memoised (E changes with training).
+With ``fill: true`` and b >= the number of unmasked components nothing is pruned and no derivative is computed;
+with the default the greedy runs even then, since it may stop before the budget binds. Nothing of the adaptation
+path is memoised (E changes with training).
 """
 
 from __future__ import annotations
@@ -113,7 +136,7 @@ from rankbench_plugins.selectors._allocation import (
     param_limit,
     project_submodular,
     rank_total_limit,
-    ranks_from_selection,
+    selection_answer,
     schedule_steps,
     site_params,
 )
@@ -192,10 +215,11 @@ def site_derivatives(loss, names: list[str], sigmas: list[torch.Tensor], picks, 
 
 class SubLoraSelector(Selector):
     name = "sublora"
-    version = "1"
+    version = "2"
     description = (
         "SubLoRA: second-order loss model in the singular values (adapters' E or SVD), projected to be submodular,"
-        " greedy to budget; post-hoc or joint with fine-tuning (adaptation)."
+        " greedy until the gain is non-positive or the budget is met, keeping exactly the selected components;"
+        " post-hoc or joint with fine-tuning (adaptation)."
     )
     problem_kinds: ClassVar[frozenset[str]] = frozenset({COMPRESSION, ADAPTATION})
     budget_kinds: ClassVar[frozenset[str | None]] = frozenset({PARAM_RATIO, RANK_TOTAL})
@@ -214,8 +238,14 @@ class SubLoraSelector(Selector):
         greedy: Literal["best", "ratio"] = Field(
             "best", description="CELF best of ratio and unit-cost greedy, or ratio"
         )
-        components: Literal["free", "prefix"] = Field("free", description="any components (rank = count) or prefixes")
-        fill: bool = Field(True, description="keep adding components with non-positive gain until the budget is full")
+        components: Literal["free", "prefix"] = Field(
+            "free", description="compression: exactly the selected components (any), or prefixes only"
+        )
+        fill: bool = Field(
+            False,
+            description="keep adding components with non-positive gain until the budget is full (false: stop at the "
+            "first non-positive gain, the maximisation of F)",
+        )
         calib_batches: int | None = Field(
             None, ge=1,
             description="compression: calibration batches for g and H (None: all; fewer makes derivatives cheaper)",
@@ -223,7 +253,7 @@ class SubLoraSelector(Selector):
         mode: Literal["posthoc", "joint"] = Field(
             "posthoc",
             description="adaptation: one determination after training (posthoc) or determinations alternating with "
-            "training on AdaLoRA's budget schedule (joint)",
+            "training (joint, budgets per ``schedule``)",
         )
         retrain_fraction: float | None = Field(
             None, ge=0.0, le=1.0,
@@ -240,6 +270,11 @@ class SubLoraSelector(Selector):
         )
         determinations: int = Field(
             10, ge=1, description="adaptation, joint: rank determinations evenly spaced over (tinit, T - tfinal]"
+        )
+        schedule: Literal["cubic", "constant"] = Field(
+            "cubic",
+            description="adaptation, joint: budget of each determination, AdaLoRA's cubic decrease to the target "
+            "(cubic) or the target every time (constant)",
         )
 
         @model_validator(mode="after")
@@ -322,8 +357,7 @@ class SubLoraSelector(Selector):
             )
             if best is None or value > best[1]:
                 best = (chosen, value)
-        return ranks_from_selection(problem, groups, best[0])
-
+        return selection_answer(problem, groups, best[0])
 
     # -- adaptation ----------------------------------------------------------------------------------------------
     def adaptation_derivatives(self, problem: RankProblem, trainer: AdapterTrainer):
@@ -341,18 +375,20 @@ class SubLoraSelector(Selector):
 
     def determine(self, problem: RankProblem, trainer: AdapterTrainer, budget: int) -> np.ndarray:
         """Boolean keep-vector over all components (sites in order): the greedy's set of at most ``budget`` of the
-        unmasked components under the second-order model at the current E (see the module docstring)."""
+        unmasked components under the second-order model at the current E (see the module docstring); records the
+        determination point with the trainer (``mark_determination``)."""
         adapters = list(trainer.adapters.values())
         alive = np.concatenate([a.mask.detach().cpu().numpy() > 0 for a in adapters] or [np.zeros(0, bool)])
         n = len(alive)
         keep = np.zeros(n, dtype=bool)
         candidates = np.flatnonzero(alive)
-        if int(budget) >= len(candidates):
-            keep[candidates] = True
-            return keep
-        if int(budget) <= 0:
+        if int(budget) <= 0 or (self.params.fill and int(budget) >= len(candidates)):
+            trainer.mark_determination()
+            if int(budget) > 0:
+                keep[candidates] = True
             return keep
         sigma, g, offsets, raw_blocks = self.adaptation_derivatives(problem, trainer)
+        trainer.mark_determination(sigma_grad_norm=float(np.linalg.norm(g)))
         blocks = restrict_blocks(raw_blocks, candidates, n)
         linear, blocks = quadratic_model(sigma[candidates], g[candidates], blocks, self.params.hessian)
         groups = np.searchsorted(offsets, candidates, side="right") - 1  # site of every candidate
@@ -390,7 +426,7 @@ class SubLoraSelector(Selector):
         """Fine-tune and determine ranks (``mode``: posthoc or joint; see the module docstring)."""
         target = rank_total_limit(problem, self.name)
         adapters = trainer.adapters
-        if target >= sum(a.rank for a in adapters.values()):
+        if self.params.fill and target >= sum(a.rank for a in adapters.values()):
             return {name: a.rank for name, a in adapters.items()}  # the budget never binds: nothing to prune
         T = trainer.total_steps
         if self.params.mode == "posthoc":
@@ -406,7 +442,10 @@ class SubLoraSelector(Selector):
             for j, step in enumerate(steps):
                 trainer.train(step - trainer.step_count)
                 final = j == len(steps) - 1
-                budget = target if final else budget_schedule(step, T, init_budget, target, tinit, tfinal)
+                if final or self.params.schedule == "constant":
+                    budget = target
+                else:
+                    budget = budget_schedule(step, T, init_budget, target, tinit, tfinal)
                 self.apply(trainer, self.determine(problem, trainer, budget), final=final)
         return {name: a.rank for name, a in adapters.items()}
 

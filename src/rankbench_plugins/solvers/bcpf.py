@@ -4,7 +4,9 @@ Paper: Q. Zhao, L. Zhang and A. Cichocki, "Bayesian CP Factorization of Incomple
 Determination", IEEE TPAMI 37(9):1751-1763, 2015 (arXiv:1401.6497). The model (B1-B3), the variational updates
 (B4)-(B8), the lower bound (B9), the pruning and stopping rules and every deliberate difference from the author's
 MATLAB ``BCPF_TC.m`` are written out in ``rankbench.kinds.bcpf_core``, whose ``bcpf`` function this solver runs on
-the observed entries, starting from the selector's rank.
+the observed entries, starting from the selector's rank (which ARD only lowers: give it an over-estimate; the
+``ard`` selector and ``bcpf`` itself default to ``bcpf_core.default_max_rank``: max of the dimensions, min for a
+matrix).
 """
 
 from __future__ import annotations
