@@ -5,6 +5,13 @@ the MNIST script's numbers; the groups' sizes; full-rank layers against the dens
 teacher-student training on data from a planted low-rank tensorized weight (CP rank 2, Tucker ranks (2, 2, 2, 2),
 TT ranks (1, 2, 2, 2, 1), TT-matrix rank 2 over 8 x 8 x 8 x 8) started at max rank 6: the prior prunes the surplus,
 without it nothing is pruned.
+
+inference = svi (Pyro): the draws' forward against the dense forward of the drawn weight (and its gradients), Pyro's
+loss against the closed-form ELBO of the module docstring, the Monte Carlo estimator against the closed-form one, the
+EM step as the ELBO's maximiser over the scales, the masks of a pruned TT bond; and, with a Gaussian likelihood at
+the true noise (256 examples, noise std 1), the planted TT ranks (2, 2, 2) recovered from max rank 6 with the ELBO
+rising over training (CP and TT-matrix rank 2 in the slow tests). The compression split (param_ratio_vs_start,
+start_param_ratio) against hand counts in both modes.
 """
 
 from __future__ import annotations
@@ -436,3 +443,261 @@ def test_plugin_registration_and_formats():
     defaults = BayesTensorTrainer.Params()
     assert (defaults.kl_multiplier, defaults.max_rank, defaults.prior, defaults.em_stepsize, defaults.threshold) == (
         5e-5, 20, "log_uniform", 1.0, 1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# compression split: against dense and against the format's start (max-rank) size
+
+
+START = {"cp": 6 * (8 + 8 + 8 + 8 + 1), "tucker": 6**4 + 8 * 6 * 4, "tt": 8 * 6 + 6 * 8 * 6 + 6 * 8 * 6 + 6 * 8,
+         "ttm": 64 * 6 + 6 * 64}  # stored parameters at max_rank 6, by hand
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_param_ratio_vs_start_is_the_hand_count(ard_runs, fmt):
+    """param_ratio_vs_start = stored params at the final ranks / stored params at max_rank; start_param_ratio = the
+    latter over dense, so param_ratio = start_param_ratio x param_ratio_vs_start (format x rank determination)."""
+    layer, metrics, _, _ = ard_runs[fmt]
+    assert layer.start_params() == START[fmt]
+    assert metrics["start_params"] == START[fmt]
+    assert metrics["start_param_ratio"] == pytest.approx(START[fmt] / (IN * OUT))
+    assert metrics["param_ratio_vs_start"] == pytest.approx(layer.stored_params() / START[fmt])
+    assert metrics["param_ratio"] == pytest.approx(metrics["start_param_ratio"] * metrics["param_ratio_vs_start"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# inference = svi: the variational layer, the Pyro model and guide
+
+
+def _svi_layer(fmt, *, seed=1, **kwargs):
+    torch.manual_seed(seed)
+    return build_layer(FORMATS[fmt](), nn.Linear(IN, OUT), max_rank=6, seed=seed, posterior_scale=0.1, **kwargs)
+
+
+class _Run:
+    """What ``TensorizedSVI`` needs of a ``TrainingRun``: the model and ``loss(batch)`` (here a Gaussian NLL)."""
+
+    def __init__(self, layer):
+        self.model = nn.Sequential(layer)
+
+    def loss(self, batch):
+        x, y = batch
+        return 0.5 * (self.model(x) - y).square().sum(-1).mean()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_svi_layer_forward_uses_the_draws_with_gradients_and_the_mean_otherwise(fmt):
+    """With drawn factors set, the forward is the dense forward of the weight those factors make, and gradients reach
+    the draws (the reparameterisation path); without, it is the posterior mean's forward."""
+    layer = _svi_layer(fmt)
+    x = torch.randn(5, IN)
+    mean_forward = nn.functional.linear(x, layer.inner.to_dense().detach(), layer.inner.bias)
+    torch.testing.assert_close(layer(x), mean_forward, rtol=1e-5, atol=1e-6)
+    draws = {name: (mu.detach() + 0.1 * torch.randn_like(mu)).requires_grad_() for name, mu, _, _ in
+             layer.prior_tensors()}
+    layer._draws = draws
+    y = layer(x)
+    layer._draws = None
+    key = "factors" if fmt in ("cp", "tucker") else "cores"
+    with torch.no_grad():
+        saved = [p.clone() for p in getattr(layer.inner, key)]
+        for k, p in enumerate(getattr(layer.inner, key)):
+            p.copy_(draws[f"{key}.{k}"])
+        W = layer.inner.to_dense().clone()
+        for p, s in zip(getattr(layer.inner, key), saved):
+            p.copy_(s)
+    torch.testing.assert_close(y, nn.functional.linear(x, W, layer.inner.bias), rtol=1e-5, atol=1e-6)
+    y.square().sum().backward()
+    assert all(d.grad is not None and float(d.grad.abs().sum()) > 0 for d in draws.values())
+    torch.testing.assert_close(layer(x), mean_forward, rtol=1e-5, atol=1e-6)  # the list is restored
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_svi_loss_is_the_elbo_of_the_docstring(fmt):
+    """Pyro's TraceMeanField loss / N at kl weight beta equals (the task loss at the same draw) + beta (KL(q || p(.|s))
+    - log p(s)) / N, with the closed-form KL over the live entries: the ELBO (8) of the module docstring."""
+    layer = _svi_layer(fmt)
+    svi = bt.TensorizedSVI(_Run(layer), {"0": layer}, data_size=1000)
+    batch = (torch.randn(16, IN), torch.randn(16, OUT))
+    for beta in (1.0, 0.3, 0.0):
+        objective, task_loss = svi.loss(batch, beta)
+        expected = task_loss + beta * svi.prior_terms().detach() / 1000
+        assert float(objective.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert layer._draws is None
+    # the closed-form KL agrees with torch's Normal-Normal KL entry by entry
+    kl = sum(torch.distributions.kl_divergence(torch.distributions.Normal(mu, layer.posterior_std(k)),
+                                               torch.distributions.Normal(0.0, layer._prior_scale(k, layer.live(k))))
+             .sum() for k, (_, mu, _, _) in enumerate(layer.prior_tensors()))
+    assert float(layer.kl_divergence().detach()) == pytest.approx(float(kl.detach()), rel=1e-5)
+
+
+def test_svi_monte_carlo_estimator_agrees_with_the_closed_form_kl():
+    """estimator = trace (Trace_ELBO, KL by sampling) has the mean of estimator = mean_field (closed-form KL)."""
+    layer = _svi_layer("ttm")
+    run = _Run(layer)
+    batch = (torch.randn(8, IN), torch.randn(8, OUT))
+    closed, sampled = bt.TensorizedSVI(run, {"0": layer}, 1000), bt.TensorizedSVI(run, {"0": layer}, 1000, "trace")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        a = np.mean([float(closed.loss(batch)[0]) for _ in range(300)])
+        b = [float(sampled.loss(batch)[0]) for _ in range(300)]
+    assert a == pytest.approx(np.mean(b), abs=4 * np.std(b) / math.sqrt(len(b)))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("prior", bt.PRIORS)
+def test_svi_em_step_maximises_the_elbo_over_the_scales(fmt, prior):
+    """After the variational EM step, moving any s_r^2 up or down lowers the ELBO (raises KL - log p(s))."""
+    layer = _svi_layer(fmt, prior=prior, eta=0.5)
+    svi = bt.TensorizedSVI(_Run(layer), {"0": layer}, data_size=100)
+    layer.em_step()
+    with torch.no_grad():
+        best = float(svi.prior_terms())
+        for j in range(layer.slots):
+            for r in range(layer.scale2(j).numel()):
+                for factor in (0.97, 1.03):
+                    layer.scale2(j)[r] *= factor
+                    assert float(svi.prior_terms()) > best
+                    layer.scale2(j)[r] /= factor
+
+
+def test_svi_pruned_bond_is_masked_out_of_both_cores_and_the_sums():
+    """TT: pruning component r of bond k masks G_k[..., r] and G_{k+1}[r, ...] out of the model, the guide and the
+    group sums; the live counts D_r shrink accordingly."""
+    layer = _svi_layer("tt")
+    with torch.no_grad():
+        layer.mask(0)[1] = False  # bond 0 (between cores 0 and 1), component 1
+        layer._pruned = True
+        layer.enforce_masks()
+    live0, live1 = layer.live(0), layer.live(1)
+    assert not live0[..., 1].any() and live0[..., 0].all()
+    assert not live1[1].any() and live1[0].all()
+    sums = layer.variational_sums()
+    assert float(sums[0][1][1]) == 0.0 and float(sums[0][1][0]) == 8  # D of bond 0: 1 x 8 entries per component
+    assert torch.all(sums[1][1] == 5 * 8)  # bond 1: cores[1][r', :, r] for the 5 live r'
+    assert float(layer.inner.cores[1].detach()[1].abs().max()) == 0.0
+    layer.em_step()
+    assert float(layer.scale2(0)[1]) == 0.0
+
+
+def test_svi_balance_keeps_the_weight_and_the_posterior_shape():
+    layer = _svi_layer("tt")
+    with torch.no_grad():
+        layer.inner.cores[0].mul_(30.0)
+        layer.inner.cores[1].div_(30.0)
+    W = layer.inner.to_dense().detach().clone()
+    ratio = [(layer.posterior_std(k) / layer.inner.cores[k].detach().abs().clamp_min(1e-12)).clone() for k in (0, 1)]
+    layer.balance()
+    torch.testing.assert_close(layer.inner.to_dense(), W, rtol=1e-5, atol=1e-7)
+    for k in (0, 1):  # sigma / |mu| unchanged: each slice's sigma was scaled with its mean
+        after = layer.posterior_std(k) / layer.inner.cores[k].detach().abs().clamp_min(1e-12)
+        torch.testing.assert_close(after.detach(), ratio[k].detach(), rtol=1e-3, atol=0.0)
+
+
+def test_count_examples_reads_the_leading_dimension():
+    x, y = torch.zeros(10, 3), torch.zeros(10)
+    assert bt.count_examples([(x, y), (x[:4], y[:4])]) == 14
+    assert bt.count_examples([x, x]) == 20
+    assert bt.count_examples([{"a": x}]) == 10
+    with pytest.raises(ValueError, match="data_size"):
+        bt.count_examples([object()])
+
+
+def test_svi_params():
+    svi = BayesTensorTrainer(BayesTensorTrainer.Params(inference="svi"))
+    assert svi.relative_threshold == 5e-2 and BayesTensorTrainer().relative_threshold == 0.0
+    assert BayesTensorTrainer.Params().inference == "map"
+    assert BayesTensorTrainer.version == "2"
+    with pytest.raises(ValueError, match="kl_multiplier"):
+        BayesTensorTrainer.Params(inference="svi", kl_multiplier=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# inference = svi: teacher-student runs with a Gaussian likelihood
+
+
+class GaussianTeacherTask(TeacherTask):
+    """The teacher with a proper likelihood: batch_loss is the Gaussian NLL per example (up to a constant) at the true
+    noise std, sum_j (y_j - f_j)^2 / (2 noise^2) averaged over the batch, so -N x batch_loss is the data set's
+    log-likelihood. noise 1 and n = 256: the ELBO's prior is strong enough to prune within the test's budget."""
+
+    def __init__(self, W, *, noise=1.0, n=256, batch=16, lr=1e-2, epochs=100):
+        super().__init__(W, epochs=epochs, lr=lr, n=n, batch=batch, noise=noise)
+        self.noise = noise
+
+    def batch_loss(self, model, batch):
+        x, y = batch
+        return 0.5 * (model(x) - y).square().sum(-1).mean() / self.noise**2
+
+
+def _train_svi(fmt: str, tmp: Path, *, epochs=100, **params):
+    task = GaussianTeacherTask(_planted_weight(fmt), epochs=epochs)
+    params = dict(dict(inference="svi", max_rank=6, no_kl_epochs=0, warmup_epochs=0), **params)
+    trainer = BayesTensorTrainer(BayesTensorTrainer.Params(**params))
+    ctx = _ctx(tmp)
+    torch.manual_seed(0)
+    run_training(task, ctx, trainer, FORMATS[fmt]())
+    metrics = {m["metric"]: m["value"] for m in ctx.metrics}
+    curves = {}
+    for row in ctx.curve_rows:
+        curves.setdefault(row["curve"], []).append(row["value"])
+    return task.model[0], metrics, curves
+
+
+@pytest.fixture(scope="module")
+def svi_tt_run(tmp_path_factory):
+    """TT, max rank 6 over the planted (2, 2, 2); the exact ELBO (kl_weight 1, no warm-up); Adam lr 1e-2; 100 epochs
+    of 16 batches of 16."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_svi("tt", tmp_path_factory.mktemp("svi"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_svi_prunes_a_planted_tt_rank(svi_tt_run):
+    """Known answer: the learned scales prune the surplus of a planted TT rank (2, 2, 2) from max rank 6 (tolerance:
+    the planted ranks, +1 allowed per bond; seen: exactly (2, 2, 2)). The surviving components hold the fit: the
+    posterior mean's error is at the noise floor of the fit (noise variance 1 on outputs of variance 1, n = 256)."""
+    layer, metrics, _ = svi_tt_run
+    ranks = layer.ranks()
+    assert all(2 <= r <= 3 for r in ranks), ranks
+    assert ranks == (2, 2, 2)  # what the test sees; the tolerance above is the contract
+    assert metrics["mse"] < 0.02
+    assert isinstance(layer, bt.VariationalTensorLinear) and not layer.training
+    s2 = [layer.scale2(j)[layer.mask(j)] for j in range(layer.slots)]
+    assert min(float(s.min()) for s in s2) > 0.05  # the survivors' scales are far above the pruned ones' threshold
+
+
+def test_svi_elbo_increases_over_training(svi_tt_run):
+    """The per-example ELBO recorded each epoch (the task loss at the draws plus (KL - log p(s)) / N, i.e. Pyro's
+    loss at beta = 1) rises from the initial network to the trained one, and its 20-epoch means never fall by more
+    than the minibatch noise."""
+    _, _, curves = svi_tt_run
+    elbo = np.asarray(curves["elbo"])
+    assert len(elbo) == 100
+    assert elbo[-10:].mean() > elbo[:1].mean() + 20  # -79 -> -34 per example here
+    blocks = elbo.reshape(5, 20).mean(axis=1)
+    assert np.all(np.diff(blocks) > -0.3), blocks
+
+
+def test_svi_compression_metrics_are_the_hand_count(svi_tt_run):
+    layer, metrics, curves = svi_tt_run
+    r = layer.ranks()
+    hand = 8 * r[0] + r[0] * 8 * r[1] + r[1] * 8 * r[2] + r[2] * 8
+    assert metrics["params"] == hand == layer.stored_params()
+    assert metrics["param_ratio_vs_start"] == pytest.approx(hand / START["tt"])
+    assert metrics["param_ratio"] == pytest.approx(hand / (IN * OUT))
+    assert curves["rank:0"][0] == 18 and all(b <= a for a, b in zip(curves["rank:0"], curves["rank:0"][1:]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["cp", "ttm"])
+def test_svi_prunes_planted_cp_and_ttm_ranks(tmp_path, fmt):
+    """CP rank 2 and TT-matrix rank 2 from max rank 6, 200 epochs (the idle components' scales fall more slowly
+    than TT's): the planted ranks, +1 allowed (seen: exactly 2)."""
+    layer, metrics, _ = _train_svi(fmt, tmp_path, epochs=200)
+    rank = _as_tuple(layer.ranks())[0]
+    assert 2 <= rank <= 3, rank
+    assert metrics["mse"] < 0.03
