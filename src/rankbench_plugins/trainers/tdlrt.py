@@ -18,6 +18,7 @@ unfolding (``rankbench.kinds.tensor_formats.unfold``):
     second forward/backward at C^ x_i U~_i:  C^ <- C^ - lr G x_i U~_i^T,  b <- b - lr grad_b
     for every mode i:  Mat_i(C^) = P_i diag(s_i) ...  (SVD);  theta = tau ||C^||_F  (= tau ||s_i||_2 for every i)
                        r_i = smallest j with ||s_i[j:]||_2 < theta, clipped to [rank_min, rank cap]
+                       (cap_i = min(n_i, floor(max_rank_fraction n_i), rank_max); by default n_i: it does not bind)
     C <- C^ x_i P_i[:, :r_i]^T,  U_i <- U~_i P_i[:, :r_i]                 (the HOSVD truncation of C^)
 
 Without truncation (tau = 0) one step is exactly T - lr G x_i (U~_i U~_i^T), the plain gradient step projected on
@@ -33,10 +34,13 @@ What is the paper's and what is our reading (``docs/algorithms.md#tdlrt`` marks 
 * Ours: the transposes. The outline in docs/algorithms.md writes Mat_i(C)^T = Q_i S_i^T, K_i = U_i S_i^T; we take the
   reading under which K_i Q_i^T (x)_{j != i} U_j^T is exactly Mat_i(T) (K_i = U_i R_i^T with R_i the QR's triangular
   factor); the augmented span is the same under either reading when R_i is invertible. Plain SGD with one step for K_i,
-  C^ and the bias; all K_i gradients from one backward; the truncation tail rule and the default rank cap (half each
-  mode size) carried over from DLRT -- the same group's later Tucker layer (ScSteffen/RobustDLRT,
-  ``src/low_rank_layers/lr_layer_augBUG_conv2d.py``) uses the same tail rule with tau ||d|| per mode unfolding and caps
-  the channel modes at half their size. Ranks are kept Tucker-feasible (r_i <= prod_{j != i} r_j, ``clip_tucker_ranks``)
+  C^ and the bias; all K_i gradients from one backward; the truncation tail rule carried over from DLRT -- the same
+  group's later Tucker layer (ScSteffen/RobustDLRT, ``src/low_rank_layers/lr_layer_augBUG_conv2d.py``) uses the same
+  tail rule with tau ||d|| per mode unfolding and caps the channel modes at half their size. That cap is *not* our
+  default: with it a reshaped MLP layer can never exceed ~0.067 of dense and runs sit exactly at the cap, hiding the
+  adaptation. The cap is the parameter ``max_rank_fraction`` (default 1.0: only the mode size binds; 0.5 = the old
+  default / RobustDLRT's cap); the *start* is still half each mode size (``init_rank`` None), so ranks can move both
+  up (basis augmentation doubles each mode's span per step) and down from the start. Ranks are kept Tucker-feasible (r_i <= prod_{j != i} r_j, ``clip_tucker_ranks``)
   after the per-mode rule.
 * Start: ``init="dense"`` (default, ours): the HOSVD of the site's initial dense weight at the starting ranks;
   ``init="random"``: random orthonormal factors and a core drawn U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in =
@@ -51,6 +55,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from rankbench.api import hookimpl
@@ -137,7 +142,8 @@ class TuckerDLRTLinear(IntegratorLayer):
     """T = C x_i U_i (+ bias) trained by the rank-adaptive integrator; the core and factors are buffers."""
 
     def __init__(self, core: torch.Tensor, factors: Sequence[torch.Tensor], out_dims, in_dims,
-                 bias: torch.Tensor | None, rank_min: int = 2, rank_max: int | None = None):
+                 bias: torch.Tensor | None, rank_min: int = 2, rank_max: int | None = None,
+                 max_rank_fraction: float = 1.0):
         super().__init__()
         self.out_dims, self.in_dims = tuple(int(n) for n in out_dims), tuple(int(n) for n in in_dims)
         self.dims = (*self.out_dims, *self.in_dims)
@@ -151,7 +157,7 @@ class TuckerDLRTLinear(IntegratorLayer):
             self.register_buffer(f"U{i}", U.detach().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self.rank_min = int(rank_min)
-        self.rank_caps = mode_caps(self.dims, rank_max)
+        self.rank_caps = mode_caps(self.dims, rank_max, max_rank_fraction)
         self._kl: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     @property
@@ -233,9 +239,20 @@ class TuckerDLRTLinear(IntegratorLayer):
         self.core = core
 
 
-def mode_caps(dims: Sequence[int], rank_max: int | None) -> tuple[int, ...]:
-    """Per-mode rank caps: min(rank_max, n_i), or max(1, n_i // 2) by default."""
-    return tuple(max(1, min(n // 2 if rank_max is None else int(rank_max), n)) for n in dims)
+def mode_caps(dims: Sequence[int], rank_max: int | None, max_rank_fraction: float = 1.0) -> tuple[int, ...]:
+    """Per-mode rank caps: min(n_i, max(1, floor(max_rank_fraction n_i)), rank_max) (rank_max None: no bound)."""
+    caps = []
+    for n in dims:
+        cap = min(n, max(1, math.floor(max_rank_fraction * n + 1e-9)))
+        caps.append(max(1, cap if rank_max is None else min(cap, int(rank_max))))
+    return tuple(caps)
+
+
+def start_ranks(dims: Sequence[int], caps: Sequence[int], init_rank: int | None) -> tuple[int, ...]:
+    """The starting ranks: init_rank, or half each mode size when None (the pre-version-2 cap), within the caps and
+    Tucker-feasible."""
+    ranks = [max(1, n // 2) if init_rank is None else int(init_rank) for n in dims]
+    return clip_tucker_ranks(dims, [min(r, c) for r, c in zip(ranks, caps)])
 
 
 def hosvd(T: torch.Tensor, ranks: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -253,9 +270,7 @@ def tdlrt_layer(linear: nn.Linear, factorization, params: IntegratorParams,
     W = linear.weight.detach()
     out_dims, in_dims = factorization.dims(tuple(W.shape))
     dims = (*out_dims, *in_dims)
-    caps = mode_caps(dims, params.rank_max)
-    ranks = caps if params.init_rank is None else tuple(min(int(params.init_rank), c) for c in caps)
-    ranks = clip_tucker_ranks(dims, ranks)
+    ranks = start_ranks(dims, mode_caps(dims, params.rank_max, params.max_rank_fraction), params.init_rank)
     if params.init == "dense":
         core, factors = hosvd(W.double().reshape(*dims), ranks)
     else:
@@ -265,18 +280,29 @@ def tdlrt_layer(linear: nn.Linear, factorization, params: IntegratorParams,
         core = (2 * torch.rand(*ranks, generator=generator, dtype=torch.float64) - 1) * bound
     to = {"device": W.device, "dtype": W.dtype}
     return TuckerDLRTLinear(core.to(**to), [U.to(**to) for U in factors], out_dims, in_dims, linear.bias,
-                            params.rank_min, params.rank_max)
+                            params.rank_min, params.rank_max, params.max_rank_fraction)
 
 
 class TDLRT(IntegratorTrainer):
     name = "tdlrt"
-    version = "1"
+    version = "2"
     description = ("Geometry-aware Tucker training (Zangrando et al. 2024): per-mode K steps, Galerkin step on the "
                    "augmented core, per-mode HOSVD truncation at tolerance tau ||C||_F.")
     formats: ClassVar[frozenset[str]] = frozenset({"tucker"})
 
     class Params(IntegratorParams):
-        pass
+        init_rank: int | None = Field(
+            None, ge=1,
+            description="starting rank per mode, clipped to the mode's cap; None = half each mode size (the cap of "
+                        "version 1, so a run starts where it did), from where ranks may grow or shrink",
+        )
+        rank_max: int | None = Field(None, ge=1, description="rank cap per mode (None: only max_rank_fraction binds)")
+        max_rank_fraction: float = Field(
+            1.0, gt=0.0, le=1.0,
+            description="per-mode rank cap as a fraction of the mode size, floor(f n_i) (at least 1). Default 1.0: "
+                        "the cap never binds below what tau asks for; 0.5 = version 1's default cap (and the "
+                        "RobustDLRT Tucker layer's channel cap)",
+        )
 
     def make_layer(self, linear, factorization, generator):
         return tdlrt_layer(linear, factorization, self.params, generator)
