@@ -46,6 +46,17 @@ What is the paper's and what is our reading (``docs/algorithms.md#tdlrt`` marks 
   ``init="random"``: random orthonormal factors and a core drawn U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in =
   prod_{i > 1} r_i (what the later Tucker layer above does: Kaiming-uniform core, QR-orthonormalised factors).
 * Stored parameters: prod r_i + sum n_i r_i (``params_tucker``, the ``tucker`` compression's count).
+
+Convolutions (``TuckerDLRTConv2d``, the paper's subject): a ``Conv2d`` site's kernel is held as the 4-mode Tucker
+tensor K = C x_1 U_out x_2 U_in x_3 U_kh x_4 U_kw (modes: out channels, in channels, kernel height, kernel width; the
+factorization's ``order_out``/``order_in`` reshaping is not used for kernels) with the same integrator steps as the
+Linear layer (``augment``, ``galerkin``, ``truncate`` are the Linear layer's, generic over the number of modes). The
+forward *reconstructs the kernel* (O I kh kw values, small next to a batch of feature maps) and calls ``F.conv2d`` --
+the simple exact form; the contracted 1x1 / kh x kw / 1x1 convolution chain would only pay off for large channel
+counts. In the K-step pass the kernel is a leaf of the autograd graph: its gradient G = dL/dK is read after the single
+backward and grad_K_i = Mat_i(G x_{j != i} U_j^T) Q_i is formed from it (the same formula ``_TuckerKL`` evaluates
+without forming G for Linear sites). Stored parameters: ``params_tucker((O,), (I, kh, kw), ranks)``. Groups other than
+1 are not supported.
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
@@ -239,6 +251,62 @@ class TuckerDLRTLinear(IntegratorLayer):
         self.core = core
 
 
+class TuckerDLRTConv2d(TuckerDLRTLinear):
+    """A Conv2d whose kernel (O, I, kh, kw) = C x_i U_i is trained by the rank-adaptive integrator; the forward
+    reconstructs the kernel and convolves (module docstring)."""
+
+    def __init__(self, core: torch.Tensor, factors: Sequence[torch.Tensor], bias: torch.Tensor | None,
+                 stride=1, padding=0, dilation=1, rank_min: int = 2, rank_max: int | None = None,
+                 max_rank_fraction: float = 1.0):
+        if len(factors) != 4:
+            raise ValueError(f"a conv kernel has 4 modes, got {len(factors)} factors")
+        out_channels, *rest = (int(U.shape[0]) for U in factors)
+        super().__init__(core, factors, (out_channels,), tuple(rest), bias, rank_min, rank_max, max_rank_fraction)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self._kernel_leaf: torch.Tensor | None = None
+
+    def kernel(self) -> torch.Tensor:
+        """The (O, I, kh, kw) kernel, differentiable in the core and factors."""
+        t = self.core
+        for k, U in enumerate(self.factors):
+            t = mode_dot(t, U.T, k)
+        return t
+
+    def extra_repr(self) -> str:
+        return (f"kernel={self.dims}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"ranks={self.ranks()}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kl is not None:  # the K-step pass: dL/dK on a kernel leaf, the K_i gradients formed in augment
+            weight = self._kernel_leaf = self.kernel().detach().requires_grad_(True)
+        else:
+            weight = self.kernel()
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        raise TypeError("a convolution site has no row product; call the layer")
+
+    def _fill_k_gradients(self) -> None:
+        """grad_K_i = Mat_i(G x_{j != i} U_j^T) Q_i from the kernel leaf's gradient G (once per K-step pass; left
+        None when the pass did not reach this layer)."""
+        if self._kl is None or self._kernel_leaf is None:
+            return
+        G, self._kernel_leaf = self._kernel_leaf.grad, None
+        if G is None:
+            return
+        Qs, Ks = self._kl
+        for i, (Q, K) in enumerate(zip(Qs, Ks)):
+            K.grad = unfold(_project(G[None], self.factors, skip=i)[0], i) @ Q
+
+    def k_gradients(self) -> list[torch.Tensor | None]:
+        self._fill_k_gradients()
+        return super().k_gradients()
+
+    def augment(self, lr: float) -> None:
+        self._fill_k_gradients()
+        super().augment(lr)
+
+
 def mode_caps(dims: Sequence[int], rank_max: int | None, max_rank_fraction: float = 1.0) -> tuple[int, ...]:
     """Per-mode rank caps: min(n_i, max(1, floor(max_rank_fraction n_i)), rank_max) (rank_max None: no bound)."""
     caps = []
@@ -264,11 +332,18 @@ def hosvd(T: torch.Tensor, ranks: Sequence[int]) -> tuple[torch.Tensor, list[tor
     return core, factors
 
 
-def tdlrt_layer(linear: nn.Linear, factorization, params: IntegratorParams,
+def tdlrt_layer(linear: nn.Linear | nn.Conv2d, factorization, params: IntegratorParams,
                 generator: torch.Generator) -> TuckerDLRTLinear:
-    """The site's replacement at the starting ranks (``init``: see the module docstring)."""
+    """The site's replacement at the starting ranks (``init``: see the module docstring): a ``TuckerDLRTConv2d``
+    over the kernel's own 4 modes for a Conv2d, a ``TuckerDLRTLinear`` over the factorization's reshaping else."""
     W = linear.weight.detach()
-    out_dims, in_dims = factorization.dims(tuple(W.shape))
+    conv = isinstance(linear, nn.Conv2d)
+    if conv:
+        if linear.groups != 1 or linear.padding_mode != "zeros":
+            raise ValueError("tdlrt trains Conv2d sites with groups=1 and zero padding only")
+        out_dims, in_dims = tuple(W.shape[:1]), tuple(W.shape[1:])
+    else:
+        out_dims, in_dims = factorization.dims(tuple(W.shape))
     dims = (*out_dims, *in_dims)
     ranks = start_ranks(dims, mode_caps(dims, params.rank_max, params.max_rank_fraction), params.init_rank)
     if params.init == "dense":
@@ -279,6 +354,10 @@ def tdlrt_layer(linear: nn.Linear, factorization, params: IntegratorParams,
         bound = 1.0 / math.sqrt(math.prod(ranks[1:]))
         core = (2 * torch.rand(*ranks, generator=generator, dtype=torch.float64) - 1) * bound
     to = {"device": W.device, "dtype": W.dtype}
+    if conv:
+        return TuckerDLRTConv2d(core.to(**to), [U.to(**to) for U in factors], linear.bias, linear.stride,
+                                linear.padding, linear.dilation, params.rank_min, params.rank_max,
+                                params.max_rank_fraction)
     return TuckerDLRTLinear(core.to(**to), [U.to(**to) for U in factors], out_dims, in_dims, linear.bias,
                             params.rank_min, params.rank_max, params.max_rank_fraction)
 
@@ -287,7 +366,8 @@ class TDLRT(IntegratorTrainer):
     name = "tdlrt"
     version = "2"
     description = ("Geometry-aware Tucker training (Zangrando et al. 2024): per-mode K steps, Galerkin step on the "
-                   "augmented core, per-mode HOSVD truncation at tolerance tau ||C||_F.")
+                   "augmented core, per-mode HOSVD truncation at tolerance tau ||C||_F; Linear sites reshaped, "
+                   "Conv2d kernels as 4-mode tensors.")
     formats: ClassVar[frozenset[str]] = frozenset({"tucker"})
 
     class Params(IntegratorParams):
