@@ -129,3 +129,17 @@ def test_dlrt_trains_the_linear_sites(tmp_path):
     run_cell(task, ctx, DLRT(DLRT.Params(tau=0.1)), SVD())
     assert {row["site"] for row in ctx.ranks_rows} == {"fc1", "fc2", "fc3"}
     assert metrics(ctx)["accuracy"] > 0.3
+
+
+def test_linear_sites_compress_the_reference_network(tmp_path):
+    from rankbench_plugins.selectors.uniform import UniformSelector
+
+    task = make(sites="linear", epochs=1)
+    ref = make_ctx(tmp_path)
+    run_cell(task, ref)
+    assert metrics(ref)["params"] == 120 * 400 + 84 * 120 + 10 * 84
+    half = CellContext(cell_id="h", seed=0, task_seed=0, device="cpu", budget=0.5, budget_kind="param_ratio",
+                       shared={}, cache_dir=tmp_path / "cnn-classification")
+    assert cell_kind(task, UniformSelector(), SVD()) == "compression"
+    run_cell(task, half, UniformSelector(), SVD())
+    assert metrics(half)["param_ratio"] <= 0.5 and {row["site"] for row in half.ranks_rows} == {"fc1", "fc2", "fc3"}
