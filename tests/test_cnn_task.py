@@ -143,3 +143,16 @@ def test_linear_sites_compress_the_reference_network(tmp_path):
     assert cell_kind(task, UniformSelector(), SVD()) == "compression"
     run_cell(task, half, UniformSelector(), SVD())
     assert metrics(half)["param_ratio"] <= 0.5 and {row["site"] for row in half.ranks_rows} == {"fc1", "fc2", "fc3"}
+
+
+def test_small_vgg_sites_and_a_tdlrt_cell(tmp_path):
+    task = make(network="vgg", epochs=1, max_train=128, max_test=64)
+    model = task.fresh_model(make_ctx(tmp_path))
+    sites = task.target_sites(model)
+    assert list(sites) == ["features.0", "features.1", "features.3", "features.4", "classifier.0", "classifier.2"]
+    assert [tuple(sites[n].weight.shape) for n in ("features.1", "classifier.0")] == [(32, 32, 3, 3), (256, 3136)]
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    ctx = make_ctx(tmp_path)
+    run_cell(task, ctx, TDLRT(TDLRT.Params(tau=0.1, lr=0.05)), Tucker())
+    rows = {row["site"]: row["rank_per_mode"] for row in ctx.ranks_rows}
+    assert len(rows["features.4"].split("x")) == 4

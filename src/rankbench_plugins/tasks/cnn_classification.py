@@ -9,6 +9,11 @@ the 32x32 input of the original (the first conv has ``padding=2``, the second no
 layers, 20@5x5 / 50@5x5 / fc 500, unpadded; not this one.) Images of another side (``digits``: 8x8) are resized
 bilinearly to 28x28 inside the network. PyTorch's default initialisation from a seed derived from the task seed.
 
+Network (``network: vgg``): a small VGG-style network for 28x28 Fashion-MNIST (ours, no paper's exact layout): two
+blocks of two 3x3 convs (``padding=1``, ReLU) and a 2x2 max pool, 32 then 64 channels (28 -> 14 -> 7), then fc 256
+and fc 10 (``features.0``, ``features.1``, ``features.3``, ``features.4`` are the convs; ``classifier.0``,
+``classifier.2`` the Linears).
+
 Sites (``sites``): ``all`` -- the conv kernels (``conv1``, ``conv2``: 4-mode tensors out x in x kh x kw) and the
 Linear layers (``fc1``, ``fc2``, ``fc3``); ``conv`` -- the kernels only; ``linear`` -- the Linear layers only (what
 matrix-format trainers such as ``dlrt`` can train). Every site a training cell does not replace trains with the
@@ -42,7 +47,8 @@ class CNNParams(PluginParams):
     dataset: Literal["digits", "mnist", "fashion-mnist"] = "mnist"
     max_train: int | None = Field(None, ge=10, description="cap on training images (stratified subset)")
     max_test: int | None = Field(None, ge=10, description="cap on test images (stratified subset)")
-    network: Literal["lenet5"] = Field("lenet5", description="the architecture (LeNet5, LeCun's layer sizes)")
+    network: Literal["lenet5", "vgg"] = Field(
+        "lenet5", description="the architecture: LeNet5 (LeCun's layer sizes) or a small VGG-style network")
     sites: Literal["all", "conv", "linear"] = Field(
         "all", description="which layers are sites: conv kernels and Linears, conv kernels only, Linears only "
                            "(the only choice that also speaks the compression kind)")
@@ -77,10 +83,32 @@ class LeNet5(nn.Module):
         return self.fc3(h)
 
 
+class SmallVGG(nn.Module):
+    """Two VGG blocks (3x3 convs, 32 and 64 channels) and a 256-wide classifier, for 28x28 images (module
+    docstring)."""
+
+    def __init__(self, image_size: int, classes: int, widths: tuple[int, int] = (32, 64), hidden: int = 256):
+        super().__init__()
+        self.image_size = int(image_size)
+        a, b = widths
+        self.features = nn.Sequential(
+            nn.Conv2d(1, a, 3, padding=1), nn.Conv2d(a, a, 3, padding=1), nn.MaxPool2d(2),
+            nn.Conv2d(a, b, 3, padding=1), nn.Conv2d(b, b, 3, padding=1), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Linear(b * 7 * 7, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        h = images
+        if h.shape[-1] != SIDE or h.shape[-2] != SIDE:
+            h = F.interpolate(h, size=(SIDE, SIDE), mode="bilinear", align_corners=False)
+        for layer in self.features:
+            h = layer(h) if isinstance(layer, nn.MaxPool2d) else torch.relu(layer(h))
+        return self.classifier(h.flatten(1))
+
+
 class CNNClassification(ImageClassificationTask):
     name = "cnn-classification"
     version = "1"
-    description = "Convolutional classifier (LeNet5) trained from scratch on MNIST / Fashion-MNIST / digits"
+    description = "Convolutional classifier (LeNet5, small VGG) trained from scratch on MNIST / Fashion-MNIST / digits"
     Params = CNNParams
 
     @property
@@ -94,11 +122,12 @@ class CNNClassification(ImageClassificationTask):
                  "calib_samples": 64, "latency_repeats": 1}]
 
     def build_network(self, ds: data.ImageDataset) -> nn.Module:
-        return LeNet5(ds.image_size, ds.num_classes)
+        network = {"lenet5": LeNet5, "vgg": SmallVGG}[self.params.network]
+        return network(ds.image_size, ds.num_classes)
 
     def target_sites(self, model: nn.Module) -> dict[str, nn.Module]:
         kinds = {"all": (nn.Conv2d, nn.Linear), "conv": (nn.Conv2d,), "linear": (nn.Linear,)}[self.params.sites]
-        return {name: module for name, module in model.named_children() if isinstance(module, kinds)}
+        return {name: module for name, module in model.named_modules() if isinstance(module, kinds)}
 
     def training_settings(self) -> TrainingSettings:
         return TrainingSettings(epochs=self.params.epochs, lr=self.params.lr, optimizer="adam")
