@@ -59,6 +59,39 @@ def test_tucker_conv_k_gradients_match_the_k_forms():
         torch.testing.assert_close(grads[i], K.grad)
 
 
+def test_tucker_conv_step_without_truncation_is_the_projected_gradient_step():
+    # one integrator step at tau 0: K - lr G x_i (U~_i U~_i^T), U~_i = orth([U_i R_i^T - lr grad_K_i, U_i]), with
+    # G = dL/dK of the dense convolution by autograd and grad_K_i = Mat_i(G x_{j != i} U_j^T) Q_i
+    conv, gen = _conv()
+    layer, lr = tdlrt_layer(conv, Tucker(), TDLRT.Params(init_rank=2, rank_min=1), gen), 0.1
+    x, y = torch.randn(5, 4, 6, 6, generator=gen, dtype=DT), torch.randn(5, 6, 6, 6, generator=gen, dtype=DT)
+    core, factors, b = layer.core.clone(), [U.clone() for U in layer.factors], layer.bias.detach().clone()
+    W = layer.kernel().detach().requires_grad_(True)
+    bias = b.clone().requires_grad_(True)
+    loss = ((F.conv2d(x, W, bias, 1, 1) - y) ** 2).mean() + F.conv2d(x, W, bias, 1, 1).pow(3).mean()
+    loss.backward()
+    G, step = W.grad, W.grad
+    for i, U in enumerate(factors):
+        Q, R = torch.linalg.qr(core.movedim(i, 0).reshape(core.shape[i], -1).T)
+        proj = G
+        for j, V in enumerate(factors):
+            if j != i:
+                proj = torch.tensordot(proj, V, dims=([j], [0])).movedim(-1, j)
+        K_new = U @ R.T - lr * proj.movedim(i, 0).reshape(G.shape[i], -1) @ Q
+        Ua = torch.linalg.qr(torch.cat([K_new, U], dim=1))[0]
+        step = torch.tensordot(step, Ua @ Ua.T, dims=([i], [0])).movedim(-1, i)
+    expected = W.detach() - lr * step
+
+    def objective():
+        out = layer(x)
+        return ((out - y) ** 2).mean() + out.pow(3).mean()
+
+    integrator_step(nn.Sequential(layer), [layer], objective, lr=lr, tau=0.0)
+    torch.testing.assert_close(layer.kernel(), expected)
+    torch.testing.assert_close(layer.bias.detach(), b - lr * bias.grad)
+    assert (layer.kernel() - (W.detach() - lr * G)).norm() > 1e-3  # the projection is not the identity
+
+
 def test_tucker_conv_step_keeps_orthonormal_bases_and_adapts():
     conv, gen = _conv()
     layer = tdlrt_layer(conv, Tucker(), TDLRT.Params(init_rank=2, rank_min=1), gen)
