@@ -128,6 +128,8 @@ def test_lenet5_shape_and_sites(tmp_path):
     assert list(make(sites="conv").target_sites(model)) == ["conv1", "conv2"]
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10) and model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
     assert task.problem_kinds == {"training"} and make(sites="linear").problem_kinds == {"training", "compression"}
+    assert "Linear sites only" in task.skip(DLRT(), SVD()) and make(sites="linear").skip(DLRT(), SVD()) is None
+    assert task.skip(TDLRT(), Tucker()) is None
 
 
 def test_dense_lenet5_trains_well_above_chance(tmp_path):

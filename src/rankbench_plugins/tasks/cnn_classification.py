@@ -36,7 +36,7 @@ from pydantic import Field
 from torch import nn
 
 from rankbench.api import COMPRESSION, TRAINING, PluginParams, hookimpl
-from rankbench.kinds.training import TrainingSettings
+from rankbench.kinds.training import RankAdaptiveTrainer, TrainingSettings
 from rankbench_plugins.tasks import _vision_data as data
 from rankbench_plugins.tasks._image_classification import ImageClassificationTask
 
@@ -115,6 +115,12 @@ class CNNClassification(ImageClassificationTask):
     def problem_kinds(self) -> frozenset[str]:
         # the compression kind compresses Linear sites only: conv-kernel compression is not implemented
         return frozenset({TRAINING, COMPRESSION}) if self.params.sites == "linear" else frozenset({TRAINING})
+
+    def skip(self, selector, factorization) -> str | None:
+        if self.params.sites != "linear" and isinstance(selector, RankAdaptiveTrainer) and not selector.conv_sites:
+            return (f"{selector.name} trains Linear sites only; with sites: {self.params.sites} the conv kernels are "
+                    "sites too (use sites: linear)")
+        return None
 
     @classmethod
     def conformance_params(cls) -> list[dict]:

@@ -369,6 +369,7 @@ class TDLRT(IntegratorTrainer):
                    "augmented core, per-mode HOSVD truncation at tolerance tau ||C||_F; Linear sites reshaped, "
                    "Conv2d kernels as 4-mode tensors.")
     formats: ClassVar[frozenset[str]] = frozenset({"tucker"})
+    conv_sites: ClassVar[bool] = True
 
     class Params(IntegratorParams):
         init_rank: int | None = Field(
