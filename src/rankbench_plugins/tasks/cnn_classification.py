@@ -44,7 +44,8 @@ SIDE = 28
 
 
 class CNNParams(PluginParams):
-    dataset: Literal["digits", "mnist", "fashion-mnist"] = "mnist"
+    dataset: Literal["digits", "mnist", "fashion-mnist"] = Field(
+        "mnist", description="digits (8x8, resized to 28x28 in the network), MNIST-5k or Fashion-MNIST 60k")
     max_train: int | None = Field(None, ge=10, description="cap on training images (stratified subset)")
     max_test: int | None = Field(None, ge=10, description="cap on test images (stratified subset)")
     network: Literal["lenet5", "vgg"] = Field(
@@ -52,12 +53,12 @@ class CNNParams(PluginParams):
     sites: Literal["all", "conv", "linear"] = Field(
         "all", description="which layers are sites: conv kernels and Linears, conv kernels only, Linears only "
                            "(the only choice that also speaks the compression kind)")
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=1)
+    epochs: int = Field(10, ge=1, description="training epochs of every training cell")
+    batch_size: int = Field(128, ge=1, description="minibatch size (training, evaluation, calibration)")
     lr: float = Field(1e-3, gt=0.0, description="Adam learning rate")
     calib_samples: int = Field(256, ge=1, description="training images used as calibration data (compression)")
-    latency_repeats: int = Field(5, ge=1)
-    problem: Literal["training"] = "training"
+    latency_repeats: int = Field(5, ge=1, description="forward passes timed for latency_ms")
+    problem: Literal["training"] = Field("training", description="the kind (training; compression with sites: linear)")
 
 
 class LeNet5(nn.Module):
@@ -124,8 +125,9 @@ class CNNClassification(ImageClassificationTask):
 
     @classmethod
     def conformance_params(cls) -> list[dict]:
-        return [{"dataset": "digits", "max_train": 200, "max_test": 100, "epochs": 1, "batch_size": 64,
-                 "calib_samples": 64, "latency_repeats": 1}]
+        tiny = {"dataset": "digits", "max_train": 200, "max_test": 100, "epochs": 1, "batch_size": 64,
+                "calib_samples": 64, "latency_repeats": 1}
+        return [tiny, {**tiny, "sites": "linear"}]
 
     def build_network(self, ds: data.ImageDataset) -> nn.Module:
         network = {"lenet5": LeNet5, "vgg": SmallVGG}[self.params.network]
