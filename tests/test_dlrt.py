@@ -286,7 +286,20 @@ def test_tdlrt_truncation_ranks_per_mode():
     assert truncated(0.5) == (2, 2, 2, 2)  # rule: 1 everywhere, rank_min 2
     assert truncated(0.5, rank_min=1) == (1, 1, 1, 1)
     assert truncated(0.05, rank_max=3) == (3, 2, 3, 2)
-    assert truncated(0.0) == (4, 4, 4, 4)  # default caps 8 // 2 = 4
+    assert truncated(0.0) == (4, 4, 4, 4)  # the core's size (the default cap, the mode size 8, does not bind)
+    assert truncated(0.0, rank_max=None) == (4, 4, 4, 4)
+
+
+def test_tdlrt_rank_cap_is_explicit():
+    from rankbench_plugins.trainers.tdlrt import mode_caps, start_ranks
+
+    assert TDLRT.Params().max_rank_fraction == 1.0 and TDLRT.version == "2"
+    assert mode_caps((8, 8, 28, 28), None) == (8, 8, 28, 28)  # default: only the mode size binds
+    assert mode_caps((8, 8, 28, 28), None, 0.5) == (4, 4, 14, 14)  # version 1's default cap
+    assert mode_caps((8, 8, 28, 28), 10, 0.5) == (4, 4, 10, 10)
+    assert start_ranks((8, 8, 28, 28), mode_caps((8, 8, 28, 28), None), None) == (4, 4, 14, 14)  # start as before
+    layer = _tdlrt(rank=3, rank_max=None)
+    assert layer.rank_caps == (6, 6, 8, 8)
 
 
 # -- training runs (the kind's loop, a planted problem) ----------------------------------------------------------------
@@ -363,15 +376,44 @@ def test_tdlrt_learns_planted_tucker_ranks(tmp_path):
     teacher = torch.einsum("abcd,ia,jb,kc,ld->ijkl", core, *factors).reshape(16, 20)
     teacher = teacher * 4.0 / teacher.norm()
     ctx = _ctx(tmp_path)
-    run_training(Planted(teacher), ctx, TDLRT(TDLRT.Params(tau=0.1, lr=0.2, rank_max=4)), Tucker())
+    run_training(Planted(teacher), ctx, TDLRT(TDLRT.Params(tau=0.1, lr=0.2, init_rank=4)), Tucker())
     ranks = _curve(ctx, "rank:0")
-    assert ranks[0] == 4 + 4 + 4 + 4  # starts at the caps min(4, n_i)
+    assert ranks[0] == 4 + 4 + 4 + 4  # starts at init_rank 4 (within the mode sizes)
     assert ctx.ranks_rows[0]["rank_per_mode"] == "2x3x2x3"  # exactly the teacher's ranks
     loss = _curve(ctx, "train_loss")
     assert loss[-1] < 1e-3 * loss[0]
     metrics = {m["metric"]: m["value"] for m in ctx.metrics}
     assert metrics["rel_error"] < 1e-2
     assert metrics["params"] == 2 * 3 * 2 * 3 + 4 * 2 + 4 * 3 + 5 * 2 + 4 * 3
+
+
+def test_tdlrt_ranks_move_up_and_down_in_one_run(tmp_path):
+    # teacher: Tucker ranks (1, 3, 1, 3) on the modes (4, 4, 5, 4); the run starts at ranks 2 on every mode, so the
+    # modes 0, 2 must shrink and the modes 1, 3 grow (the default cap, the mode size, lets them)
+    gen = torch.Generator().manual_seed(11)
+    core = torch.randn(1, 3, 1, 3, generator=gen)
+    factors = [torch.linalg.qr(torch.randn(n, r, generator=gen))[0] for n, r in zip((4, 4, 5, 4), core.shape)]
+    teacher = torch.einsum("abcd,ia,jb,kc,ld->ijkl", core, *factors).reshape(16, 20)
+    teacher = teacher * 4.0 / teacher.norm()
+    ctx = _ctx(tmp_path)
+    seen = []
+    original = TuckerDLRTLinear.truncate
+
+    def recording(self, tau):
+        original(self, tau)
+        seen.append(self.ranks())
+
+    TuckerDLRTLinear.truncate = recording
+    try:
+        run_training(Planted(teacher), ctx, TDLRT(TDLRT.Params(tau=0.1, lr=0.2, init_rank=2, rank_min=1)), Tucker())
+    finally:
+        TuckerDLRTLinear.truncate = original
+    start = (2, 2, 2, 2)
+    assert any(r[i] > start[i] for r in seen for i in range(4))  # up somewhere
+    assert any(r[i] < start[i] for r in seen for i in range(4))  # down somewhere
+    assert ctx.ranks_rows[0]["rank_per_mode"] == "1x3x1x3"  # ends at the teacher's ranks
+    metrics = {m["metric"]: m["value"] for m in ctx.metrics}
+    assert metrics["rel_error"] < 1e-2
 
 
 def test_trainers_skip_other_formats():

@@ -7,7 +7,8 @@ data, initialisation, loss, optimiser defaults and epoch budget.
 Task side (``TrainingTask``). A task supplies
 
 * ``fresh_model(ctx)``: the network at its seeded initialisation (identical for every cell of one task seed);
-* ``target_sites(model)``: the Linear layers a method may replace;
+* ``target_sites(model)``: the layers a method may replace -- Linear layers, and ``Conv2d`` kernels for methods
+  that declare ``conv_sites`` (``cnn-classification``);
 * ``training_batches(ctx, epoch)``: the minibatches of one epoch (the order is seeded by task seed and epoch, so
   every method sees the same stream), ``batch_loss(model, batch)`` and ``training_settings()`` (epochs, optimiser,
   learning rate, weight decay);
@@ -166,6 +167,7 @@ class RankAdaptiveTrainer(Selector):
 
     problem_kinds: ClassVar[frozenset[str]] = frozenset({TRAINING})
     formats: ClassVar[frozenset[str]]
+    conv_sites: ClassVar[bool] = False  # whether the method can replace Conv2d sites (4-mode kernels) too
 
     def uses_budget(self, budget_kind: str | None) -> bool:
         return False

@@ -30,7 +30,7 @@ from rankbench_plugins.tasks import _vision_data as data
 
 CACHE_VERSION = 1
 # parameters a trained network does not depend on (compression, fine-tuning and measurement settings)
-NOT_IN_NETWORK = {"model", "calib_samples", "latency_repeats", "problem", "target", "steps", "retrain_steps",
+NOT_IN_NETWORK = {"model", "calib_samples", "latency_repeats", "problem", "target", "steps", "retrain_steps", "sites",
                   "adapter_lr", "train_head"}
 
 

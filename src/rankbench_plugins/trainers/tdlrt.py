@@ -18,6 +18,7 @@ unfolding (``rankbench.kinds.tensor_formats.unfold``):
     second forward/backward at C^ x_i U~_i:  C^ <- C^ - lr G x_i U~_i^T,  b <- b - lr grad_b
     for every mode i:  Mat_i(C^) = P_i diag(s_i) ...  (SVD);  theta = tau ||C^||_F  (= tau ||s_i||_2 for every i)
                        r_i = smallest j with ||s_i[j:]||_2 < theta, clipped to [rank_min, rank cap]
+                       (cap_i = min(n_i, floor(max_rank_fraction n_i), rank_max); by default n_i: it does not bind)
     C <- C^ x_i P_i[:, :r_i]^T,  U_i <- U~_i P_i[:, :r_i]                 (the HOSVD truncation of C^)
 
 Without truncation (tau = 0) one step is exactly T - lr G x_i (U~_i U~_i^T), the plain gradient step projected on
@@ -33,15 +34,29 @@ What is the paper's and what is our reading (``docs/algorithms.md#tdlrt`` marks 
 * Ours: the transposes. The outline in docs/algorithms.md writes Mat_i(C)^T = Q_i S_i^T, K_i = U_i S_i^T; we take the
   reading under which K_i Q_i^T (x)_{j != i} U_j^T is exactly Mat_i(T) (K_i = U_i R_i^T with R_i the QR's triangular
   factor); the augmented span is the same under either reading when R_i is invertible. Plain SGD with one step for K_i,
-  C^ and the bias; all K_i gradients from one backward; the truncation tail rule and the default rank cap (half each
-  mode size) carried over from DLRT -- the same group's later Tucker layer (ScSteffen/RobustDLRT,
-  ``src/low_rank_layers/lr_layer_augBUG_conv2d.py``) uses the same tail rule with tau ||d|| per mode unfolding and caps
-  the channel modes at half their size. Ranks are kept Tucker-feasible (r_i <= prod_{j != i} r_j, ``clip_tucker_ranks``)
+  C^ and the bias; all K_i gradients from one backward; the truncation tail rule carried over from DLRT -- the same
+  group's later Tucker layer (ScSteffen/RobustDLRT, ``src/low_rank_layers/lr_layer_augBUG_conv2d.py``) uses the same
+  tail rule with tau ||d|| per mode unfolding and caps the channel modes at half their size. That cap is *not* our
+  default: with it a reshaped MLP layer can never exceed ~0.067 of dense and runs sit exactly at the cap, hiding the
+  adaptation. The cap is the parameter ``max_rank_fraction`` (default 1.0: only the mode size binds; 0.5 = the old
+  default / RobustDLRT's cap); the *start* is still half each mode size (``init_rank`` None), so ranks can move both
+  up (basis augmentation doubles each mode's span per step) and down from the start. Ranks are kept Tucker-feasible (r_i <= prod_{j != i} r_j, ``clip_tucker_ranks``)
   after the per-mode rule.
 * Start: ``init="dense"`` (default, ours): the HOSVD of the site's initial dense weight at the starting ranks;
   ``init="random"``: random orthonormal factors and a core drawn U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in =
   prod_{i > 1} r_i (what the later Tucker layer above does: Kaiming-uniform core, QR-orthonormalised factors).
 * Stored parameters: prod r_i + sum n_i r_i (``params_tucker``, the ``tucker`` compression's count).
+
+Convolutions (``TuckerDLRTConv2d``, the paper's subject): a ``Conv2d`` site's kernel is held as the 4-mode Tucker
+tensor K = C x_1 U_out x_2 U_in x_3 U_kh x_4 U_kw (modes: out channels, in channels, kernel height, kernel width; the
+factorization's ``order_out``/``order_in`` reshaping is not used for kernels) with the same integrator steps as the
+Linear layer (``augment``, ``galerkin``, ``truncate`` are the Linear layer's, generic over the number of modes). The
+forward *reconstructs the kernel* (O I kh kw values, small next to a batch of feature maps) and calls ``F.conv2d`` --
+the simple exact form; the contracted 1x1 / kh x kw / 1x1 convolution chain would only pay off for large channel
+counts. In the K-step pass the kernel is a leaf of the autograd graph: its gradient G = dL/dK is read after the single
+backward and grad_K_i = Mat_i(G x_{j != i} U_j^T) Q_i is formed from it (the same formula ``_TuckerKL`` evaluates
+without forming G for Linear sites). Stored parameters: ``params_tucker((O,), (I, kh, kw), ranks)``. Groups other than
+1 are not supported.
 """
 
 from __future__ import annotations
@@ -51,6 +66,8 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from rankbench.api import hookimpl
@@ -137,7 +154,8 @@ class TuckerDLRTLinear(IntegratorLayer):
     """T = C x_i U_i (+ bias) trained by the rank-adaptive integrator; the core and factors are buffers."""
 
     def __init__(self, core: torch.Tensor, factors: Sequence[torch.Tensor], out_dims, in_dims,
-                 bias: torch.Tensor | None, rank_min: int = 2, rank_max: int | None = None):
+                 bias: torch.Tensor | None, rank_min: int = 2, rank_max: int | None = None,
+                 max_rank_fraction: float = 1.0):
         super().__init__()
         self.out_dims, self.in_dims = tuple(int(n) for n in out_dims), tuple(int(n) for n in in_dims)
         self.dims = (*self.out_dims, *self.in_dims)
@@ -151,7 +169,7 @@ class TuckerDLRTLinear(IntegratorLayer):
             self.register_buffer(f"U{i}", U.detach().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self.rank_min = int(rank_min)
-        self.rank_caps = mode_caps(self.dims, rank_max)
+        self.rank_caps = mode_caps(self.dims, rank_max, max_rank_fraction)
         self._kl: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     @property
@@ -233,9 +251,76 @@ class TuckerDLRTLinear(IntegratorLayer):
         self.core = core
 
 
-def mode_caps(dims: Sequence[int], rank_max: int | None) -> tuple[int, ...]:
-    """Per-mode rank caps: min(rank_max, n_i), or max(1, n_i // 2) by default."""
-    return tuple(max(1, min(n // 2 if rank_max is None else int(rank_max), n)) for n in dims)
+class TuckerDLRTConv2d(TuckerDLRTLinear):
+    """A Conv2d whose kernel (O, I, kh, kw) = C x_i U_i is trained by the rank-adaptive integrator; the forward
+    reconstructs the kernel and convolves (module docstring)."""
+
+    def __init__(self, core: torch.Tensor, factors: Sequence[torch.Tensor], bias: torch.Tensor | None,
+                 stride=1, padding=0, dilation=1, rank_min: int = 2, rank_max: int | None = None,
+                 max_rank_fraction: float = 1.0):
+        if len(factors) != 4:
+            raise ValueError(f"a conv kernel has 4 modes, got {len(factors)} factors")
+        out_channels, *rest = (int(U.shape[0]) for U in factors)
+        super().__init__(core, factors, (out_channels,), tuple(rest), bias, rank_min, rank_max, max_rank_fraction)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self._kernel_leaf: torch.Tensor | None = None
+
+    def kernel(self) -> torch.Tensor:
+        """The (O, I, kh, kw) kernel, differentiable in the core and factors."""
+        t = self.core
+        for k, U in enumerate(self.factors):
+            t = mode_dot(t, U.T, k)
+        return t
+
+    def extra_repr(self) -> str:
+        return (f"kernel={self.dims}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"ranks={self.ranks()}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kl is not None:  # the K-step pass: dL/dK on a kernel leaf, the K_i gradients formed in augment
+            weight = self._kernel_leaf = self.kernel().detach().requires_grad_(True)
+        else:
+            weight = self.kernel()
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        raise TypeError("a convolution site has no row product; call the layer")
+
+    def _fill_k_gradients(self) -> None:
+        """grad_K_i = Mat_i(G x_{j != i} U_j^T) Q_i from the kernel leaf's gradient G (once per K-step pass; left
+        None when the pass did not reach this layer)."""
+        if self._kl is None or self._kernel_leaf is None:
+            return
+        G, self._kernel_leaf = self._kernel_leaf.grad, None
+        if G is None:
+            return
+        Qs, Ks = self._kl
+        for i, (Q, K) in enumerate(zip(Qs, Ks)):
+            K.grad = unfold(_project(G[None], self.factors, skip=i)[0], i) @ Q
+
+    def k_gradients(self) -> list[torch.Tensor | None]:
+        self._fill_k_gradients()
+        return super().k_gradients()
+
+    def augment(self, lr: float) -> None:
+        self._fill_k_gradients()
+        super().augment(lr)
+
+
+def mode_caps(dims: Sequence[int], rank_max: int | None, max_rank_fraction: float = 1.0) -> tuple[int, ...]:
+    """Per-mode rank caps: min(n_i, max(1, floor(max_rank_fraction n_i)), rank_max) (rank_max None: no bound)."""
+    caps = []
+    for n in dims:
+        cap = min(n, max(1, math.floor(max_rank_fraction * n + 1e-9)))
+        caps.append(max(1, cap if rank_max is None else min(cap, int(rank_max))))
+    return tuple(caps)
+
+
+def start_ranks(dims: Sequence[int], caps: Sequence[int], init_rank: int | None) -> tuple[int, ...]:
+    """The starting ranks: init_rank, or half each mode size when None (the pre-version-2 cap), within the caps and
+    Tucker-feasible."""
+    ranks = [max(1, n // 2) if init_rank is None else int(init_rank) for n in dims]
+    return clip_tucker_ranks(dims, [min(r, c) for r, c in zip(ranks, caps)])
 
 
 def hosvd(T: torch.Tensor, ranks: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -247,15 +332,20 @@ def hosvd(T: torch.Tensor, ranks: Sequence[int]) -> tuple[torch.Tensor, list[tor
     return core, factors
 
 
-def tdlrt_layer(linear: nn.Linear, factorization, params: IntegratorParams,
+def tdlrt_layer(linear: nn.Linear | nn.Conv2d, factorization, params: IntegratorParams,
                 generator: torch.Generator) -> TuckerDLRTLinear:
-    """The site's replacement at the starting ranks (``init``: see the module docstring)."""
+    """The site's replacement at the starting ranks (``init``: see the module docstring): a ``TuckerDLRTConv2d``
+    over the kernel's own 4 modes for a Conv2d, a ``TuckerDLRTLinear`` over the factorization's reshaping else."""
     W = linear.weight.detach()
-    out_dims, in_dims = factorization.dims(tuple(W.shape))
+    conv = isinstance(linear, nn.Conv2d)
+    if conv:
+        if linear.groups != 1 or linear.padding_mode != "zeros":
+            raise ValueError("tdlrt trains Conv2d sites with groups=1 and zero padding only")
+        out_dims, in_dims = tuple(W.shape[:1]), tuple(W.shape[1:])
+    else:
+        out_dims, in_dims = factorization.dims(tuple(W.shape))
     dims = (*out_dims, *in_dims)
-    caps = mode_caps(dims, params.rank_max)
-    ranks = caps if params.init_rank is None else tuple(min(int(params.init_rank), c) for c in caps)
-    ranks = clip_tucker_ranks(dims, ranks)
+    ranks = start_ranks(dims, mode_caps(dims, params.rank_max, params.max_rank_fraction), params.init_rank)
     if params.init == "dense":
         core, factors = hosvd(W.double().reshape(*dims), ranks)
     else:
@@ -264,19 +354,36 @@ def tdlrt_layer(linear: nn.Linear, factorization, params: IntegratorParams,
         bound = 1.0 / math.sqrt(math.prod(ranks[1:]))
         core = (2 * torch.rand(*ranks, generator=generator, dtype=torch.float64) - 1) * bound
     to = {"device": W.device, "dtype": W.dtype}
+    if conv:
+        return TuckerDLRTConv2d(core.to(**to), [U.to(**to) for U in factors], linear.bias, linear.stride,
+                                linear.padding, linear.dilation, params.rank_min, params.rank_max,
+                                params.max_rank_fraction)
     return TuckerDLRTLinear(core.to(**to), [U.to(**to) for U in factors], out_dims, in_dims, linear.bias,
-                            params.rank_min, params.rank_max)
+                            params.rank_min, params.rank_max, params.max_rank_fraction)
 
 
 class TDLRT(IntegratorTrainer):
     name = "tdlrt"
-    version = "1"
+    version = "2"
     description = ("Geometry-aware Tucker training (Zangrando et al. 2024): per-mode K steps, Galerkin step on the "
-                   "augmented core, per-mode HOSVD truncation at tolerance tau ||C||_F.")
+                   "augmented core, per-mode HOSVD truncation at tolerance tau ||C||_F; Linear sites reshaped, "
+                   "Conv2d kernels as 4-mode tensors.")
     formats: ClassVar[frozenset[str]] = frozenset({"tucker"})
+    conv_sites: ClassVar[bool] = True
 
     class Params(IntegratorParams):
-        pass
+        init_rank: int | None = Field(
+            None, ge=1,
+            description="starting rank per mode, clipped to the mode's cap; None = half each mode size (the cap of "
+                        "version 1, so a run starts where it did), from where ranks may grow or shrink",
+        )
+        rank_max: int | None = Field(None, ge=1, description="rank cap per mode (None: only max_rank_fraction binds)")
+        max_rank_fraction: float = Field(
+            1.0, gt=0.0, le=1.0,
+            description="per-mode rank cap as a fraction of the mode size, floor(f n_i) (at least 1). Default 1.0: "
+                        "the cap never binds below what tau asks for; 0.5 = version 1's default cap (and the "
+                        "RobustDLRT Tucker layer's channel cap)",
+        )
 
     def make_layer(self, linear, factorization, generator):
         return tdlrt_layer(linear, factorization, self.params, generator)

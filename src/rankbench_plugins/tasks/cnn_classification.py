@@ -1,0 +1,146 @@
+"""Task ``cnn-classification``: a convolutional classifier trained from scratch -- the setting of the rank-adaptive
+Tucker training paper (Zangrando et al., "Geometry-aware training of factorized layers in tensor Tucker format",
+NeurIPS 2024) and of DLRT's LeNet5 runs (Schotthöfer et al., NeurIPS 2022).
+
+Network (``network: lenet5``): LeCun's LeNet5 layer sizes -- conv 6@5x5, 2x2 max pool, conv 16@5x5, 2x2 max pool,
+fc 120, fc 84, fc 10, ReLU after every conv and hidden fc. Padding as LeCun's setup: the 28x28 images are treated as
+the 32x32 input of the original (the first conv has ``padding=2``, the second none), so the feature maps are
+6@28x28 -> 6@14x14 -> 16@10x10 -> 16@5x5 and the first fc has 400 inputs. (DLRT's reference LeNet5 uses wider
+layers, 20@5x5 / 50@5x5 / fc 500, unpadded; not this one.) Images of another side (``digits``: 8x8) are resized
+bilinearly to 28x28 inside the network. PyTorch's default initialisation from a seed derived from the task seed.
+
+Network (``network: vgg``): a small VGG-style network for 28x28 Fashion-MNIST (ours, no paper's exact layout): two
+blocks of two 3x3 convs (``padding=1``, ReLU) and a 2x2 max pool, 32 then 64 channels (28 -> 14 -> 7), then fc 256
+and fc 10 (``features.0``, ``features.1``, ``features.3``, ``features.4`` are the convs; ``classifier.0``,
+``classifier.2`` the Linears).
+
+Sites (``sites``): ``all`` -- the conv kernels (``conv1``, ``conv2``: 4-mode tensors out x in x kh x kw) and the
+Linear layers (``fc1``, ``fc2``, ``fc3``); ``conv`` -- the kernels only; ``linear`` -- the Linear layers only (what
+matrix-format trainers such as ``dlrt`` can train). Every site a training cell does not replace trains with the
+task's optimiser.
+
+Problem kinds: ``training`` (``rankbench.kinds.training``: Adam at ``lr`` for ``epochs`` epochs of minibatches of
+``batch_size`` in an order seeded by task seed and epoch, cross-entropy), and, with ``sites: linear`` only,
+``compression`` of the dense network the reference cell trained (the compression kind compresses Linear sites; the
+Tucker / CP compression of 4-mode conv kernels is not implemented). Data, metrics (``accuracy``, ``test_loss``,
+``latency_ms``) and calibration batches as in ``mlp-classification`` (``_image_classification``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from rankbench.api import COMPRESSION, TRAINING, PluginParams, hookimpl
+from rankbench.kinds.training import RankAdaptiveTrainer, TrainingSettings
+from rankbench_plugins.tasks import _vision_data as data
+from rankbench_plugins.tasks._image_classification import ImageClassificationTask
+
+SIDE = 28
+
+
+class CNNParams(PluginParams):
+    dataset: Literal["digits", "mnist", "fashion-mnist"] = Field(
+        "mnist", description="digits (8x8, resized to 28x28 in the network), MNIST-5k or Fashion-MNIST 60k")
+    max_train: int | None = Field(None, ge=10, description="cap on training images (stratified subset)")
+    max_test: int | None = Field(None, ge=10, description="cap on test images (stratified subset)")
+    network: Literal["lenet5", "vgg"] = Field(
+        "lenet5", description="the architecture: LeNet5 (LeCun's layer sizes) or a small VGG-style network")
+    sites: Literal["all", "conv", "linear"] = Field(
+        "all", description="which layers are sites: conv kernels and Linears, conv kernels only, Linears only "
+                           "(the only choice that also speaks the compression kind)")
+    epochs: int = Field(10, ge=1, description="training epochs of every training cell")
+    batch_size: int = Field(128, ge=1, description="minibatch size (training, evaluation, calibration)")
+    lr: float = Field(1e-3, gt=0.0, description="Adam learning rate")
+    calib_samples: int = Field(256, ge=1, description="training images used as calibration data (compression)")
+    latency_repeats: int = Field(5, ge=1, description="forward passes timed for latency_ms")
+    problem: Literal["training"] = Field("training", description="the kind (training; compression with sites: linear)")
+
+
+class LeNet5(nn.Module):
+    """LeNet5 on 1-channel images, resized to 28x28 when they are not (module docstring)."""
+
+    def __init__(self, image_size: int, classes: int):
+        super().__init__()
+        self.image_size = int(image_size)
+        self.conv1 = nn.Conv2d(1, 6, 5, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        h = images
+        if h.shape[-1] != SIDE or h.shape[-2] != SIDE:
+            h = F.interpolate(h, size=(SIDE, SIDE), mode="bilinear", align_corners=False)
+        h = F.max_pool2d(torch.relu(self.conv1(h)), 2)
+        h = F.max_pool2d(torch.relu(self.conv2(h)), 2)
+        h = torch.relu(self.fc1(h.flatten(1)))
+        h = torch.relu(self.fc2(h))
+        return self.fc3(h)
+
+
+class SmallVGG(nn.Module):
+    """Two VGG blocks (3x3 convs, 32 and 64 channels) and a 256-wide classifier, for 28x28 images (module
+    docstring)."""
+
+    def __init__(self, image_size: int, classes: int, widths: tuple[int, int] = (32, 64), hidden: int = 256):
+        super().__init__()
+        self.image_size = int(image_size)
+        a, b = widths
+        self.features = nn.Sequential(
+            nn.Conv2d(1, a, 3, padding=1), nn.Conv2d(a, a, 3, padding=1), nn.MaxPool2d(2),
+            nn.Conv2d(a, b, 3, padding=1), nn.Conv2d(b, b, 3, padding=1), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Linear(b * 7 * 7, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        h = images
+        if h.shape[-1] != SIDE or h.shape[-2] != SIDE:
+            h = F.interpolate(h, size=(SIDE, SIDE), mode="bilinear", align_corners=False)
+        for layer in self.features:
+            h = layer(h) if isinstance(layer, nn.MaxPool2d) else torch.relu(layer(h))
+        return self.classifier(h.flatten(1))
+
+
+class CNNClassification(ImageClassificationTask):
+    name = "cnn-classification"
+    version = "1"
+    description = "Convolutional classifier (LeNet5, small VGG) trained from scratch on MNIST / Fashion-MNIST / digits"
+    Params = CNNParams
+
+    @property
+    def problem_kinds(self) -> frozenset[str]:
+        # the compression kind compresses Linear sites only: conv-kernel compression is not implemented
+        return frozenset({TRAINING, COMPRESSION}) if self.params.sites == "linear" else frozenset({TRAINING})
+
+    def skip(self, selector, factorization) -> str | None:
+        if self.params.sites != "linear" and isinstance(selector, RankAdaptiveTrainer) and not selector.conv_sites:
+            return (f"{selector.name} trains Linear sites only; with sites: {self.params.sites} the conv kernels are "
+                    "sites too (use sites: linear)")
+        return None
+
+    @classmethod
+    def conformance_params(cls) -> list[dict]:
+        tiny = {"dataset": "digits", "max_train": 200, "max_test": 100, "epochs": 1, "batch_size": 64,
+                "calib_samples": 64, "latency_repeats": 1}
+        return [tiny, {**tiny, "sites": "linear"}]
+
+    def build_network(self, ds: data.ImageDataset) -> nn.Module:
+        network = {"lenet5": LeNet5, "vgg": SmallVGG}[self.params.network]
+        return network(ds.image_size, ds.num_classes)
+
+    def target_sites(self, model: nn.Module) -> dict[str, nn.Module]:
+        kinds = {"all": (nn.Conv2d, nn.Linear), "conv": (nn.Conv2d,), "linear": (nn.Linear,)}[self.params.sites]
+        return {name: module for name, module in model.named_modules() if isinstance(module, kinds)}
+
+    def training_settings(self) -> TrainingSettings:
+        return TrainingSettings(epochs=self.params.epochs, lr=self.params.lr, optimizer="adam")
+
+
+@hookimpl
+def rankbench_register_tasks(register):
+    register(CNNClassification)
