@@ -133,7 +133,7 @@ def test_rankings_of_planted_orderings_across_six_configurations(tmp_path):
             plant(out, method, {0: 100 - value}, task="cls", task_params={"size": size}, metric="accuracy",
                   higher_is_better=True)  # fmt: skip
     cells, metrics = leaderboard.load(out)
-    ranked = leaderboard.rankings(cells, metrics)
+    ranked = leaderboard.rankings(leaderboard.leaderboard(cells, metrics))
     assert set(ranked) == {"toy", "cls", "overall"}
     toy = ranked["toy"]
     assert toy.n == 6
@@ -141,7 +141,7 @@ def test_rankings_of_planted_orderings_across_six_configurations(tmp_path):
                                                           "d + svd": 4.0})  # fmt: skip
     assert list(toy.average_ranks.index) == ["a + svd", "b + svd", "c + svd", "d + svd"]
     assert toy.friedman_p < 0.05 and toy.critical_difference > 0
-    tables = leaderboard.score_tables(cells, metrics)
+    tables = leaderboard.score_tables(leaderboard.leaderboard(cells, metrics))
     assert tables["toy"].dropped_methods == ["partial + svd"] and tables["toy"].dropped_rows == 0
     assert list(tables["toy"].scores.index.names) == ["task_config", "budget"]
     assert REFERENCE not in tables["toy"].scores.columns
@@ -162,9 +162,9 @@ def test_overall_combines_families_that_share_a_direction(tmp_path):
                     value = 3.0 - value  # b beats a on "big"
                 plant(out, method, {0: value * scale}, task=task, task_params={"size": size})
     cells, metrics = leaderboard.load(out)
-    tables = leaderboard.score_tables(cells, metrics)
+    tables = leaderboard.score_tables(leaderboard.leaderboard(cells, metrics))
     assert tables["overall"].families == ["big", "toy"] and tables["overall"].scores.shape == (6, 3)
-    overall = leaderboard.rankings(cells, metrics)["overall"]
+    overall = leaderboard.rankings(leaderboard.leaderboard(cells, metrics))["overall"]
     assert overall.average_ranks.to_dict() == {"a + svd": 1.5, "b + svd": 1.5, "c + svd": 3.0}
     assert overall.n == 6 and overall.friedman_p is not None
 
@@ -174,4 +174,4 @@ def test_empty_and_failed_folders(tmp_path):
     plant(out, "uniform + svd", {0: 0.1, 1: 0.2}, status="error")
     cells, metrics = leaderboard.load(out)
     assert leaderboard.leaderboard(cells, metrics).empty and leaderboard.pairwise(cells, metrics).empty
-    assert leaderboard.rankings(cells, metrics) == {}
+    assert leaderboard.rankings(leaderboard.leaderboard(cells, metrics)) == {}

@@ -7,7 +7,8 @@ import pandas as pd
 from conftest import GOOD_PLUGINS
 from rankbench.api import CellRecord
 from rankbench.cells import Cell
-from rankbench.report import figure_names, load, rank_tables, site_order, summary_table
+from rankbench.leaderboard import load
+from rankbench.report import figure_names, rank_tables, site_order, summary_table
 from rankbench.results import write_cell
 
 SUITE = """

@@ -210,6 +210,7 @@ def cmd_plugins(args) -> int:
 
 def cmd_report(args) -> int:
     from rankbench.html_report import write_html_report
+    from rankbench.leaderboard import summarise
     from rankbench.report import make_report
 
     out = Path(args.dir)
@@ -223,9 +224,10 @@ def cmd_report(args) -> int:
             claims = verdict_frame(check_claims(load_claims(args.claims), [out]))
         except ClaimsError as exc:
             raise BadInput(str(exc)) from None
-    report_path = make_report(out, claims=claims)
+    data = summarise(out)  # leaderboard, pairwise calls and rankings, once for both reports
+    report_path = make_report(out, claims=claims, data=data)
     print(f"report: {report_path}")
-    print(f"html report: {write_html_report(out, claims=claims)}")  # beside report.md: one page that opens offline
+    print(f"html report: {write_html_report(out, claims=claims, data=data)}")  # one page that opens offline
     return EXIT_OK
 
 

@@ -29,7 +29,6 @@ from pathlib import Path
 import pandas as pd
 
 from rankbench import leaderboard, report, results, stats
-from rankbench.leaderboard import LEADERBOARD_COLUMNS
 from rankbench.cells import REFERENCE_FACTORIZATION
 from rankbench.files import atomic_write
 
@@ -58,14 +57,15 @@ def run_environment(out: Path) -> tuple[str, dict] | None:
     return None
 
 
-def write_html_report(out: Path, claims: pd.DataFrame | None = None) -> Path:
-    """Write ``DIR/report/index.html`` for the results folder ``out``; its path."""
+def write_html_report(out: Path, claims: pd.DataFrame | None = None,
+                      data: leaderboard.Summary | None = None) -> Path:
+    """Write ``DIR/report/index.html`` for the results folder ``out`` from ``data`` (``leaderboard.summarise(out)``,
+    computed here when not given); its path."""
     out = Path(out)
     folder = out / "report"
     folder.mkdir(parents=True, exist_ok=True)
-    cells, metrics = leaderboard.load(out)
-    board = leaderboard.leaderboard(cells, metrics) if not metrics.empty else pd.DataFrame(columns=LEADERBOARD_COLUMNS)
-    ranked = leaderboard.rankings(cells, metrics) if not metrics.empty else {}
+    data = leaderboard.summarise(out) if data is None else data
+    cells, board, ranked = data.cells, data.board, dict(data.rankings)
     if len(ranked) == 2 and leaderboard.OVERALL in ranked:  # one family: "overall" would repeat its ranking
         ranked.pop(leaderboard.OVERALL)
     ranks = results.read_table(out, "ranks")

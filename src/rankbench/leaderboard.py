@@ -11,7 +11,7 @@ primary metric recorded without a direction counts as lower-is-better (errors, p
   bootstrap interval, the rank within the task configuration, and the paired call against the dense reference.
 * ``pairwise(cells, metrics)``: every ordered pair of methods at the same task configuration and budget, paired
   over their common seeds.
-* ``score_tables(cells, metrics, by)`` and ``rankings(cells, metrics, by)``: methods ranked across configurations,
+* ``score_tables(board, by)`` and ``rankings(board, by)`` (``board``: the leaderboard frame): methods ranked across configurations,
   per family (``by``, default the task name) and ``"overall"``; see ``score_tables`` for the rules.
 """
 
@@ -246,7 +246,7 @@ def _score_table(board: pd.DataFrame, families: list[str], direction: bool | Non
     return ScoreTable(table, hib, families, [m for m in methods if m not in kept], all_rows - len(table))
 
 
-def score_tables(cells: pd.DataFrame, metrics: pd.DataFrame, by: str = "task") -> dict[str, ScoreTable]:
+def score_tables(board: pd.DataFrame, by: str = "task") -> dict[str, ScoreTable]:
     """The score tables ``rankings`` ranks: per family (the values of the leaderboard column ``by``; default the
     task name) and ``"overall"``.
 
@@ -263,8 +263,8 @@ def score_tables(cells: pd.DataFrame, metrics: pd.DataFrame, by: str = "task") -
     scales, ranks do not, and the Friedman test only uses within-row ranks anyway. The same coverage rule applies
     over the combined rows.
 
-    A family or ``"overall"`` with fewer than 2 methods or no complete row has no entry."""
-    board = leaderboard(cells, metrics)
+    A family or ``"overall"`` with fewer than 2 methods or no complete row has no entry. ``board`` is the
+    ``leaderboard`` frame (computed once: its intervals are bootstraps)."""
     board = board[~board["is_reference"]]
     if board.empty:
         return {}
@@ -284,10 +284,36 @@ def score_tables(cells: pd.DataFrame, metrics: pd.DataFrame, by: str = "task") -
     return tables
 
 
-def rankings(cells: pd.DataFrame, metrics: pd.DataFrame, by: str = "task") -> dict[str, stats.Ranking]:
-    """``stats.rank_methods`` on each of ``score_tables(cells, metrics, by)``: per family (default: per task name)
+def rankings(board: pd.DataFrame, by: str = "task") -> dict[str, stats.Ranking]:
+    """``stats.rank_methods`` on each of ``score_tables(board, by)`` (``board``: the ``leaderboard`` frame): per family (default: per task name)
     and ``"overall"``, the methods' average ranks across configurations (1 = best), Friedman's p-value and
     Nemenyi's critical difference (None with fewer than 3 methods or 5 configurations). See ``score_tables`` for
     which methods and configurations each ranking covers and how ``"overall"`` combines families."""
     return {name: stats.rank_methods(table.scores, table.higher_is_better)
-            for name, table in score_tables(cells, metrics, by).items()}  # fmt: skip
+            for name, table in score_tables(board, by).items()}  # fmt: skip
+
+
+@dataclasses.dataclass
+class Summary:
+    """Everything the reports show of one results folder, computed once (the leaderboard's intervals and the
+    pairwise calls are bootstraps): the cells and metrics, the leaderboard, the pairwise calls, the score tables
+    and their rankings."""
+
+    cells: pd.DataFrame
+    metrics: pd.DataFrame
+    board: pd.DataFrame
+    pairs: pd.DataFrame
+    tables: dict[str, ScoreTable]
+    rankings: dict[str, stats.Ranking]
+
+
+def summarise(out: Path) -> Summary:
+    """Load ``out`` and compute its leaderboard, pairwise calls and rankings (empty frames for an empty folder)."""
+    cells, metrics = load(out)
+    if cells.empty or metrics.empty:
+        empty = pd.DataFrame(columns=LEADERBOARD_COLUMNS)
+        return Summary(cells, metrics, empty, pd.DataFrame(columns=PAIRWISE_COLUMNS), {}, {})
+    board = leaderboard(cells, metrics)
+    tables = score_tables(board)
+    ranked = {name: stats.rank_methods(table.scores, table.higher_is_better) for name, table in tables.items()}
+    return Summary(cells, metrics, board, pairwise(cells, metrics), tables, ranked)

@@ -51,7 +51,7 @@ from tabulate import tabulate
 from rankbench import results, stats
 from rankbench.cells import REFERENCE_FACTORIZATION
 from rankbench.files import atomic_write
-from rankbench.leaderboard import OVERALL, leaderboard, load, pairwise, score_tables
+from rankbench.leaderboard import OVERALL, Summary, summarise
 
 METHOD_COLUMNS = ["task_config", "selector", "factorization", "budget"]
 
@@ -535,23 +535,22 @@ def rankings_lines(tables: dict, ranked: dict[str, stats.Ranking], folder: Path)
     return lines, short
 
 
-def make_report(out: Path, claims: pd.DataFrame | None = None) -> Path:
-    """Write ``DIR/report/`` (report.md, CSVs, PNGs); with ``claims`` (``verify.verdict_frame``) a "Claims" section."""
+def make_report(out: Path, claims: pd.DataFrame | None = None, data: Summary | None = None) -> Path:
+    """Write ``DIR/report/`` (report.md, CSVs, PNGs) from ``data`` (``leaderboard.summarise(out)``, computed here
+    when not given); with ``claims`` (``verify.verdict_frame``) a "Claims" section."""
     import matplotlib
 
     matplotlib.use("Agg")
     out = Path(out)
     folder = out / "report"
     folder.mkdir(parents=True, exist_ok=True)
-    cells, metrics = load(out)
+    data = summarise(out) if data is None else data
+    cells, metrics = data.cells, data.metrics
     status_counts = cells["status"].value_counts().sort_index() if not cells.empty else pd.Series(dtype=int)
     summary = summary_table(metrics) if not metrics.empty else pd.DataFrame()
     failures = cells[~cells["status"].isin(["ok", "skipped"])] if not cells.empty else cells
 
-    board = leaderboard(cells, metrics) if not cells.empty else pd.DataFrame()
-    pairs = pairwise(cells, metrics) if not cells.empty else pd.DataFrame(columns=["verdict"])
-    tables = score_tables(cells, metrics) if not cells.empty else {}
-    ranked = {name: stats.rank_methods(t.scores, t.higher_is_better) for name, t in tables.items()}  # = rankings()
+    board, pairs, tables, ranked = data.board, data.pairs, data.tables, data.rankings
     boards = leaderboard_tables(board) if not board.empty else []
     ranking_md, ranking_short = rankings_lines(tables, ranked, folder)
 
