@@ -32,7 +32,7 @@ seeds: [0, 1]
         ("name: x\ntasks: [toy]\nselectors: [uniform]\nfactorizations: [toy-svd]\n", "budgets", "at least one budget"),
         ("name: x\ntasks: [{toy: {}, other: {}}]\nselectors: [uniform]\nfactorizations: [toy-svd]\n", "tasks[0]", "plugin name"),
         ("name: x\ntasks: [toy]\nselectors: [uniform]\nfactorizations: [toy-svd]\nseeds: [a]\n", "seeds[0]", "valid integer"),
-        ("name: x\ntasks: [toy\n", "line", "invalid YAML"),
+        ("name: x\ntasks: [toy\n", "line", "expected valid YAML"),
         ("- just\n- a list\n", "", "expected a mapping"),
         ("name: x\ntasks: [toy]\nselectors: [uniform]\nfactorizations: [toy-svd]\nbudgets: {param_ratio: [0.5, x]}\n", "budgets.param_ratio[1]", "valid number"),
         ("name: x\ntasks: [toy]\nselectors: [uniform]\nfactorizations: [toy-svd]\nbudgets: {ratio: [0.5]}\n", "budgets.ratio", "'param_ratio'"),
@@ -74,7 +74,7 @@ def test_bad_cli_arguments_exit_2(cli, write_suite, tmp_path):
         result = cli("run", path, "--out", tmp_path / "out", "--plugins-dir", GOOD_PLUGINS, *args)
         assert result.returncode == 2
         assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
-    assert cli("run", tmp_path / "nope.yaml").stderr.strip().endswith("no such file")
+    assert cli("run", tmp_path / "nope.yaml").stderr.strip().endswith("expected a suite file (no such file)")
     assert not (tmp_path / "out").exists()
 
 

@@ -12,11 +12,11 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rankbench.api import PARAM_RATIO, RANK_CAP, RANK_TOTAL, Plugin
 from rankbench.cells import Cell, make_cell
+from rankbench.files import InputFileError, read_yaml_mapping
 from rankbench.kinds import cell_kind, pairing_skip
 from rankbench.plugins import Registry
 
@@ -110,19 +110,9 @@ def _pydantic_message(err: dict) -> str:
 def load_suite(path: str | Path) -> Suite:
     file = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SuiteError(file, "", "no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SuiteError(file, "", f"cannot read the file ({exc})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SuiteError(file, where, f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(data, dict):
-        raise SuiteError(file, "", "expected a mapping with keys name, tasks, selectors, factorizations, ...")
+        data = read_yaml_mapping(path, "a suite file", "keys name, tasks, selectors, factorizations, ...")
+    except InputFileError as exc:
+        raise SuiteError(file, exc.where, exc.message) from None
     try:
         spec = SuiteFile.model_validate(data)
     except ValidationError as exc:

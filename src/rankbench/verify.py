@@ -101,11 +101,11 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rankbench import results
 from rankbench.cells import REFERENCE_FACTORIZATION, REFERENCE_SELECTOR
+from rankbench.files import InputFileError, read_yaml_mapping
 from rankbench.stats import MIN_SEEDS, TOO_FEW, Paired, paired_comparison, seed_interval
 
 REPRODUCED = "reproduced"
@@ -352,19 +352,9 @@ def load_claims(path: str | Path) -> list[Claim]:
     """Read and validate a claims file; every problem is a ``ClaimsError`` (``FILE: KEY: expected ...``)."""
     file = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ClaimsError(file, "", "expected a claims file (no such file)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ClaimsError(file, "", f"expected a readable claims file ({exc})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ClaimsError(file, where, f"expected valid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(data, dict):
-        raise ClaimsError(file, "", "expected a mapping with the key claims (a list of claims)")
+        data = read_yaml_mapping(path, "a claims file", "the key claims (a list of claims)")
+    except InputFileError as exc:
+        raise ClaimsError(file, exc.where, exc.message) from None
     try:
         spec = ClaimsFile.model_validate(data)
     except ValidationError as exc:
