@@ -164,12 +164,7 @@ class LLMPerplexity(CompressionTask):
     # -- assets -------------------------------------------------------------------------------------------------
     def load_model(self, ctx) -> nn.Module:
         p = self.params
-        try:
-            loaded = assets.load_causal_lm(p.model, Path(ctx.cache_dir), p.dtype, ctx.device)
-        except assets.AssetError as exc:
-            raise CellFailure(str(exc)) from None
-        ctx.shared["llm_loaded"] = loaded
-        self.model_sha = loaded.sha256
+        loaded = self._loaded(ctx)
         max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
         if max_positions is not None and p.seq_len > max_positions:
             raise CellFailure(f"seq_len {p.seq_len} exceeds the model's max_position_embeddings ({max_positions})")
@@ -182,8 +177,17 @@ class LLMPerplexity(CompressionTask):
         return "fixed"  # calibration windows come from the task configuration, never the seed
 
     def _loaded(self, ctx) -> assets.LoadedModel:
-        self.model(ctx)
-        loaded = ctx.shared["llm_loaded"]
+        """The checkpoint's model, tokenizer and sha256, loaded once per process (``load_model`` hands its model to
+        the compression kind, which memoises it with its sites)."""
+
+        def load() -> assets.LoadedModel:
+            p = self.params
+            try:
+                return assets.load_causal_lm(p.model, Path(ctx.cache_dir), p.dtype, ctx.device)
+            except assets.AssetError as exc:
+                raise CellFailure(str(exc)) from None
+
+        loaded = ctx.memo("llm_loaded", load)
         self.model_sha = loaded.sha256
         return loaded
 
