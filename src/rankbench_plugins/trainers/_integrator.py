@@ -23,6 +23,7 @@ learning rate ``tau``); ``lr`` is the integrator's SGD step.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -105,9 +106,9 @@ class IntegratorLayer(RankAdaptiveLayer):
     out_features: int
     bias: torch.nn.Parameter | None
 
+    @abstractmethod
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T for x (batch x in), through the K-form during a K-step pass."""
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -116,17 +117,21 @@ class IntegratorLayer(RankAdaptiveLayer):
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
 
+    @abstractmethod
     def begin_basis_step(self) -> None:
-        raise NotImplementedError
+        """Make the next forward the K-step pass (gradients reach the K forms)."""
 
+    @abstractmethod
     def augment(self, lr: float) -> None:
-        raise NotImplementedError
+        """K-step: update the K forms with step ``lr`` and augment the bases with their new directions."""
 
+    @abstractmethod
     def galerkin(self, lr: float) -> None:
-        raise NotImplementedError
+        """S-step: a gradient step of the coefficients in the augmented bases."""
 
+    @abstractmethod
     def truncate(self, tau: float) -> None:
-        raise NotImplementedError
+        """Truncate to the smallest ranks whose discarded singular values stay below the tolerance ``tau``."""
 
     def _step_bias(self, lr: float) -> None:
         bias = getattr(self, "bias", None)
@@ -165,8 +170,9 @@ class IntegratorTrainer(RankAdaptiveTrainer):
 
     Params = IntegratorParams
 
+    @abstractmethod
     def make_layer(self, linear: torch.nn.Linear, factorization, generator: torch.Generator) -> IntegratorLayer:
-        raise NotImplementedError
+        """The layer that replaces one site, in the cell's format (``factorization``)."""
 
     def train(self, run: TrainingRun) -> None:
         generator = torch.Generator(device="cpu").manual_seed(int(getattr(run.ctx, "seed", 0)))
