@@ -131,7 +131,7 @@ class IntegratorLayer(RankAdaptiveLayer):
 
     @abstractmethod
     def truncate(self, tau: float) -> None:
-        """Truncate to the smallest ranks whose discarded singular values stay below the tolerance ``tau``."""
+        """Truncate the ranks by the method's tolerance rule at ``tau`` (see each layer's docstring)."""
 
     def _step_bias(self, lr: float) -> None:
         bias = getattr(self, "bias", None)
