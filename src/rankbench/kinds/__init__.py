@@ -23,7 +23,7 @@ CP factorisation, used by the ``bcpf`` solver and the ``ard`` selector).
 
 from __future__ import annotations
 
-from rankbench.api import COMPRESSION, TRAINING, Factorization, Selector, SelfRunningTask, Task
+from rankbench.api import TRAINING, Factorization, Selector, SelfRunningTask, Task
 from rankbench.kinds import adaptation, compression, recovery, training
 from rankbench.kinds.protocol import Protocol
 
@@ -44,9 +44,7 @@ class KindChosenByParameter(Task):
     @property
     def problem_kinds(self) -> frozenset[str]:  # type: ignore[override]
         kind = self.params.problem
-        if kind == TRAINING and isinstance(self, compression.CompressionTask):
-            return frozenset({TRAINING, COMPRESSION})
-        return frozenset({kind})
+        return super().problem_kinds if kind == TRAINING else frozenset({kind})  # TrainingTask's rule for training
 
     @property
     def budget_kind(self) -> str | None:  # type: ignore[override]
