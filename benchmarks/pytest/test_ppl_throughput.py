@@ -6,6 +6,9 @@
   - ``test_hflm_rolling_reference``: lm-eval's ``HFLM.loglikelihood_rolling`` on the same text decoded from the
     same tokens (rolling windows of max_length = seq_len), the reference.
   Both score the same number of tokens; the ratio of their medians is the throughput ratio.
+* ``ppl-vs-raw-b1`` / ``-b4`` / ``-b8``: the task's ``token_nll`` against the floor, a plain batched
+  ``model(input_ids)`` over the same windows at the same batch size (no loss at all). The ratio of medians is the
+  evaluation's overhead over the raw forward.
 
 Run: ``make benchmark``. Needs the SmolLM2 conversion (``make bench`` does it once).
 """
@@ -32,6 +35,45 @@ def loaded():
     model = task.model(ctx)
     ids = task.test_ids(ctx)[:TOKENS]
     return model, ctx.shared["llm_loaded"].tokenizer, ids
+
+
+def raw_forwards(model, ids: torch.Tensor, batch: int) -> int:
+    """The floor: the forwards ``token_nll`` runs, on the same windows and batches, and nothing else."""
+    chunks = ids[: (ids.numel() // SEQ) * SEQ].view(-1, SEQ)
+    with torch.no_grad():
+        for start in range(0, chunks.shape[0], batch):
+            model(input_ids=chunks[start : start + batch], use_cache=False)
+    return chunks.shape[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 4, 8])
+def test_ppl_token_against_raw_forward(benchmark, loaded, batch):
+    benchmark.group = f"ppl-vs-raw-b{batch}"
+    model, _, ids = loaded
+    nll, tokens, _ = benchmark(token_nll, model, ids, SEQ, None, batch, "cpu")
+    assert tokens == (TOKENS // SEQ) * (SEQ - 1) and nll > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 4, 8])
+def test_raw_forward_floor(benchmark, loaded, batch):
+    benchmark.group = f"ppl-vs-raw-b{batch}"
+    model, _, ids = loaded
+    assert benchmark(raw_forwards, model, ids, batch) == TOKENS // SEQ
+
+
+@pytest.mark.slow
+def test_fused_nll_equals_the_per_token_float64_sum(loaded):
+    """On the real model (vocabulary 49,152): the fused float32 sum agrees with per-token float64 NLLs to 1e-6."""
+    model, _, ids = loaded
+    nll, tokens, _ = token_nll(model, ids, SEQ, None, 4, "cpu")
+    chunks = ids[: (ids.numel() // SEQ) * SEQ].view(-1, SEQ)
+    with torch.no_grad():
+        logits = model(input_ids=chunks, use_cache=False).logits
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).double(),
+                                                  chunks[:, 1:].reshape(-1), reduction="sum")
+    assert nll == pytest.approx(float(reference), rel=1e-6)
 
 
 @pytest.mark.slow

@@ -22,8 +22,9 @@ Text (``corpus``, ``calib_corpus``)
 Metrics (the two protocols: ``docs/algorithms.md#perplexity-protocols``)
     ``ppl_token`` (protocol A): ``tokenizer(text)`` on the test documents joined with ``"\\n\\n"``, non-overlapping
         ``seq_len`` windows (last partial window dropped, at most ``max_eval_tokens // seq_len`` windows, the first
-        ones), exp(mean NLL over every predicted token: ``seq_len - 1`` per window). NLL summed in float64.
-        Non-finite logits end the cell as ``diverged`` (no window is ever dropped).
+        ones; ``max_eval_tokens: null`` = every window of the test split), exp(mean NLL over every predicted token:
+        ``seq_len - 1`` per window). NLL summed per batch by one fused cross-entropy, accumulated in float64.
+        Non-finite NLL ends the cell as ``diverged`` (no window is ever dropped).
     ``word_perplexity``, ``byte_perplexity``, ``bits_per_byte`` (protocol B) computed by lm-eval itself: its
         ``HFLM`` around the in-memory model (``max_length = seq_len``), a local task over the test documents with
         ``loglikelihood_rolling`` requests and the ``process_results`` of lm-eval's ``wikitext`` task (words
@@ -87,7 +88,8 @@ class LLMPerplexityParams(PluginParams):
     corpus: str = Field(assets.BUILTIN_CORPUS, description="'enwiki' or a UTF-8 .txt file (one test document)")
     calib_corpus: str | None = Field(None, description="None: the built-in corpus's train split; or 'enwiki' / .txt")
     seq_len: int = Field(512, ge=2, description="tokens per window (ppl_token, calibration, lm-eval max_length)")
-    max_eval_tokens: int = Field(20000, ge=2, description="ppl_token uses the first max_eval_tokens // seq_len windows")
+    max_eval_tokens: int | None = Field(
+        20000, ge=2, description="ppl_token uses the first max_eval_tokens // seq_len windows (null: every window)")
     calib_samples: int = Field(32, ge=1, description="calibration windows of seq_len tokens")
     calib_batch_size: int = Field(
         4, ge=1, description="calibration windows per batch (per-batch Fisher; what selectors' calib_batches count)"
@@ -135,7 +137,7 @@ class LLMPerplexityParams(PluginParams):
 
     @model_validator(mode="after")
     def _windows(self) -> LLMPerplexityParams:
-        if self.max_eval_tokens < self.seq_len:
+        if self.max_eval_tokens is not None and self.max_eval_tokens < self.seq_len:
             raise ValueError(
                 f"max_eval_tokens ({self.max_eval_tokens}) must be at least seq_len ({self.seq_len}): "
                 "ppl_token needs one full window"
@@ -284,7 +286,7 @@ class LLMPerplexity(CompressionTask):
         loaded = self._loaded(ctx)
         test, _ = self._corpora(ctx)
         ids = self.test_ids(ctx)
-        max_windows = p.max_eval_tokens // p.seq_len
+        max_windows = None if p.max_eval_tokens is None else p.max_eval_tokens // p.seq_len
         nll, tokens, windows = token_nll(model, ids, p.seq_len, max_windows, p.eval_batch_size, ctx.device)
         ctx.metric("ppl_token", math.exp(nll / tokens), "", False)
         ctx.metric("seq_len", p.seq_len, "tokens", None)
@@ -307,12 +309,18 @@ class LLMPerplexity(CompressionTask):
         ctx.note("corpus_sha256", test.sha256)
 
 
+IGNORED = -100  # label of the positions that predict nothing (the last of each window)
+
+
 def token_nll(model: nn.Module, ids: torch.Tensor, seq_len: int, max_windows: int | None, batch_size: int,
               device: Any) -> tuple[float, int, int]:
     """(summed NLL, predicted tokens, windows) over non-overlapping ``seq_len`` windows of ``ids`` (protocol A).
 
-    The last partial window is dropped; at most ``max_windows`` (the first ones) are used. Raises ``Diverged`` on
-    non-finite logits and ``CellFailure`` when the text holds no full window.
+    The last partial window is dropped; at most ``max_windows`` (the first ones) are used. Raises ``Diverged`` when a
+    batch's summed NLL is not finite (a NaN or +inf logit anywhere in a predicting position makes it so) and
+    ``CellFailure`` when the text holds no full window. The NLL of a batch is one fused cross-entropy over its unsliced
+    logits with shifted labels (the raw forward's cost plus one log-softmax pass), summed in the logits' precision
+    (float32 for half-precision models) and accumulated over batches in float64.
     """
     windows = ids.numel() // seq_len
     if max_windows is not None:
@@ -325,14 +333,19 @@ def token_nll(model: nn.Module, ids: torch.Tensor, seq_len: int, max_windows: in
         for start in range(0, windows, batch_size):
             x = chunks[start : start + batch_size].to(device)
             logits = model(input_ids=x, use_cache=False).logits
-            if not bool(torch.isfinite(logits).all()):
+            if logits.dtype not in (torch.float32, torch.float64):  # half-precision forwards: the loss in float32
+                logits = logits.float()
+            # the window's own tokens shifted left as labels; its last position predicts nothing (ignored), so the
+            # logits are used unsliced and uncopied (a fused log-softmax + NLL over the whole batch)
+            labels = torch.full_like(x, IGNORED)
+            labels[:, :-1] = x[:, 1:]
+            nll = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=IGNORED,
+                                  reduction="sum")
+            if not bool(torch.isfinite(nll)):  # a NaN or +inf logit makes its row's log-sum-exp, and so the sum, non-finite
                 raise Diverged(
-                    f"non-finite logits in ppl_token windows {start}..{start + x.shape[0] - 1} (of {windows})"
+                    f"non-finite NLL in ppl_token windows {start}..{start + x.shape[0] - 1} (of {windows})"
                 )
-            nll = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1), reduction="none"
-            )
-            total += nll.double().sum().cpu()
+            total += nll.double().cpu()
     return float(total), windows * (seq_len - 1), windows
 
 
