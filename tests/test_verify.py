@@ -150,15 +150,14 @@ def test_too_few_seeds_for_the_adequacy_minimum_is_inconclusive_protocol(tmp_pat
     assert v.verdict == "inconclusive (protocol)" and "a has 3 ok seeds (adequacy: at least 5)" in v.text
 
 
-def test_full_finetuning_that_does_not_beat_the_pretrained_network_is_inconclusive_protocol(tmp_path):
-    """PINN adaptation: the reference cell's l2re against l2re_pretrained (lower is better)."""
+def test_full_finetuning_that_does_not_beat_the_pretrained_network_is_excluded(tmp_path):
+    """PINN adaptation: the reference cell's l2re against l2re_pretrained (lower is better). A transfer pair whose
+    full fine-tuning does not beat the pretrained network is excluded; the other pairs decide; only excluded pairs
+    leave the claim inconclusive (protocol)."""
     out = tmp_path / "out"
-    params = {"problem": "adaptation", "pde": "poisson"}
-    for seed in range(3):
-        put(out, "a", seed, {"l2re": 0.10 + 0.01 * seed, "l2re_pretrained": 0.5}, task_params=params, primary="l2re",
-            directions={"l2re": False, "l2re_pretrained": False})
-        put(out, "b", seed, {"l2re": 0.20 + 0.01 * seed, "l2re_pretrained": 0.5}, task_params=params, primary="l2re",
-            directions={"l2re": False, "l2re_pretrained": False})
+    pair = {"problem": "adaptation", "pde": "poisson"}
+    unlearnable = {"problem": "adaptation", "pde": "helmholtz"}
+    directions = {"l2re": False, "l2re_pretrained": False}
     text = """
     claims:
       - id: a-beats-b-pinn
@@ -169,16 +168,30 @@ def test_full_finetuning_that_does_not_beat_the_pretrained_network_is_inconclusi
         relation: {kind: better}
         adequacy: {min_seeds: 3, finetuning_beats_pretrained: true}
     """
-    for seed in range(3):  # full fine-tuning: better than the pretrained network in seeds 0 and 1 only
-        put(out, "none", seed, {"l2re": [0.05, 0.06, 0.7][seed], "l2re_pretrained": 0.5}, task_params=params,
-            primary="l2re", directions={"l2re": False, "l2re_pretrained": False})
+    for seed in range(3):  # B beats A on the unlearnable pair: it must not contradict the claim
+        put(out, "a", seed, {"l2re": 0.90 + 0.01 * seed, "l2re_pretrained": 0.5}, task_params=unlearnable,
+            primary="l2re", directions=directions)
+        put(out, "b", seed, {"l2re": 0.60 + 0.01 * seed, "l2re_pretrained": 0.5}, task_params=unlearnable,
+            primary="l2re", directions=directions)
+        # full fine-tuning: better than the pretrained network in seeds 0 and 1 only
+        put(out, "none", seed, {"l2re": [0.05, 0.06, 0.7][seed], "l2re_pretrained": 0.5}, task_params=unlearnable,
+            primary="l2re", directions=directions)
     (v,) = judge(tmp_path, text)
-    assert v.verdict == "inconclusive (protocol)"
+    assert v.verdict == "inconclusive (protocol)"  # nothing left to decide
     assert "seed 2: l2re = 0.7, not < l2re_pretrained = 0.5" in v.text and "does not beat the pretrained" in v.text
-    put(out, "none", 2, {"l2re": 0.07, "l2re_pretrained": 0.5}, task_params=params, primary="l2re",
-        directions={"l2re": False, "l2re_pretrained": False})
+    assert [c["verdict"] for c in v.numbers["configurations"]] == ["excluded"]
+
+    for seed in range(3):  # a learnable pair on which A beats B
+        put(out, "a", seed, {"l2re": 0.10 + 0.01 * seed, "l2re_pretrained": 0.5}, task_params=pair, primary="l2re",
+            directions=directions)
+        put(out, "b", seed, {"l2re": 0.20 + 0.01 * seed, "l2re_pretrained": 0.5}, task_params=pair, primary="l2re",
+            directions=directions)
+        put(out, "none", seed, {"l2re": 0.05, "l2re_pretrained": 0.5}, task_params=pair, primary="l2re",
+            directions=directions)
     (v,) = judge(tmp_path, text)
     assert v.verdict == "reproduced"  # the default metric is the recorded primary one, l2re, lower is better
+    assert sorted(c["verdict"] for c in v.numbers["configurations"]) == ["excluded", "reproduced"]
+    assert "1 excluded" in v.text and "Excluded: " in v.text and "helmholtz" in v.text
 
 
 def test_a_condition_on_the_methods_own_cells(tmp_path):

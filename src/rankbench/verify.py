@@ -54,7 +54,9 @@ Relations (``relation.kind``):
   ">", value: rank_true}`` for an over-parameterised solver;
 * ``finetuning_beats_pretrained``: the dense reference (full fine-tuning of an adaptation task) is better than the
   pretrained network in every seed: the metric against ``<metric>_pretrained`` (``l2re`` against
-  ``l2re_pretrained`` on PINN adaptation results).
+  ``l2re_pretrained`` on PINN adaptation results). A configuration failing it is not a protocol failure of the
+  claim but a transfer problem that fine-tuning cannot learn: it is ``excluded`` (listed with its numbers) and the
+  other configurations decide the verdict.
 
 Matching
 --------
@@ -77,7 +79,8 @@ seeds are there for a paired call ("n too small"). ``rank_recovered`` counts see
 Aggregation over configurations (and over the links of an ``ordering`` and the parts of ``compression_at_loss``),
 in this order:
 
-1. no configuration with results: ``not run``;
+1. no configuration with results: ``not run``; every configuration with results ``excluded``: ``inconclusive
+   (protocol)``; otherwise the excluded ones are set aside;
 2. any (adequate) configuration contradicted: ``contradicted`` -- a claim stated without conditions must hold in
    every configuration it covers;
 3. any configuration failing an adequacy condition: ``inconclusive (protocol)``;
@@ -114,6 +117,8 @@ NOISE = "inconclusive (noise)"
 PROTOCOL = "inconclusive (protocol)"
 NOT_RUN = "not run"
 VERDICTS = (REPRODUCED, CONTRADICTED, NOISE, PROTOCOL, NOT_RUN)
+# a configuration's own status (never a claim's verdict): left out of the aggregation, with the reason
+EXCLUDED = "excluded"
 AXES = ("selector", "factorization")
 
 
@@ -610,10 +615,14 @@ class Verdict:
 
 def combine(parts: Sequence[Judged]) -> str:
     """The aggregation rule (module docstring): contradicted if any part is, else inconclusive (protocol) if any
-    part is, else reproduced if all are, else inconclusive (noise); nothing to judge: not run."""
+    part is, else reproduced if all are, else inconclusive (noise); nothing to judge: not run; only excluded
+    parts: inconclusive (protocol)."""
     verdicts = [p.verdict for p in parts if p.verdict != NOT_RUN]
     if not verdicts:
         return NOT_RUN
+    verdicts = [v for v in verdicts if v != EXCLUDED]
+    if not verdicts:
+        return PROTOCOL
     if CONTRADICTED in verdicts:
         return CONTRADICTED
     if PROTOCOL in verdicts:
@@ -704,35 +713,37 @@ class _Judge:
                         f"{named}{right:.4g} (adequacy: {condition.text()})")
         return None
 
-    def adequacy(self, config: Configuration, metric: str | None, groups: list[tuple[str, list[int]]]) -> str | None:
-        """The first adequacy condition that fails in ``config`` (its text), or None."""
+    def adequacy(self, config: Configuration, metric: str | None,
+                 groups: list[tuple[str, list[int]]]) -> tuple[str, str] | None:
+        """The first adequacy condition that fails in ``config``: (``PROTOCOL`` or ``EXCLUDED``, its text), or
+        None."""
         adequacy = self.claim.adequacy
         if adequacy.min_seeds is not None:
             for who, indices in groups:
                 n = len(set(self.ok_rows(indices)["seed"]))
                 if n < adequacy.min_seeds:
                     note = self.status_note(indices)
-                    return (f"{who} has {n} ok seed{'s' if n != 1 else ''} (adequacy: at least "
-                            f"{adequacy.min_seeds}){f'; {note}' if note else ''}")
+                    return PROTOCOL, (f"{who} has {n} ok seed{'s' if n != 1 else ''} (adequacy: at least "
+                                      f"{adequacy.min_seeds}){f'; {note}' if note else ''}")
         if adequacy.dense or adequacy.finetuning_beats_pretrained:
             if not len(self.ok_rows(config.dense)):
-                return "no dense reference to check the adequacy conditions on"
+                return PROTOCOL, "no dense reference to check the adequacy conditions on"
         for condition in adequacy.dense:
             failure = self.check_condition(condition, config.dense, "the dense reference")
             if failure:
-                return failure
+                return PROTOCOL, failure
         if adequacy.finetuning_beats_pretrained and metric is not None:
             hib = self.direction(metric)
             op = ">" if hib else "<"
             failure = self.check_condition(Condition(metric=metric, op=op, value=f"{metric}_pretrained"),
                                            config.dense, "the dense reference (full fine-tuning)")
             if failure:
-                return failure + " (full fine-tuning does not beat the pretrained network)"
+                return EXCLUDED, failure + " (full fine-tuning does not beat the pretrained network: excluded)"
         for condition in adequacy.method:
             for method, indices in zip(self.claim.methods, config.methods):
                 failure = self.check_condition(condition, indices, method.name)
                 if failure:
-                    return failure
+                    return PROTOCOL, failure
         return None
 
     # -- relations ---------------------------------------------------------------------------------------------------
@@ -785,7 +796,8 @@ class _Judge:
             groups.append(("the dense reference", config.dense))
         failure = self.adequacy(config, metric, groups)
         if failure:
-            return Judged(PROTOCOL, failure, {"adequacy": failure})
+            status, text = failure
+            return Judged(status, text, {"adequacy": text})
 
         if rel.kind in ("better", "ordering"):
             links = [self.better(config.methods[i], config.methods[i + 1], (names[i], names[i + 1]), metric, hib)
@@ -895,7 +907,8 @@ class _Judge:
             failure = next((f for c in group for f in [self.adequacy(
                 c, metric, list(zip([m.name for m in self.claim.methods], c.methods)))] if f), None)
             if failure:
-                out.append((label, Judged(PROTOCOL, failure, {"adequacy": failure})))
+                status, text = failure
+                out.append((label, Judged(status, text, {"adequacy": text})))
                 continue
             parts = []
             for m, method in enumerate(self.claim.methods):
@@ -964,12 +977,15 @@ def check_claim(claim: Claim, data: Results) -> Verdict:
     else:
         judged = [(c.label, judge.judge(c)) for c in found.configurations]
     verdict = combine([j for _, j in judged])
-    counts = {v: sum(j.verdict == v for _, j in judged) for v in VERDICTS}
+    counts = {v: sum(j.verdict == v for _, j in judged) for v in (*VERDICTS, EXCLUDED)}
     summary = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
     shown = [(label, j) for label, j in judged if j.verdict == verdict] or judged
     detail = "; ".join(f"{label}: {j.text}" for label, j in shown[:2])
     more = f" (+{len(shown) - 2} more)" if len(shown) > 2 else ""
     text = f"{len(judged)} configuration{'s' if len(judged) != 1 else ''} ({summary}). {detail}{more}"
+    excluded = [(label, j) for label, j in judged if j.verdict == EXCLUDED and (label, j) not in shown[:2]]
+    if excluded:
+        text += " Excluded: " + "; ".join(f"{label}: {j.text}" for label, j in excluded)
     numbers = {**base, "configurations": [{"configuration": label, "verdict": j.verdict, "text": j.text, **j.numbers}
                                           for label, j in judged]}
     return Verdict(claim.id, claim.source, claim.statement, verdict, text, numbers)
