@@ -3,6 +3,7 @@ the K-form gradients by autograd; the task trains above chance; a tdlrt cell rec
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,8 +11,13 @@ from torch import nn
 
 from rankbench.context import CellContext
 from rankbench.kinds import cell_kind, run_cell
+from rankbench.kinds import tensor_formats as tf
+from rankbench_plugins.factorizations.cp import CP
 from rankbench_plugins.factorizations.svd import SVD
+from rankbench_plugins.factorizations.tt import TT
 from rankbench_plugins.factorizations.tucker import Tucker
+from rankbench_plugins.selectors.energy import EnergySelector
+from rankbench_plugins.selectors.uniform import UniformSelector
 from rankbench_plugins.tasks.cnn_classification import CNNClassification, CNNParams
 from rankbench_plugins.trainers._integrator import integrator_step
 from rankbench_plugins.trainers.dlrt import DLRT
@@ -127,9 +133,14 @@ def test_lenet5_shape_and_sites(tmp_path):
     assert list(make(sites="linear").target_sites(model)) == ["fc1", "fc2", "fc3"]
     assert list(make(sites="conv").target_sites(model)) == ["conv1", "conv2"]
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10) and model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
-    assert task.problem_kinds == {"training"} and make(sites="linear").problem_kinds == {"training", "compression"}
+    assert task.problem_kinds == {"training", "compression"}
     assert "Linear sites only" in task.skip(DLRT(), SVD()) and make(sites="linear").skip(DLRT(), SVD()) is None
     assert task.skip(TDLRT(), Tucker()) is None
+    # compression of conv kernels: tucker (Tucker-2) and cp only
+    assert "does not factorise conv kernels" in task.skip(UniformSelector(), SVD())
+    assert "does not factorise conv kernels" in make(sites="conv").skip(UniformSelector(), TT())
+    assert task.skip(UniformSelector(), Tucker()) is None and task.skip(UniformSelector(), CP()) is None
+    assert make(sites="linear").skip(UniformSelector(), SVD()) is None
 
 
 def test_dense_lenet5_trains_well_above_chance(tmp_path):
@@ -167,8 +178,6 @@ def test_dlrt_trains_the_linear_sites(tmp_path):
 
 
 def test_linear_sites_compress_the_reference_network(tmp_path):
-    from rankbench_plugins.selectors.uniform import UniformSelector
-
     task = make(sites="linear", epochs=1)
     ref = make_ctx(tmp_path)
     run_cell(task, ref)
@@ -191,3 +200,91 @@ def test_small_vgg_sites_and_a_tdlrt_cell(tmp_path):
     run_cell(task, ctx, TDLRT(TDLRT.Params(tau=0.1, lr=0.05)), Tucker())
     rows = {row["site"]: row["rank_per_mode"] for row in ctx.ranks_rows}
     assert len(rows["features.4"].split("x")) == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tucker-2 / CP compression of conv kernels (compression kind)
+
+GEOMETRIES = [dict(stride=1, padding=0), dict(stride=2, padding=1), dict(stride=(1, 2), padding=(2, 1), dilation=2)]
+
+
+def _geometry_conv(seed, out, inp, k, **geometry):
+    torch.manual_seed(seed)
+    return nn.Conv2d(inp, out, k, **geometry).double()
+
+
+def _planted_tucker2(seed, out, inp, k, r_out, r_in) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    core = torch.randn(r_out, r_in, k, k, generator=gen, dtype=DT)
+    U_out = torch.linalg.qr(torch.randn(out, r_out, generator=gen, dtype=DT))[0]
+    U_in = torch.linalg.qr(torch.randn(inp, r_in, generator=gen, dtype=DT))[0]
+    return torch.einsum("abyx,oa,ib->oiyx", core, U_out, U_in)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_full_rank_tucker2_conv_is_the_dense_convolution(geometry):
+    conv = _geometry_conv(0, 8, 5, 3, **geometry)
+    layer = tf.fit_tucker2_conv(conv, (8, 5))
+    x = torch.randn(2, 5, 11, 12, dtype=DT)
+    torch.testing.assert_close(layer(x), conv(x))
+    torch.testing.assert_close(layer.to_dense(), conv.weight)
+    assert layer.weight_params == tf.params_tucker2_conv(conv.weight.shape, (8, 5)) == 5 * 5 + 8 * 5 * 9 + 8 * 8
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_planted_tucker2_ranks_are_seen_and_reproduced(geometry):
+    conv = _geometry_conv(1, 12, 7, 3, **geometry)
+    with torch.no_grad():
+        conv.weight.copy_(_planted_tucker2(1, 12, 7, 3, r_out=4, r_in=2))
+    spectra, dims, caps = tf.tucker2_slots(conv.weight.detach())
+    assert dims == [(12, 63), (7, 108)] and caps == [12, 7]
+    for spectrum, rank in zip(spectra, (4, 2)):  # the unfoldings' numerical ranks are the planted ranks
+        assert spectrum[rank - 1] > 1e-3 * spectrum[0] and spectrum[rank] < 1e-10 * spectrum[0]
+    layer = tf.fit_tucker2_conv(conv, (4, 2))
+    x = torch.randn(2, 7, 10, 10, dtype=DT)
+    torch.testing.assert_close(layer(x), conv(x))
+    assert layer.weight_params == 7 * 2 + 4 * 2 * 9 + 4 * 12 == tf.params_tucker2_conv(conv.weight.shape, (4, 2))
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_planted_cp_kernel_is_reproduced_and_tensorly_agrees(geometry):
+    import tensorly as tl
+    from tensorly.decomposition import parafac
+
+    gen = torch.Generator().manual_seed(2)
+    R, (out, inp, k) = 3, (8, 6, 3)
+    factors = [torch.randn(n, R, generator=gen, dtype=DT) for n in (out, inp, k, k)]
+    kernel = torch.einsum("or,ir,yr,xr->oiyx", *factors)
+    conv = _geometry_conv(2, out, inp, k, **geometry)
+    with torch.no_grad():
+        conv.weight.copy_(kernel)
+    layer = tf.fit_cp_conv(conv, R, n_iter=500, tol=1e-14)
+    rel = float((layer.to_dense().detach() - kernel).norm() / kernel.norm())
+    assert rel < 1e-6
+    x = torch.randn(2, inp, 9, 10, dtype=DT)
+    torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5 * float(conv(x).abs().max()))
+    assert layer.weight_params == R * (out + inp + k + k) == tf.params_cp_conv(kernel.shape, R)
+    # an independent CP-ALS (tensorly) reaches the same (zero) error at the planted rank
+    tl.set_backend("numpy")
+    cp = parafac(kernel.numpy(), rank=R, n_iter_max=500, tol=1e-14, init="svd", random_state=0)
+    rel_tl = np.linalg.norm(tl.cp_to_tensor(cp) - kernel.numpy()) / np.linalg.norm(kernel.numpy())
+    assert rel_tl < 1e-4 and rel <= rel_tl + 1e-9
+
+
+def test_conv_sites_compress_the_reference_lenet5_within_budget(tmp_path):
+    task = make(epochs=1)
+    ref = make_ctx(tmp_path)
+    run_cell(task, ref)
+    dense_params = 6 * 25 + 16 * 6 * 25 + 120 * 400 + 84 * 120 + 10 * 84
+    assert metrics(ref)["params"] == dense_params
+    for selector, factorization, ratio in ((EnergySelector(), Tucker(), 0.4), (UniformSelector(), CP(), 0.3)):
+        ctx = CellContext(cell_id="c", seed=0, task_seed=0, device="cpu", budget=ratio, budget_kind="param_ratio",
+                          shared=ref.shared, cache_dir=tmp_path / "cnn-classification")
+        assert cell_kind(task, selector, factorization) == "compression"
+        run_cell(task, ctx, selector, factorization)
+        m = metrics(ctx)
+        assert m["param_ratio"] <= ratio + 1e-9 and m["param_ratio"] > 0.5 * ratio, m
+        rows = {row["site"]: row for row in ctx.ranks_rows}
+        assert set(rows) == {"conv1", "conv2", "fc1", "fc2", "fc3"}
+        assert sum(int(r["params"]) for r in rows.values()) == m["params"]
+        assert 0.0 <= m["accuracy"] <= 1.0

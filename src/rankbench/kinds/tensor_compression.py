@@ -1,5 +1,7 @@
 """Tensor-format factorizations in the ``compression`` problem kind: a Linear's weight W (out x in) is reshaped to a
-tensor and replaced by a CP, Tucker, tensor-train or TT-matrix layer whose ranks a selector chose.
+tensor and replaced by a CP, Tucker, tensor-train or TT-matrix layer whose ranks a selector chose. Formats with
+``conv_kernels`` (``cp``, ``tucker``) also factorise a Conv2d site's 4-mode kernel (out x in x kh x kw) into a
+sequence of smaller convolutions (``tensor_formats.CPConv2d`` / ``TuckerConv2d``).
 
 The formats, their fitting and their forwards are in ``rankbench.kinds.tensor_formats`` (the
 reshaping convention is documented there: ``out_dims`` = ``factor_dims(out, order_out)``, ``in_dims`` likewise).
@@ -13,6 +15,10 @@ What a selector sees of a site (``TensorFactorization.site``):
 * ``tt`` / ``ttm`` -- one rank per internal bond: the spectra of the sequential unfoldings T_<k> (for ``ttm`` of
   the tensor with output and input modes paired), whose discarded tails bound the TT-SVD error (Oseledets 2011,
   Thm 2.2), capped at the unfolding ranks; infeasible combinations are clipped (``clip_tt_ranks``).
+* a conv kernel under ``cp`` -- one rank R, from the singular values of the kernel as an out x (in kh kw) matrix,
+  capped where R (out + in + kh + kw) reaches the kernel's size;
+* a conv kernel under ``tucker`` -- Tucker-2 (Kim et al. 2016): two slots, the output- and input-channel
+  unfoldings' spectra, capped at the channel counts; the spatial modes stay full.
 
 Every site's ``params_at_ranks`` prices a rank tuple exactly (at the clipped ranks the layer will have), so budgeted
 selectors meet ``param_ratio`` on the real cost. Spectra are computed once per site and factorization, fitted layers
@@ -30,6 +36,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 from pydantic import Field
+from torch import nn
 
 from rankbench.api import COMPRESSION, TRAINING, Factorization, PluginParams, RankProblem, Site
 from rankbench.kinds import tensor_formats as tf
@@ -42,6 +49,9 @@ class TensorFactorization(Factorization):
 
     # training: the format a rank-adaptive method trains in (``rankbench.kinds.training``)
     problem_kinds: ClassVar[frozenset[str]] = frozenset({COMPRESSION, TRAINING})
+    # whether the format also factorises Conv2d kernels (4-D shapes in ``slots`` / ``params_at_ranks`` /
+    # ``feasible``, and ``fit_conv``)
+    conv_kernels: ClassVar[bool] = False
 
     class Params(PluginParams):
         order_out: int = Field(2, ge=1, le=6, description="tensor modes the output dimension is split into")
@@ -68,20 +78,35 @@ class TensorFactorization(Factorization):
         """The ranks the fitted layer will really have (clipped to the format's feasible set)."""
         return tuple(int(r) for r in ranks)
 
+    def fit_conv(self, conv: nn.Conv2d, ranks: tuple[int, ...]) -> nn.Module:
+        """``conv``'s kernel fitted in this format at the given slot ranks, as a factorised convolution (formats with
+        ``conv_kernels``)."""
+        raise TypeError(f"{self.name} does not factorise convolution kernels")
+
+    def fit_site(self, module: nn.Module, ranks: tuple[int, ...]) -> nn.Module:
+        """The site's replacement: ``fit_conv`` for a Conv2d, ``fit`` (in float64) for a Linear."""
+        if isinstance(module, nn.Conv2d):
+            return self.fit_conv(module, ranks)
+        bias = None if module.bias is None else module.bias.detach()
+        return self.fit(module.weight.detach().to(torch.float64), bias, ranks)
+
     # -- the selector's view of a site ---------------------------------------------------------------------------
     def site(self, name: str, weight: torch.Tensor) -> Site:
         shape = tuple(int(d) for d in weight.shape)
+        if len(shape) != 2 and not self.conv_kernels:
+            raise TypeError(f"{self.name} factorises matrices only; site {name!r} has a weight of shape {shape}")
         spectra, dims, caps = self.slots(weight.detach().to(torch.float64))
+        tensor_shape = (*self.dims(shape)[0], *self.dims(shape)[1]) if len(shape) == 2 else shape  # conv: the kernel
         return Site(
             name=name,
-            shape=(*self.dims(shape)[0], *self.dims(shape)[1]) if len(spectra) > 1 else dims[0],
+            shape=tensor_shape if len(spectra) > 1 else dims[0],
             mode_singular_values=spectra if len(spectra) > 1 else None,
             singular_values=spectra[0] if len(spectra) == 1 else None,
             rank_dims=dims if len(spectra) > 1 else None,
             rank_caps=caps if len(spectra) > 1 else None,
             params_at_ranks=lambda ranks: self.params_at_ranks(shape, tuple(ranks)),
             params_at_rank=lambda k: self.params_at_ranks(shape, tuple(min(int(k), c) for c in caps)),
-            dense_params=shape[0] * shape[1],
+            dense_params=math.prod(shape),
             max_rank=caps[0] if len(spectra) == 1 else max(caps),
         )
 
@@ -129,8 +154,7 @@ def run_tensor_compression(task, ctx, selector, factorization: TensorFactorizati
             feasible = factorization.feasible(shape, tuple(max(1, r) for r in wanted))
             key = (*factorization.identity, view.name, feasible)
             if key not in memo:
-                bias = None if linear.bias is None else linear.bias.detach()
-                memo[key] = factorization.fit(linear.weight.detach().to(torch.float64), bias, feasible)
+                memo[key] = factorization.fit_site(linear, feasible)
             layers[view.name] = memo[key].to(device=linear.weight.device, dtype=linear.weight.dtype)
             chosen[view.name] = feasible
     dense = kept = 0

@@ -692,3 +692,154 @@ def fit_ttm(
     cores = _tt_svd(T, [T.numel()] * (T.ndim - 1) if ranks is None else ranks)
     cores = [G.reshape(G.shape[0], o, i, G.shape[-1]).to(W.dtype) for G, o, i in zip(cores, out_dims, in_dims)]
     return TTMLinear(cores, out_dims, in_dims, bias)
+
+
+# -- convolution kernels ---------------------------------------------------------------------------------------------
+# A Conv2d kernel K (out x in x kh x kw) is already a 4-mode tensor; as a matrix it is K.reshape(out, in kh kw), i.e.
+# this module's reshaping convention with out_dims = (out,) and in_dims = (in, kh, kw). The fits below reuse
+# ``fit_tucker`` / ``fit_cp`` on that view and return factorised convolutions that apply the factors as a sequence of
+# smaller convolutions (the kernel is never formed). Only ``groups = 1`` and zero padding given as numbers.
+
+def conv_geometry(conv: nn.Conv2d) -> dict:
+    """stride / padding / dilation of ``conv`` as pairs, refusing what the factorised layers cannot reproduce."""
+    if conv.groups != 1:
+        raise ValueError(f"conv kernels with groups={conv.groups} are not supported (groups = 1 only)")
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        raise ValueError(f"conv padding {conv.padding!r} / mode {conv.padding_mode!r}: numeric zero padding only")
+    return {"stride": tuple(conv.stride), "padding": tuple(conv.padding), "dilation": tuple(conv.dilation)}
+
+
+def conv_kernel_shape(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    return tuple(int(d) for d in conv.weight.shape)
+
+
+def _conv(weight: torch.Tensor, bias: torch.Tensor | None = None, groups: int = 1, **geometry) -> nn.Conv2d:
+    out, per_group, kh, kw = weight.shape
+    layer = nn.Conv2d(per_group * groups, out, (kh, kw), groups=groups, bias=bias is not None, **geometry)
+    layer.weight = nn.Parameter(weight.detach().clone(memory_format=torch.contiguous_format))
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().clone())
+    return layer
+
+
+def clip_tucker2_ranks(shape: Sequence[int], ranks) -> tuple[int, int]:
+    """Tucker-2 ranks (r_out, r_in) of a conv kernel, clipped like a 4-way Tucker with full spatial ranks."""
+    out, cin, kh, kw = (int(d) for d in shape)
+    r_out, r_in = _as_rank_tuple(ranks, 2, "tucker-2")
+    clipped = clip_tucker_ranks((out, cin, kh, kw), (r_out, r_in, kh, kw))
+    return clipped[0], clipped[1]
+
+
+def params_tucker2_conv(shape: Sequence[int], ranks) -> int:
+    """in r_in (first 1x1 conv) + r_out r_in kh kw (core conv) + r_out out (last 1x1 conv), at the clipped ranks."""
+    out, cin, kh, kw = (int(d) for d in shape)
+    r_out, r_in = clip_tucker2_ranks(shape, ranks)
+    return cin * r_in + r_out * r_in * kh * kw + r_out * out
+
+
+def params_cp_conv(shape: Sequence[int], rank: int) -> int:
+    """R (in + kh + kw + out): two 1x1 convs and two depthwise 1-D convs, lambda folded into the last 1x1 conv."""
+    return int(rank) * sum(int(d) for d in shape)
+
+
+def tucker2_slots(kernel: torch.Tensor) -> tuple[list[np.ndarray], list[tuple[int, int]], list[int]]:
+    """The spectra of the kernel's output-channel and input-channel unfoldings (Kim et al. 2016 choose the Tucker-2
+    ranks by EVBMF on exactly these), their (rows, cols), and the caps min(rows, cols)."""
+    out, cin, kh, kw = kernel.shape
+    spectra, dims = [], []
+    for mode in (0, 1):
+        M = unfold(kernel, mode)
+        spectra.append(torch.linalg.svdvals(M).cpu().numpy())
+        dims.append((int(M.shape[0]), int(M.shape[1])))
+    return spectra, dims, [min(r, c) for r, c in dims]
+
+
+class TuckerConv2d(nn.Module):
+    """Tucker-2 convolution (Kim et al., ICLR 2016): K = G x_1 U_out x_2 U_in, applied as a 1x1 conv by U_in^T
+    (in -> r_in), the core conv G (r_in -> r_out, kh x kw, the original stride / padding / dilation) and a 1x1 conv by
+    U_out (r_out -> out) carrying the bias."""
+
+    format_name = "tucker"
+
+    def __init__(self, core: torch.Tensor, U_out: torch.Tensor, U_in: torch.Tensor, bias: torch.Tensor | None,
+                 geometry: dict):
+        super().__init__()
+        self.ranks = (int(core.shape[0]), int(core.shape[1]))
+        self.project_in = _conv(U_in.T[:, :, None, None])
+        self.core = _conv(core, **geometry)
+        self.expand_out = _conv(U_out[:, :, None, None], bias)
+
+    @property
+    def weight_params(self) -> int:
+        return sum(m.weight.numel() for m in (self.project_in, self.core, self.expand_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.expand_out(self.core(self.project_in(x)))
+
+    def to_dense(self) -> torch.Tensor:
+        """The out x in x kh x kw kernel the factors represent (tests and diagnostics)."""
+        U_out, U_in = self.expand_out.weight[:, :, 0, 0], self.project_in.weight[:, :, 0, 0].T
+        return mode_dot(mode_dot(self.core.weight, U_out.T, 0), U_in.T, 1)
+
+    def extra_repr(self) -> str:
+        return f"ranks={self.ranks}"
+
+
+class CPConv2d(nn.Module):
+    """CP convolution (Lebedev et al., ICLR 2015): K[o, i, y, x] = sum_r lambda_r A_out[o, r] A_in[i, r] A_h[y, r]
+    A_w[x, r], applied as a 1x1 conv (in -> R), a depthwise kh x 1 conv and a depthwise 1 x kw conv (the stride,
+    padding and dilation split between them by axis) and a 1x1 conv (R -> out, lambda folded in) carrying the bias.
+    Exact: the kernel of each component is separable, and zero padding commutes with the channel maps."""
+
+    format_name = "cp"
+
+    def __init__(self, A_out: torch.Tensor, A_in: torch.Tensor, A_h: torch.Tensor, A_w: torch.Tensor,
+                 weights: torch.Tensor, bias: torch.Tensor | None, geometry: dict):
+        super().__init__()
+        R = int(weights.shape[0])
+        self.rank = R
+        (sh, sw), (ph, pw), (dh, dw) = geometry["stride"], geometry["padding"], geometry["dilation"]
+        self.project_in = _conv(A_in.T[:, :, None, None])
+        self.vertical = _conv(A_h.T[:, None, :, None], groups=R, stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1))
+        self.horizontal = _conv(A_w.T[:, None, None, :], groups=R, stride=(1, sw), padding=(0, pw), dilation=(1, dw))
+        self.expand_out = _conv((A_out * weights)[:, :, None, None], bias)
+
+    @property
+    def weight_params(self) -> int:
+        return sum(m.weight.numel() for m in (self.project_in, self.vertical, self.horizontal, self.expand_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.expand_out(self.horizontal(self.vertical(self.project_in(x))))
+
+    def to_dense(self) -> torch.Tensor:
+        A_out, A_in = self.expand_out.weight[:, :, 0, 0], self.project_in.weight[:, :, 0, 0].T
+        A_h, A_w = self.vertical.weight[:, 0, :, 0].T, self.horizontal.weight[:, 0, 0, :].T
+        return torch.einsum("or,ir,yr,xr->oiyx", A_out, A_in, A_h, A_w)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}"
+
+
+def fit_tucker2_conv(conv: nn.Conv2d, ranks, n_iter: int = 20) -> TuckerConv2d:
+    """Tucker-2 of ``conv``'s kernel at the (clipped) channel ranks: HOSVD + HOOI of the 4-way kernel with the
+    spatial modes at full rank (their square orthogonal factors are folded back into the core), in float64."""
+    geometry = conv_geometry(conv)
+    kernel = conv.weight.detach().to(torch.float64)
+    out, cin, kh, kw = kernel.shape
+    r_out, r_in = clip_tucker2_ranks(kernel.shape, ranks)
+    fitted = fit_tucker(kernel.reshape(out, -1), (out,), (cin, kh, kw), (r_out, r_in, kh, kw), n_iter=n_iter)
+    U_out, U_in, U_h, U_w = (U.detach() for U in fitted.factors)
+    core = mode_dot(mode_dot(fitted.core.detach(), U_h.T, 2), U_w.T, 3)  # r_out x r_in x kh x kw
+    bias = None if conv.bias is None else conv.bias.detach().to(torch.float64)
+    return TuckerConv2d(core, U_out, U_in, bias, geometry).to(conv.weight.dtype)
+
+
+def fit_cp_conv(conv: nn.Conv2d, rank: int, n_iter: int = 100, tol: float = 1e-7, seed: int = 0) -> CPConv2d:
+    """CP-ALS (``fit_cp``) of ``conv``'s 4-way kernel at rank R, as a ``CPConv2d``, in float64."""
+    geometry = conv_geometry(conv)
+    kernel = conv.weight.detach().to(torch.float64)
+    out, cin, kh, kw = kernel.shape
+    fitted = fit_cp(kernel.reshape(out, -1), (out,), (cin, kh, kw), int(rank), n_iter=n_iter, tol=tol, seed=seed)
+    A_out, A_in, A_h, A_w = (A.detach() for A in fitted.factors)
+    bias = None if conv.bias is None else conv.bias.detach().to(torch.float64)
+    return CPConv2d(A_out, A_in, A_h, A_w, fitted.weights.detach(), bias, geometry).to(conv.weight.dtype)

@@ -20,9 +20,10 @@ matrix-format trainers such as ``dlrt`` can train). Every site a training cell d
 task's optimiser.
 
 Problem kinds: ``training`` (``rankbench.kinds.training``: Adam at ``lr`` for ``epochs`` epochs of minibatches of
-``batch_size`` in an order seeded by task seed and epoch, cross-entropy), and, with ``sites: linear`` only,
-``compression`` of the dense network the reference cell trained (the compression kind compresses Linear sites; the
-Tucker / CP compression of 4-mode conv kernels is not implemented). Data, metrics (``accuracy``, ``test_loss``,
+``batch_size`` in an order seeded by task seed and epoch, cross-entropy), and ``compression`` of the dense network
+the reference cell trained. With conv kernels among the sites (``sites: all`` / ``conv``) the compression cells need
+a format that factorises 4-mode kernels -- ``tucker`` (Tucker-2, Kim et al. 2016) or ``cp`` (Lebedev et al. 2015);
+matrix factorizations (svd, ...) and tt / ttm need ``sites: linear``. Data, metrics (``accuracy``, ``test_loss``,
 ``latency_ms``) and calibration batches as in ``mlp-classification`` (``_image_classification``).
 """
 
@@ -52,13 +53,15 @@ class CNNParams(PluginParams):
         "lenet5", description="the architecture: LeNet5 (LeCun's layer sizes) or a small VGG-style network")
     sites: Literal["all", "conv", "linear"] = Field(
         "all", description="which layers are sites: conv kernels and Linears, conv kernels only, Linears only "
-                           "(the only choice that also speaks the compression kind)")
+                           "(compression of conv kernels: tucker / cp)")
     epochs: int = Field(10, ge=1, description="training epochs of every training cell")
     batch_size: int = Field(128, ge=1, description="minibatch size (training, evaluation, calibration)")
     lr: float = Field(1e-3, gt=0.0, description="Adam learning rate")
     calib_samples: int = Field(256, ge=1, description="training images used as calibration data (compression)")
     latency_repeats: int = Field(5, ge=1, description="forward passes timed for latency_ms")
-    problem: Literal["training"] = Field("training", description="the kind (training; compression with sites: linear)")
+    problem: Literal["training"] = Field(
+        "training", description="the kind of the trainers' cells (the other selectors' cells compress the trained "
+                                "dense network)")
 
 
 class LeNet5(nn.Module):
@@ -112,15 +115,19 @@ class CNNClassification(ImageClassificationTask):
     description = "Convolutional classifier (LeNet5, small VGG) trained from scratch on MNIST / Fashion-MNIST / digits"
     Params = CNNParams
 
-    @property
-    def problem_kinds(self) -> frozenset[str]:
-        # the compression kind compresses Linear sites only: conv-kernel compression is not implemented
-        return frozenset({TRAINING, COMPRESSION}) if self.params.sites == "linear" else frozenset({TRAINING})
+    problem_kinds = frozenset({TRAINING, COMPRESSION})
 
     def skip(self, selector, factorization) -> str | None:
-        if self.params.sites != "linear" and isinstance(selector, RankAdaptiveTrainer) and not selector.conv_sites:
-            return (f"{selector.name} trains Linear sites only; with sites: {self.params.sites} the conv kernels are "
-                    "sites too (use sites: linear)")
+        if self.params.sites == "linear":
+            return None
+        if isinstance(selector, RankAdaptiveTrainer):
+            if not selector.conv_sites:
+                return (f"{selector.name} trains Linear sites only; with sites: {self.params.sites} the conv kernels "
+                        "are sites too (use sites: linear)")
+            return None
+        if factorization is not None and not getattr(factorization, "conv_kernels", False):
+            return (f"{factorization.name} does not factorise conv kernels; with sites: {self.params.sites} compress "
+                    "with tucker or cp, or use sites: linear")
         return None
 
     @classmethod
