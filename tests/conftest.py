@@ -50,8 +50,16 @@ def write_suite(tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
+def _isolated_cache(tmp_path, monkeypatch, _probe_verdicts):
     monkeypatch.setenv("RANKBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RANKBENCH_PLUGIN_PROBES", str(_probe_verdicts))
+
+
+@pytest.fixture(scope="session")
+def _probe_verdicts(tmp_path_factory):
+    """One cache of plugin-import probe verdicts for the session (the test plugin files are probed once, not once per
+    test); tests of the probe itself set their own."""
+    return tmp_path_factory.mktemp("plugin-probes")
 
 
 @pytest.fixture(scope="module")

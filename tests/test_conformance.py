@@ -6,6 +6,13 @@ import pytest
 
 from conftest import BROKEN_PLUGINS
 
+
+@pytest.fixture(autouse=True)
+def _checks_in_this_process(monkeypatch):
+    """The checks run in this process (the supervising parent that turns a crash into a failed check is tested in
+    test_plugins_host with a segfaulting selector)."""
+    monkeypatch.setenv("RANKBENCH_TEST_PLUGIN_SUPERVISED", "1")
+
 BROKEN_SELECTORS = '''
 from rankbench import COMPRESSION, PARAM_RATIO, PluginParams, Selector, hookimpl
 from pydantic import Field

@@ -154,3 +154,26 @@ def test_zero_rank_adapters_leave_the_pretrained_network_unchanged(tmp_path):
         assert not torch.equal(model(grid), pretrained(grid))
         trainer.truncate({name: 0 for name in adapters})
         torch.testing.assert_close(model(grid), pretrained(grid), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("with_adapters", [False, True])
+def test_lbfgs_after_adam_lowers_the_fine_tuning_loss(tmp_path, with_adapters):
+    """PINNacle's second phase: the same cell with L-BFGS iterations after its Adam steps ends at a lower PINN loss
+    on the target problem, for the full fine-tuning reference and for an adapter cell at its final ranks."""
+    losses = {}
+    for lbfgs in (0, 30):
+        task = make(pde="poisson", source=1.0, target=2.0, steps=20, retrain_steps=5, finetune_lbfgs_steps=lbfgs)
+        ctx = make_ctx(tmp_path, budget=4 if with_adapters else None,
+                       budget_kind=RANK_TOTAL if with_adapters else None)
+        task.setup(ctx)
+        if with_adapters:
+            run_cell(task, ctx, UniformSelector(), LoRA(LoRA.Params(init_rank=2)))
+        else:
+            run_cell(task, ctx)
+        got = metrics(ctx)
+        losses[lbfgs] = got["final_loss"]
+        if with_adapters:
+            assert got["rank_total"] <= 4
+        train = [row for row in ctx.curve_rows if row["curve"] == "train_loss"]
+        assert max(row["step"] for row in train) == 20 + lbfgs  # the L-BFGS phase ends the loss curve
+    assert losses[30] < 0.5 * losses[0]

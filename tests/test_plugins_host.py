@@ -170,3 +170,42 @@ def test_third_party_distribution_is_discovered(tmp_path):
     """))
     run = run_bench("run", suite, "--out", tmp_path / "out", "--executor", "inprocess", env=env)
     assert run.returncode == 0, run.stderr
+
+
+FATAL_PLUGINS = ROOT / "tests" / "plugin_files" / "fatal"
+
+
+def test_plugins_that_segfault_exit_or_hang_at_import_become_load_failures(tmp_path, monkeypatch):
+    """Imported first in a throwaway interpreter: the host lists them with the reason and loads the rest."""
+    monkeypatch.setenv("RANKBENCH_PLUGIN_PROBES", str(tmp_path / "probes"))
+    monkeypatch.setenv("RANKBENCH_PLUGIN_IMPORT_TIMEOUT", "3")
+    registry = load_plugins(FATAL_PLUGINS)
+    reasons = {f.plugin: f.error for f in registry.failures}
+    assert "SIGSEGV" in reasons["segfault_at_import.py"]
+    assert "exited with code 7" in reasons["exit_at_import.py"]
+    assert "did not finish within 3 s" in reasons["hang_at_import.py"]
+    assert "rank-one" in registry.plugins["selector"] and "uniform" in registry.plugins["selector"]
+    # verdicts are cached per file content: a second load probes only the hanging file (timeouts are not cached)
+    cached = sorted(p.name for p in (tmp_path / "probes").iterdir())
+    assert len(cached) == 3
+    started = []
+    import rankbench.import_probe as probe
+
+    real = probe._run_child
+    monkeypatch.setattr(probe, "_run_child", lambda items, timeout: started.append(items) or real(items, timeout))
+    again = load_plugins(FATAL_PLUGINS)
+    assert {f.plugin for f in again.failures} == set(reasons)
+    assert [[target.rsplit("/", 1)[-1] for _, target in items] for items in started] == [["hang_at_import.py"]]
+
+
+def test_bench_plugins_survives_a_segfaulting_plugin_file(bench, tmp_path):
+    result = bench("plugins", "--plugins-dir", FATAL_PLUGINS, env={"RANKBENCH_PLUGIN_IMPORT_TIMEOUT": "3",
+                                                                  "RANKBENCH_PLUGIN_PROBES": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert "segfault_at_import.py" in result.stdout and "SIGSEGV" in result.stdout and "rank-one" in result.stdout
+
+
+def test_test_plugin_reports_a_crashing_selector_as_a_failed_check(bench):
+    result = bench("test-plugin", "segfault", "--plugins-dir", ROOT / "tests" / "plugin_files" / "crashing")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "SIGSEGV" in result.stdout and "FAIL" in result.stdout

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pandas as pd
+import pytest
 
 from conftest import GOOD_PLUGINS
 from rankbench import results
@@ -173,3 +174,78 @@ def test_sigkill_mid_run_then_resume_gives_each_cell_exactly_once(write_suite, t
     metrics = pd.read_parquet(out / "metrics")
     assert metrics.groupby(["cell_id", "metric"]).size().max() == 1
     assert metrics["cell_id"].nunique() == 18
+
+
+def test_a_timeout_ends_the_processes_a_cell_started(cli, write_suite, tmp_path, monkeypatch):
+    """The worker's whole process group is killed at the limit: a child the method forked does not outlive it."""
+    pidfile = tmp_path / "child.pid"
+    monkeypatch.setenv("TOY_CHILD_PIDFILE", str(pidfile))
+    suite = write_suite("""
+    name: fork
+    tasks: [{toy: {size: 12}}]
+    selectors: [uniform]
+    factorizations: [{misbehave: {mode: fork-hang}}]
+    budgets: [0.5]
+    timeout: 4
+    """)
+    out = tmp_path / "out"
+    assert cli("run", suite, "--out", out, "--plugins-dir", GOOD_PLUGINS, "--executor", "subprocess").returncode == 1
+    cells = results.read_table(out, "cells")
+    timed_out = cells[cells["status"] == "timeout"]
+    assert len(timed_out) == 1 and "(2 processes ended)" in timed_out["reason"].item()
+    child = int(pidfile.read_text())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{child}/stat") as handle:
+                state = handle.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the cell's child {child} is still running after its cell timed out")
+
+
+def test_a_keyboard_interrupt_raised_by_a_plugin_is_a_failed_cell_in_process(cli, write_suite, tmp_path):
+    suite = write_suite("""
+    name: interrupt
+    tasks: [{toy: {size: 12}}]
+    selectors: [uniform]
+    factorizations: [{misbehave: {mode: interrupt}}, toy-svd]
+    budgets: [0.5]
+    """)
+    out = tmp_path / "out"
+    result = cli("run", suite, "--out", out, "--plugins-dir", GOOD_PLUGINS, "--executor", "inprocess")
+    assert result.returncode == 1, result.stderr
+    status = dict(zip(results.read_table(out, "cells")["factorization"], results.read_table(out, "cells")["status"]))
+    assert status == {"misbehave": "error", "toy-svd": "ok", "dense": "ok"}
+
+
+@pytest.mark.parametrize("signals", [["SIGTERM"], ["SIGINT", "SIGINT", "SIGINT"]])
+def test_a_stop_signal_saves_finished_cells_and_says_so(write_suite, tmp_path, signals):
+    """SIGTERM exits 143 with a message; repeated Ctrl-C during the clean-up prints no 'Exception ignored' trace."""
+    suite = write_suite("""
+    name: stopme
+    tasks: [{toy: {size: 10, work_s: 0.3}}]
+    selectors: [uniform]
+    factorizations: [toy-svd]
+    budgets: [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
+    """)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "rankbench.cli", "run", str(suite), "--out", str(out), "--plugins-dir",
+               str(GOOD_PLUGINS)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "cells").glob("part-*.parquet"))) < 3:
+        time.sleep(0.05)
+    for name in signals:
+        proc.send_signal(getattr(signal, name))
+        time.sleep(0.05)
+    _, stderr = proc.communicate(timeout=60)
+    expected = 143 if signals == ["SIGTERM"] else 130
+    assert proc.returncode == expected, stderr[-2000:]
+    assert ("terminated" if expected == 143 else "interrupted") + ": finished cells are saved" in stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr
+    assert 3 <= len(results.cell_statuses(out)) < 9

@@ -53,7 +53,7 @@ RECOVERY = "recovery"
 class PluginParams(BaseModel):
     """Base for a plugin's parameters. Unknown keys are errors, so a typo in a suite is caught by ``bench check``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Plugin(ABC):

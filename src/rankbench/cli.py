@@ -4,18 +4,21 @@
 * ``bench check SUITE`` -- validate a suite without running it; print the cells per task;
 * ``bench plugins`` -- list the plugins and the ones that failed to load;
 * ``bench report DIR`` -- summary table, plots and ``DIR/report/report.md`` for a results folder;
+* ``bench check-results DIR`` -- verify every cell's part files against its marker; list the damaged ones;
 * ``bench compare A B`` -- compare two results folders per configuration; flag changes beyond seed noise;
 * ``bench test-plugin NAME`` -- run one plugin through the conformance checks every built-in passes;
 * ``bench verify CLAIMS RESULTS_DIR...`` -- judge published claims on results folders (writes nothing).
 
-Exit codes: 0 success; 1 at least one cell failed (``run``), a regression beyond noise (``compare``), a failed
-check (``test-plugin``) or a contradicted claim (``verify``); 2 bad input (one message on stderr naming the file,
-the key and what was expected; no traceback; nothing written).
+Exit codes: 0 success; 1 at least one cell failed (``run``), a regression beyond noise (``compare``), a damaged
+cell (``check-results``), a failed check (``test-plugin``) or a contradicted claim (``verify``); 2 bad input (one
+message on stderr naming the file, the key and what was expected; no traceback; nothing written) or a results
+folder in use by another ``bench run``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -52,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="summary table, plots (PNG) and a Markdown report for a results folder")
     report.add_argument("dir", help="results folder written by `bench run`")
     report.add_argument("--claims", help="claims file: add the verdicts of `bench verify CLAIMS DIR` to the report")
+
+    check_results = sub.add_parser("check-results", help="verify every part file of a results folder; list damaged cells")
+    check_results.add_argument("dir", help="results folder written by `bench run`")
 
     compare = sub.add_parser("compare", help="compare two results folders per configuration; flag changes beyond noise")
     compare.add_argument("a", help="baseline results folder")
@@ -101,8 +107,8 @@ def _prepare(args):
         raise BadInput(f"--device: {exc}") from None
     timeout = suite.spec.timeout
     if getattr(args, "timeout", None) is not None:
-        if args.timeout < 0:
-            raise BadInput(f"--timeout: expected seconds >= 0 (got {args.timeout})")
+        if not (args.timeout >= 0 and math.isfinite(args.timeout)):
+            raise BadInput(f"--timeout: expected finite seconds >= 0, 0 for no limit (got {args.timeout})")
         timeout = args.timeout or None
     cells = expand(suite, registry, device, timeout)
     return suite, registry, device, timeout, cells, plugins_dir
@@ -173,12 +179,23 @@ def cmd_run(args) -> int:
 
         torch.set_num_threads(threads)  # in-process cells; the subprocess worker applies it itself
     env = environment(device, registry)
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_info(out, env, suite.path, {k: v for k, v in vars(args).items() if k != "func"})
-    runtime = Runtime(registry=registry, device=device, timeout=timeout, plugins_dir=plugins_dir, threads=threads)
-    counts = run_cells(
-        cells, out, runtime, executor, {"git_sha": env["git_sha"], "device": device}, args.force, console
-    )
+    from rankbench.files import FolderBusy, FolderLock
+
+    lock = FolderLock(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except FolderBusy as exc:
+        raise BadInput(str(exc)) from None
+    except OSError as exc:
+        raise BadInput(f"--out: expected a folder that can be created and written ({exc.strerror}: {out})") from None
+    with lock:
+        write_run_info(out, env, suite.path, {k: v for k, v in vars(args).items() if k != "func"})
+        runtime = Runtime(registry=registry, device=device, timeout=timeout, plugins_dir=plugins_dir,
+                          threads=threads)
+        counts = run_cells(
+            cells, out, runtime, executor, {"git_sha": env["git_sha"], "device": device}, args.force, console
+        )
     print(tabulate(sorted(counts.items()), headers=["status", "cells"]))
     print(f"results: {out}")
     failed = sum(n for status, n in counts.items() if status not in ("ok", "skipped"))
@@ -216,6 +233,12 @@ def cmd_report(args) -> int:
     out = Path(args.dir)
     if not (out / "cells").is_dir():
         raise BadInput(f"{args.dir}: expected a results folder written by `bench run` (no cells/ inside)")
+    from rankbench.results import scan_results
+
+    scan = scan_results(out)
+    if not scan.markers:
+        damaged = f" ({len(scan.damaged)} damaged: `bench check-results {args.dir}`)" if scan.damaged else ""
+        raise BadInput(f"{args.dir}: expected a results folder with finished cells (no finished cells{damaged})")
     claims = None
     if args.claims:
         from rankbench.verify import ClaimsError, check_claims, load_claims, verdict_frame
@@ -231,6 +254,20 @@ def cmd_report(args) -> int:
     return EXIT_OK
 
 
+def cmd_check_results(args) -> int:
+    from rankbench.results import scan_results
+
+    out = Path(args.dir)
+    if not (out / "cells").is_dir():
+        raise BadInput(f"{args.dir}: expected a results folder written by `bench run` (no cells/ inside)")
+    scan = scan_results(out)
+    for cell_id, problem in sorted(scan.damaged.items()):
+        print(f"damaged: cell {cell_id}: {problem}")
+    print(f"{out}: {len(scan.markers)} cell(s) verify, {len(scan.damaged)} damaged"
+          + (" (`bench run` on the suite re-runs them)" if scan.damaged else ""))
+    return EXIT_FAILED if scan.damaged else EXIT_OK
+
+
 def cmd_compare(args) -> int:
     from rankbench.compare import CompareInputError, run
 
@@ -240,7 +277,54 @@ def cmd_compare(args) -> int:
         raise BadInput(str(exc)) from None
 
 
+SUPERVISED_ENV = "RANKBENCH_TEST_PLUGIN_SUPERVISED"
+
+
+def _supervised_test_plugin(args) -> int:
+    """Run the checks in a child ``bench test-plugin`` (same arguments) and relay its output: a plugin that kills
+    the process running it (a segfault, ``os._exit``) becomes a failed check with the step it died in."""
+    import signal
+    import subprocess
+
+    command = [sys.executable, "-m", "rankbench.cli", "test-plugin", args.name]
+    for option in ("plugins_dir", "kind", "device", "timeout", "out"):
+        value = getattr(args, option)
+        if value is not None:
+            command += [f"--{option.replace('_', '-')}", str(value)]
+    import threading
+
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, SUPERVISED_ENV: "1"})
+    steps: list[str] = []
+
+    def relay_log() -> None:  # progress lines as they come
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            if line.startswith("test-plugin: "):
+                steps.append(line[len("test-plugin: "):].strip())
+
+    relay = threading.Thread(target=relay_log, daemon=True)
+    relay.start()
+    sys.stdout.write(proc.stdout.read())
+    code = proc.wait()
+    relay.join(10)
+    last = steps[-1] if steps else ""
+    if code >= 0 and code in (EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, 130):
+        return code
+    try:
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    except ValueError:
+        how = f"killed by signal {-code}"
+    print(f"FAIL  crash  the process running the checks of {args.name!r} was {how}"
+          + (f" during: {last}" if last else ""))
+    print("1 check failed: the plugin takes down the process that runs it")
+    return EXIT_FAILED
+
+
 def cmd_test_plugin(args) -> int:
+    if not os.environ.get(SUPERVISED_ENV):
+        return _supervised_test_plugin(args)
     from rankbench.conformance import CELL_TIMEOUT, ConformanceInputError, format_report, run_conformance
     from rankbench.envinfo import resolve_device
 
@@ -249,8 +333,8 @@ def cmd_test_plugin(args) -> int:
         device = resolve_device(args.device)
     except ValueError as exc:
         raise BadInput(f"--device: {exc}") from None
-    if args.timeout is not None and args.timeout <= 0:
-        raise BadInput(f"--timeout: expected seconds > 0 (got {args.timeout})")
+    if args.timeout is not None and not (args.timeout > 0 and math.isfinite(args.timeout)):
+        raise BadInput(f"--timeout: expected finite seconds > 0 (got {args.timeout})")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise BadInput(f"--out: expected a folder (got the file {args.out!r})")
     try:
@@ -289,6 +373,7 @@ COMMANDS = {
     "plugins": cmd_plugins,
     "report": cmd_report,
     "compare": cmd_compare,
+    "check-results": cmd_check_results,
     "test-plugin": cmd_test_plugin,
     "verify": cmd_verify,
 }
@@ -297,18 +382,24 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     from rankbench.suite import SuiteError
 
+    from rankbench import stopping
+
     args = _parser().parse_args(argv)
+    restore_signals = stopping.install()
     try:
         return COMMANDS[args.command](args)
     except (SuiteError, BadInput) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("interrupted: finished cells are saved; run the same command again to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what, code = ("terminated", 143) if isinstance(exc, stopping.Terminated) else ("interrupted", 130)
+        print(f"{what}: finished cells are saved; run the same command again to resume", file=sys.stderr)
+        return code
     except BrokenPipeError:  # e.g. `bench plugins | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    finally:
+        restore_signals()
 
 
 if __name__ == "__main__":

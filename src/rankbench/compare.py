@@ -210,14 +210,18 @@ def load_side(path: str | Path, label: str) -> Side:
             f"{label} {str(path)!r}: expected a results folder written by `bench run` (no cells/part-*.parquet inside)"
         )
     try:
-        cells = results.read_table(path, "cells")
-        metrics = results.read_table(path, "metrics")
-        ranks = results.read_table(path, "ranks")
+        scan = results.verified_scan(path)  # damaged cells are left out, with one warning
+        cells = results.read_table(path, "cells", scan)
+        metrics = results.read_table(path, "metrics", scan)
+        ranks = results.read_table(path, "ranks", scan)
         cells = _key_columns(results.latest_cells(cells))
     except Exception as exc:  # a damaged or foreign Parquet file: bad input, not a crash
         raise CompareInputError(
             f"{label} {str(path)!r}: cannot read the results tables ({type(exc).__name__}: {exc})"
         ) from None
+    if cells.empty:
+        raise CompareInputError(f"{label} {str(path)!r}: expected a results folder with finished cells (no finished "
+                                f"cells; {len(scan.damaged)} damaged: `bench check-results {path}`)")
 
     ok = cells[cells["status"] == "ok"]
     by_key = cells.groupby(KEY, sort=False)["status"]

@@ -8,7 +8,10 @@ Load order (simonw/llm and datasette do the same):
 which of those load; set to the empty string it loads none. ``RANKBENCH_TRACE_PLUGINS=1`` logs every hook call
 (pluggy's tracing, on stderr), the register hooks included.
 
-A plugin that fails to import, implements a hook that has no spec (a typo such as ``rankbench_register_selector``),
+A third-party plugin module (an entry point of another distribution, a ``--plugins-dir`` file) is first imported in
+a throwaway child interpreter (``rankbench.import_probe``, verdicts cached per code): one that segfaults, exits or
+hangs at import becomes a load failure with that reason instead of taking the host down. A plugin that fails to
+import, implements a hook that has no spec (a typo such as ``rankbench_register_selector``),
 raises inside its register hook, or registers something that is not a valid plugin class (not a subclass of the
 kind's base, no ``name``, a name already taken, an abstract class), is recorded in ``Registry.failures`` -- shown
 by ``bench plugins`` -- and skipped. It never takes the host down.
@@ -41,8 +44,10 @@ import pluggy
 
 from rankbench import hookspecs
 from rankbench.api import Executor, Factorization, Plugin, Selector, Task
+from rankbench.import_probe import OK, fingerprint_file, probe_imports
 
 ENTRY_POINT_GROUP = "rankbench"
+HOST_DISTRIBUTION = "rankbench"  # its built-in plugins ship with the host: imported directly, not probed
 LOAD_ENV = "RANKBENCH_LOAD_PLUGINS"
 TRACE_ENV = "RANKBENCH_TRACE_PLUGINS"
 
@@ -182,12 +187,24 @@ class _Loader:
         self.origin[plugin_name] = (distribution, version, source)
 
     def load_entry_points(self, allowed: set[str] | None) -> None:
+        chosen = []
         for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             dist = ep.dist.name if ep.dist else "unknown"
-            version = ep.dist.version if ep.dist else ""
             if allowed is not None and ep.name not in allowed and dist not in allowed:
                 continue
-            if self.pm.has_plugin(ep.name):
+            if not self.pm.has_plugin(ep.name):
+                chosen.append(ep)
+        foreign = [ep for ep in chosen if not ep.dist or ep.dist.name != HOST_DISTRIBUTION]
+        verdicts = probe_imports([
+            ("module", ep.module, f"{ep.dist.name if ep.dist else ''}=={ep.dist.version if ep.dist else ''}:"
+                                  f"{ep.value}".encode() if ep.dist else None)
+            for ep in foreign
+        ]) if foreign else {}
+        for ep in chosen:
+            dist = ep.dist.name if ep.dist else "unknown"
+            version = ep.dist.version if ep.dist else ""
+            if verdicts.get(ep.module, OK) != OK:
+                self.registry.failures.append(LoadFailure(ep.name, dist, f"import failed: {verdicts[ep.module]}"))
                 continue
             try:
                 module = ep.load()
@@ -200,8 +217,12 @@ class _Loader:
 
     def load_directory(self, directory: Path, allowed: set[str] | None) -> None:
         self.registry.plugins_dir = str(directory)
-        for path in sorted(directory.glob("*.py")):
-            if allowed is not None and path.stem not in allowed:
+        paths = [p for p in sorted(directory.glob("*.py")) if allowed is None or p.stem in allowed]
+        verdicts = probe_imports([("file", str(p), fingerprint_file(p)) for p in paths]) if paths else {}
+        for path in paths:
+            if verdicts.get(str(path), OK) != OK:
+                self.registry.failures.append(
+                    LoadFailure(path.name, "(plugins-dir)", f"import failed: {verdicts[str(path)]}"))
                 continue
             module_name = f"rankbench_local_plugins.{path.stem}"
             try:

@@ -4,9 +4,16 @@
 ``DIR/ranks/``    one row per (cell, site): ``cell_id, site, rank, rank_per_mode, params``.
 ``DIR/curves/``   one row per (cell, curve, step): e.g. the error against iteration of a recovery solver.
 ``DIR/cells/``    one row per cell: its full configuration, status, reason, traceback and ``notes`` (a JSON object
-                  of text facts such as checksums and fallbacks a method took). Written *last*: a cell counts as
-                  finished only when its ``cells`` part exists (HELM's rule), so a crash between files leaves an
+                  of text facts such as checksums and fallbacks a method took) and ``parts`` (for each of the
+                  cell's metrics / ranks / curves parts: its row count and SHA-256). Written *last*: a cell counts
+                  as finished only when its ``cells`` part exists (HELM's rule), so a crash between files leaves an
                   unfinished cell that the next run redoes.
+
+Verification. A cell is trusted only when its marker reads as one row of its own cell and every part the marker
+lists exists with the listed row count and checksum (``scan_results``). A damaged cell -- a truncated, emptied or
+deleted part or marker, from a full disk, an interrupted copy or half an rsync -- is left out of every reader with
+one warning per folder, re-run by ``bench run`` and listed by ``bench check-results``. Markers written before
+``parts`` existed are trusted when their parts can be opened.
 
 Each part is written to a hidden temporary file in the same folder, fsynced, then renamed over the final name
 (``os.replace`` is atomic on POSIX). Readers (pandas, pyarrow, DuckDB) ignore hidden files, so a reader never sees
@@ -15,7 +22,10 @@ half a file. Every table has a fixed Arrow schema, so parts always concatenate.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -76,15 +86,24 @@ SCHEMAS = {
             ("traceback", pa.string()),
             ("wall_s", pa.float64()),
             ("notes", pa.string()),  # JSON object of text facts (CellContext.note)
+            ("parts", pa.string()),  # JSON: {table: {"rows": n, "sha256": hex}} of the cell's other parts
         ]
         + RUN_COLUMNS
     ),
 }
 TABLES = tuple(SCHEMAS)
+DATA_TABLES = ("metrics", "ranks", "curves")
 
 
-def _write_atomic(table: pa.Table, folder: Path, cell_id: str) -> None:
-    atomic_write(folder / f"part-{cell_id}.parquet", lambda handle: pq.write_table(table, handle))
+def _write_atomic(table: pa.Table, folder: Path, cell_id: str) -> dict:
+    """Write one part; returns what the marker records to verify it: its row count and SHA-256."""
+    import io
+
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    content = buffer.getvalue()
+    atomic_write(folder / f"part-{cell_id}.parquet", content)
+    return {"rows": table.num_rows, "sha256": hashlib.sha256(content).hexdigest()}
 
 
 def _cell_fields(cell: Cell, status: str) -> dict:
@@ -129,10 +148,12 @@ def write_cell(out: Path, cell: Cell, record: CellRecord, run: dict, primary_met
         "ranks": [{"cell_id": cell.cell_id, **r} for r in record.ranks],
         "curves": [{"cell_id": cell.cell_id, **c} for c in record.curves],
     }
+    parts = {}
     for name, table_rows in rows.items():
         part = out / name / f"part-{cell.cell_id}.parquet"
         if table_rows:
-            _write_atomic(pa.Table.from_pylist(table_rows, schema=SCHEMAS[name]), out / name, cell.cell_id)
+            parts[name] = _write_atomic(pa.Table.from_pylist(table_rows, schema=SCHEMAS[name]), out / name,
+                                        cell.cell_id)
         elif part.exists():  # a retried cell that no longer has rows of this kind
             part.unlink()
     marker = {
@@ -144,19 +165,15 @@ def write_cell(out: Path, cell: Cell, record: CellRecord, run: dict, primary_met
         "traceback": record.traceback,
         "wall_s": record.wall_s,
         "notes": json.dumps(record.notes, sort_keys=True),
+        "parts": json.dumps(parts, sort_keys=True),
         **run_fields,
     }
     _write_atomic(pa.Table.from_pylist([marker], schema=SCHEMAS["cells"]), out / "cells", cell.cell_id)
 
 
 def read_marker(out: str | Path, cell_id: str) -> dict | None:
-    """The ``cells`` row of one cell as a dict, or None when that cell has no part file (yet)."""
-    part = Path(out) / "cells" / f"part-{cell_id}.parquet"
-    try:
-        rows = pq.read_table(part, schema=SCHEMAS["cells"]).to_pylist()
-    except (OSError, pa.ArrowInvalid):  # missing, or unreadable
-        return None
-    return rows[0] if rows else None
+    """The ``cells`` row of one cell as a dict, or None when that cell has no readable marker (yet)."""
+    return _read_marker_file(Path(out) / "cells" / f"part-{cell_id}.parquet", cell_id)[0]
 
 
 def is_written(out: str | Path, record: CellRecord) -> bool:
@@ -168,36 +185,146 @@ def is_written(out: str | Path, record: CellRecord) -> bool:
     return marker is not None and marker["started_at"] == record.started_at and marker["status"] == record.status
 
 
-def read_table(out: str | Path, name: str) -> pd.DataFrame:
-    """One table of a results folder as a DataFrame (empty, with the right columns, if there is none)."""
-    folder = Path(out) / name
-    if not folder.is_dir() or not any(folder.glob("part-*.parquet")):
+def _read_marker_file(path: Path, cell_id: str) -> tuple[dict | None, str]:
+    try:
+        rows = pq.read_table(path, schema=SCHEMAS["cells"]).to_pylist()
+    except FileNotFoundError:
+        return None, "no marker"
+    except (OSError, pa.ArrowException) as exc:
+        return None, f"cells marker unreadable ({_short(exc)})"
+    if len(rows) != 1 or rows[0]["cell_id"] != cell_id:
+        return None, f"cells marker holds {len(rows)} rows, expected this cell's one"
+    return rows[0], ""
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def part_problem(out: Path, name: str, cell_id: str, expected: dict | None) -> str:
+    """Why part ``name`` of a cell cannot be trusted ("" when it verifies). ``expected``: the marker's record of it
+    (None for markers written before records: the part need only open)."""
+    path = out / name / f"part-{cell_id}.parquet"
+    try:
+        content = path.read_bytes()
+    except FileNotFoundError:
+        return f"{name} part missing"
+    except OSError as exc:
+        return f"{name} part unreadable ({_short(exc)})"
+    if expected is None:
+        try:
+            pq.read_metadata(pa.BufferReader(content))
+        except pa.ArrowException as exc:
+            return f"{name} part damaged ({_short(exc)})"
+        return ""
+    if hashlib.sha256(content).hexdigest() != expected.get("sha256"):
+        return f"{name} part damaged (checksum differs from the marker's; {len(content)} bytes)"
+    return ""
+
+
+@dataclass
+class ResultsScan:
+    """What a results folder holds: the verified markers by cell id and, by cell id, why a cell is damaged."""
+
+    folder: Path
+    markers: dict[str, dict] = field(default_factory=dict)
+    damaged: dict[str, str] = field(default_factory=dict)
+
+    def part_files(self, name: str) -> list[str]:
+        """The ``name`` parts of the verified cells."""
+        files = []
+        for cell_id, marker in self.markers.items():
+            listed = marker["_parts"]
+            if (name in listed) if listed is not None else (self.folder / name / f"part-{cell_id}.parquet").exists():
+                files.append(str(self.folder / name / f"part-{cell_id}.parquet"))
+        return files
+
+
+def scan_results(out: str | Path) -> ResultsScan:
+    """Verify every cell of a results folder (module docstring): its marker, then each part the marker lists."""
+    scan = ResultsScan(Path(out))
+    folder = scan.folder / "cells"
+    if not folder.is_dir():
+        return scan
+    for path in sorted(folder.glob("part-*.parquet")):
+        cell_id = path.name[len("part-"):-len(".parquet")]
+        marker, problem = _read_marker_file(path, cell_id)
+        if marker is None:
+            scan.damaged[cell_id] = problem
+            continue
+        try:
+            listed = None if marker.get("parts") is None else json.loads(marker["parts"])
+        except ValueError:
+            scan.damaged[cell_id] = "cells marker damaged (parts record is not JSON)"
+            continue
+        if listed is None:
+            problems = [part_problem(scan.folder, name, cell_id, None) for name in DATA_TABLES
+                        if (scan.folder / name / f"part-{cell_id}.parquet").exists()]
+        else:
+            problems = [part_problem(scan.folder, name, cell_id, listed[name]) for name in listed]
+        problems = [p for p in problems if p]
+        if problems:
+            scan.damaged[cell_id] = "; ".join(problems)
+            continue
+        marker["_parts"] = listed
+        scan.markers[cell_id] = marker
+    return scan
+
+
+_WARNED: set[tuple[str, int]] = set()
+
+
+def verified_scan(out: str | Path) -> ResultsScan:
+    """``scan_results`` for readers: damaged cells are warned about once per folder (on stderr) and left out."""
+    scan = scan_results(out)
+    key = (str(Path(out).resolve()), len(scan.damaged))
+    if scan.damaged and key not in _WARNED:
+        _WARNED.add(key)
+        print(f"warning: {out}: {len(scan.damaged)} damaged cell(s) left out (`bench check-results {out}` lists "
+              f"them; `bench run` re-runs them)", file=sys.stderr)
+    return scan
+
+
+def read_table(out: str | Path, name: str, scan: ResultsScan | None = None) -> pd.DataFrame:
+    """One table of a results folder as a DataFrame, verified cells only (empty, with the right columns, if there
+    is none)."""
+    scan = scan or verified_scan(out)
+    if name == "cells":
+        rows = [{k: v for k, v in m.items() if k != "_parts"} for m in scan.markers.values()]
+        return pa.Table.from_pylist(rows, schema=SCHEMAS["cells"]).to_pandas()
+    files = scan.part_files(name)
+    if not files:
         return SCHEMAS[name].empty_table().to_pandas()
-    return pq.read_table(folder, schema=SCHEMAS[name]).to_pandas()
+    import pyarrow.dataset as ds
+
+    return ds.dataset(files, schema=SCHEMAS[name], format="parquet").to_table().to_pandas()
 
 
-def cell_statuses(out: str | Path) -> dict[str, str]:
-    folder = Path(out) / "cells"
-    if not folder.is_dir() or not any(folder.glob("part-*.parquet")):
-        return {}
-    table = pq.read_table(folder, schema=SCHEMAS["cells"], columns=["cell_id", "status"])
-    return dict(zip(table.column("cell_id").to_pylist(), table.column("status").to_pylist()))
+def cell_statuses(out: str | Path, scan: ResultsScan | None = None) -> dict[str, str]:
+    """Status of every verified cell (damaged cells are absent: they are not finished)."""
+    scan = scan or scan_results(out)
+    return {cell_id: marker["status"] for cell_id, marker in scan.markers.items()}
 
 
-def finished_cell_ids(out: str | Path) -> set[str]:
-    return {cid for cid, status in cell_statuses(out).items() if status in FINAL_STATUSES}
+def finished_cell_ids(out: str | Path, scan: ResultsScan | None = None) -> set[str]:
+    return {cid for cid, status in cell_statuses(out, scan).items() if status in FINAL_STATUSES}
 
 
-def read_results(out: str | Path, latest_only: bool = True) -> pd.DataFrame:
-    """The metrics of a results folder as one tidy DataFrame, restricted to finished cells.
+def read_results(out: str | Path, latest_only: bool = True, include_failed: bool = False) -> pd.DataFrame:
+    """The metrics of a results folder as one tidy DataFrame: finished cells whose files verify, by default only
+    those that ended ``ok`` (``include_failed``: also error / timeout / crashed / oom / skipped cells' rows).
 
     With ``latest_only`` a configuration that was re-run after a plugin changed (same ``config_key``, new
     ``cell_id``) contributes only its newest cell.
     """
-    cells = read_table(out, "cells")
-    metrics = read_table(out, "metrics")
+    scan = verified_scan(out)
+    cells = read_table(out, "cells", scan)
+    metrics = read_table(out, "metrics", scan)
     if latest_only:
         cells = latest_cells(cells)
+    if not include_failed:
+        cells = cells[cells["status"] == "ok"]
     metrics = metrics[metrics["cell_id"].isin(cells["cell_id"])]
     return metrics.reset_index(drop=True)
 

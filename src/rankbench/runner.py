@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from rankbench import results
+from rankbench import results, stopping
 from rankbench.api import CellFailure, CellRecord
 from rankbench.cells import Cell
 from rankbench.context import CellContext
@@ -101,7 +101,7 @@ def worker_runtime(plugins_dir: str | None, device: str, timeout: float | None, 
 
 def execute_cell(cell: Cell, runtime: Runtime, alarm: bool = False) -> CellRecord:
     """Run one cell in this process and turn whatever happens into a ``CellRecord`` (never raises, except
-    KeyboardInterrupt). With ``alarm`` the per-cell limit is enforced by SIGALRM (main thread only)."""
+    the user's stop, see ``rankbench.stopping``). With ``alarm`` the per-cell limit is enforced by SIGALRM (main thread only)."""
     registry = runtime.registry
     if cell.task_key not in runtime.shared:
         # Cells arrive grouped by task configuration: free the previous configuration's models and statistics.
@@ -149,8 +149,11 @@ def execute_cell(cell: Cell, runtime: Runtime, alarm: bool = False) -> CellRecor
         status, reason = "timeout", f"cell exceeded its limit of {cell.timeout:g} s (in-process alarm)"
     except CellFailure as exc:
         status, reason, trace = exc.status, str(exc), traceback.format_exc()
-    except KeyboardInterrupt:
-        raise
+    except KeyboardInterrupt as exc:
+        if stopping.by_user():  # the user's Ctrl-C / SIGTERM: stop the run
+            raise
+        status = "error"  # raised by the plugin itself: a failed cell, not the user's stop
+        reason, trace = f"KeyboardInterrupt raised by the cell's code ({exc})", traceback.format_exc()
     except BaseException as exc:  # SystemExit from a plugin is a failed cell too
         status = "oom" if _is_oom(exc) else "error"
         reason, trace = f"{type(exc).__name__}: {exc}", traceback.format_exc()
@@ -259,7 +262,12 @@ def run_cells(
     )
 
     console = console or Console(stderr=True)
-    done = set() if force else results.finished_cell_ids(out)
+    scan = results.scan_results(out)
+    suite_ids = {c.cell_id for c in cells}
+    for cell_id, problem in scan.damaged.items():
+        action = "re-running" if cell_id in suite_ids else "not a cell of this suite; left as it is"
+        console.print(f"[yellow]damaged[/]: cell {cell_id}: {problem}, {action}", highlight=False)
+    done = set() if force else results.finished_cell_ids(out, scan)
     pending = [c for c in cells if c.cell_id not in done]
     to_skip = [c for c in pending if c.skip_reason]
     to_run = order_for_sharing([c for c in pending if not c.skip_reason])

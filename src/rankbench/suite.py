@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rankbench.api import PARAM_RATIO, RANK_CAP, RANK_TOTAL, Plugin
 from rankbench.cells import Cell, make_cell
-from rankbench.files import InputFileError, read_yaml_mapping
+from rankbench.files import InputFileError, excerpt, read_yaml_mapping
 from rankbench.kinds import cell_kind, pairing_skip
 from rankbench.plugins import Registry
 
@@ -31,7 +31,9 @@ class SuiteError(Exception):
         super().__init__(f"{file}: {key}: {message}" if key else f"{file}: {message}")
 
 
-Budgets = list[float] | dict[Literal["param_ratio", "rank_total", "rank_cap"], list[float]]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Budgets = list[Finite] | dict[Literal["param_ratio", "rank_total", "rank_cap"], list[Finite]]
+Seed = Annotated[int, Field(ge=0, lt=2**63)]  # the results schema stores seeds as int64
 
 
 class SliceFile(BaseModel):
@@ -43,7 +45,7 @@ class SliceFile(BaseModel):
     selectors: list[PluginRef] = Field(min_length=1)
     factorizations: list[PluginRef] = Field(min_length=1)
     budgets: Budgets | None = None
-    seeds: list[int] | None = Field(default=None, min_length=1)
+    seeds: list[Seed] | None = Field(default=None, min_length=1)
 
 
 class SuiteFile(BaseModel):
@@ -59,8 +61,8 @@ class SuiteFile(BaseModel):
     slices: list[SliceFile] = Field(default_factory=list)
     # one list for every task, or a list per budget kind when a suite mixes tasks of different kinds
     budgets: Budgets = Field(default_factory=list)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    timeout: float | None = Field(default=900.0, gt=0)  # seconds per cell; null disables the limit
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
+    timeout: float | None = Field(default=900.0, gt=0, allow_inf_nan=False)  # seconds per cell; null: no limit
     executor: PluginRef | None = None  # a name, or {name: {param: value}} (e.g. {submitit: {cells_per_job: 16}})
     device: Literal["auto", "cpu", "cuda"] | None = None
     threads: int | None = Field(default=None, ge=1)  # torch CPU threads for the cells (bench run --threads wins)
@@ -103,7 +105,7 @@ def _pydantic_message(err: dict) -> str:
     if err["type"] == "missing":
         return "required key is missing"
     if "input" in err and err["type"] not in ("union_tag_invalid",):
-        return f"{msg} (got {err['input']!r})"
+        return f"{msg} (got {excerpt(err['input'])})"
     return msg
 
 
@@ -128,7 +130,7 @@ def load_suite(path: str | Path) -> Suite:
             owner = data["slices"][loc[1]] if at else data
             item = owner[loc[at]][loc[at + 1]]
             raise SuiteError(
-                file, _key(loc[: at + 2]), f"expected a plugin name or {{name: {{param: value}}}} (got {item!r})"
+                file, _key(loc[: at + 2]), f"expected a plugin name or {{name: {{param: value}}}} (got {excerpt(item)})"
             ) from None
         raise SuiteError(file, _key(loc), _pydantic_message(err)) from None
     axes = ("tasks", "selectors", "factorizations")
@@ -145,7 +147,7 @@ def load_suite(path: str | Path) -> Suite:
                     raise SuiteError(
                         file,
                         f"{prefix}{axis}[{i}]",
-                        f"expected a plugin name or {{name: {{param: value}}}} with one name (got {ref!r})",
+                        f"expected a plugin name or {{name: {{param: value}}}} with one name (got {excerpt(ref)})",
                     )
     return Suite(file, spec)
 
@@ -164,7 +166,7 @@ def resolve_ref(registry: Registry, kind: str, ref: PluginRef, file: str, key: s
         raw = raw or {}
     if name not in registry.plugins[kind]:
         known = ", ".join(registry.names(kind)) or "none loaded"
-        raise SuiteError(file, key, f"unknown {kind} {name!r}; expected one of: {known}")
+        raise SuiteError(file, key, f"unknown {kind} {excerpt(name, 60)}; expected one of: {known}{_load_hint(registry, name)}")
     info = registry.get(kind, name)
     try:
         params = info.cls.Params.model_validate(raw)
@@ -176,8 +178,18 @@ def resolve_ref(registry: Registry, kind: str, ref: PluginRef, file: str, key: s
     try:
         instance = info.cls(params)
     except Exception as exc:
-        raise SuiteError(file, f"{key}.{name}", f"invalid parameters ({type(exc).__name__}: {exc})") from None
+        raise SuiteError(file, f"{key}.{name}", f"invalid parameters ({type(exc).__name__}: {excerpt(str(exc), 200)})") from None
     return PluginSpec(kind, name, params.model_dump(mode="json"), instance, info.version)
+
+
+def _load_hint(registry: Registry, name: str) -> str:
+    """Where a plugin file failed to load, the unknown name may be in it: say so (``bench plugins`` shows why)."""
+    failed = [f.plugin for f in registry.failures]
+    if not failed:
+        return ""
+    near = [p for p in failed if name.replace("-", "_") in p.replace("-", "_")]
+    listed = ", ".join(near or failed[:5])
+    return f" ({'it may be in' if near else 'note that'} plugin(s) that failed to load: {listed}; see `bench plugins`)"
 
 
 def _check_budget(value: float, kind: str | None, file: str, key: str) -> float:

@@ -25,7 +25,9 @@ the target problem and its metrics; ``run_adaptation`` does the rest. A selector
   its dW (re-parameterised: P = U_k, E = s_k / scaling, Q = V_k^T, exact), and training continues for the
   remaining ``retrain_steps``.
 
-Every selector therefore gets the same number of optimiser steps on the same loss. Budget kind ``rank_total``: the
+A task may ask for ``lbfgs_steps`` L-BFGS iterations after the Adam steps (PINNacle's Adam-then-L-BFGS): they run
+at the final ranks, for every selector and for the reference alike. Every selector therefore gets the same number
+of optimiser steps on the same loss. Budget kind ``rank_total``: the
 total rank summed over sites must not exceed the budget. The dense reference cell fine-tunes every weight of the
 model (no adapters) for the same steps. Per cell the kind records ``params`` (the adapters' parameters at the final
 ranks; the sites' dense parameters for the reference), ``rank_total``, ``param_ratio`` (params over the sites' dense
@@ -163,12 +165,14 @@ class AdapterFactorization(Factorization):
 @dataclasses.dataclass(frozen=True)
 class AdaptationSettings:
     """How a task fine-tunes: ``steps`` optimiser steps per cell, of which the last ``retrain_steps`` follow a post-hoc
-    selection; Adam's learning rate for the adapters (``lr``) and for full fine-tuning in the reference cell."""
+    selection; Adam's learning rate for the adapters (``lr``) and for full fine-tuning in the reference cell;
+    ``lbfgs_steps`` L-BFGS iterations after the last Adam step, at the final ranks (0: Adam only)."""
 
     steps: int
     retrain_steps: int
     lr: float
     reference_lr: float
+    lbfgs_steps: int = 0
 
 
 class AdapterTrainer:
@@ -239,6 +243,21 @@ class AdapterTrainer:
     def train(self, steps: int, after: Callable[[AdapterTrainer], None] | None = None) -> None:
         for _ in range(min(int(steps), self.steps_left)):
             self.step(after)
+
+    def refine_lbfgs(self, iterations: int) -> None:
+        """L-BFGS on the adapters (and the parameters trained beside them) at their final ranks, on the same
+        objective as the Adam steps; the loss it ends at is appended to the ``train_loss`` curve."""
+        params = [p for a in self.adapters.values() for p in (a.P, a.E, a.Q) if p.numel()] + self.extra_params
+        if not iterations or not params:
+            return
+
+        def objective() -> torch.Tensor:
+            loss = self.task.training_loss(self.ctx, self.model)
+            return loss + self.orth_reg * self.regulariser() if self.orth_reg else loss
+
+        lbfgs_minimise(params, objective, iterations)
+        with torch.no_grad():
+            self.loss_curve.append((self.step_count + iterations, float(self.task.training_loss(self.ctx, self.model))))
 
     @torch.no_grad()
     def _gradient_norms(self) -> dict[str, float]:
@@ -336,12 +355,33 @@ class AdaptsCompressionModel(CompressionTask, AdaptationTask):
         return AdaptationSettings(steps=p.steps, retrain_steps=p.retrain_steps, lr=p.adapter_lr, reference_lr=p.lr)
 
 
+def lbfgs_minimise(params: list[nn.Parameter], objective: Callable[[], torch.Tensor], iterations: int) -> None:
+    """Full-batch L-BFGS on ``objective`` over ``params`` for at most ``iterations`` iterations: strong-Wolfe line
+    search, history 50, step 1 -- PINNacle's second training phase after Adam. A non-finite objective raises
+    ``Diverged``."""
+    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=int(iterations), max_eval=int(iterations) * 5 // 4,
+                                  history_size=50, tolerance_grad=1e-12, tolerance_change=1e-15,
+                                  line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = objective()
+        if not torch.isfinite(loss):
+            raise Diverged("non-finite loss during L-BFGS")
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    optimizer.zero_grad(set_to_none=True)
+
+
 def dense_sites_params(model: nn.Module, names: list[str]) -> int:
     return sum(model.get_submodule(n).weight.numel() for n in names)
 
 
 def run_adaptation_reference(task: AdaptationTask, ctx) -> None:
-    """Full fine-tuning of every weight for the same steps (the dense reference of an adaptation cell)."""
+    """Full fine-tuning of every weight for the same steps and L-BFGS iterations (the dense reference of an
+    adaptation cell)."""
     settings = task.adaptation_settings()
     steps = settings.steps
     model = copy.deepcopy(task.pretrained_model(ctx))
@@ -357,6 +397,10 @@ def run_adaptation_reference(task: AdaptationTask, ctx) -> None:
             optimizer.step()
             if step % max(1, steps // 200) == 0 or step == steps:
                 curve.append((step, loss.item()))
+        if settings.lbfgs_steps:
+            lbfgs_minimise(list(model.parameters()), lambda: task.training_loss(ctx, model), settings.lbfgs_steps)
+            with torch.no_grad():
+                curve.append((steps + settings.lbfgs_steps, float(task.training_loss(ctx, model))))
     if curve:
         ctx.curve("train_loss", [v for _, v in curve], [s for s, _ in curve])
     with ctx.phase("evaluate"):
@@ -394,6 +438,7 @@ def run_adaptation(task: AdaptationTask, ctx, selector, factorization: AdapterFa
                 ranks = selector.select(problem)
             trainer.truncate(_checked(ranks, adapters, selector.name))
             trainer.train(trainer.steps_left)
+        trainer.refine_lbfgs(settings.lbfgs_steps)
     with ctx.phase("evaluate"):
         task.evaluate_adapted(ctx, model)
     final = {name: a.rank for name, a in adapters.items()}

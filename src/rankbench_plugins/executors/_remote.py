@@ -18,10 +18,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 
 from rankbench import results
 from rankbench.api import CellRecord
@@ -88,10 +86,9 @@ class PartWatch:
     def __init__(self, results_dir: str | None):
         self.results_dir = results_dir
         self.before: dict[str, str] = {}
-        folder = Path(results_dir or "") / "cells"
-        if results_dir and folder.is_dir() and any(folder.glob("part-*.parquet")):
-            table = pq.read_table(folder, schema=results.SCHEMAS["cells"], columns=["cell_id", "started_at"])
-            self.before = dict(zip(table.column("cell_id").to_pylist(), table.column("started_at").to_pylist()))
+        if results_dir:
+            scan = results.scan_results(results_dir)
+            self.before = {cell_id: marker["started_at"] for cell_id, marker in scan.markers.items()}
 
     def written_since(self, cell: Cell) -> CellRecord | None:
         """The record of ``cell`` that a job wrote after the snapshot, rebuilt from its marker; else None."""

@@ -8,7 +8,9 @@ statistics) is shared by them; the next configuration gets a fresh worker, so a 
 includes what an earlier configuration left in the process. The parent waits for each result at most the cell's
 timeout; at the limit it kills the worker (SIGKILL: nothing cooperative about it) and records ``timeout``. A worker
 that dies -- segfault, ``os._exit``, the OOM killer -- gives ``crashed`` with the signal or exit code. Either way a
-fresh worker takes the next cell and the suite goes on.
+fresh worker takes the next cell and the suite goes on. The worker leads its own session and process group, and it
+is the group that is killed -- with whatever a method started in it (a data loader, a solver binary); the record's
+reason says how many processes were ended. (A descendant that starts a session of its own escapes the group.)
 ``fresh_worker: true`` starts a new worker for every cell (cleanest memory numbers, slower).
 """
 
@@ -46,6 +48,7 @@ def worker_main(conn, plugins_dir: str | None, device: str, timeout: float | Non
     """The worker's loop: rebuild the registry, say ready, then run each cell received (JSON) and send its record
     back, until the parent sends None or the pipe closes."""
     _die_with_parent()
+    os.setsid()  # its own process group: a kill at the limit ends whatever the cell started too
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     runtime = worker_runtime(plugins_dir, device, timeout, threads)
     conn.send(("ready", os.getpid()))
@@ -78,6 +81,39 @@ def _exit_description(exitcode: int | None) -> str:
     return f"the worker exited with code {exitcode}"
 
 
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group ``pgid`` (Linux /proc; elsewhere: the leader, if alive)."""
+    if not os.path.isdir("/proc/self"):
+        return [pgid]
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        state, _, pgrp = stat[stat.rindex(")") + 2:].split()[:3]
+        if int(pgrp) == pgid and state != "Z":
+            members.append(int(entry))
+    return members
+
+
+def _kill_group(pgid: int) -> int:
+    """SIGKILL every process of group ``pgid``; returns how many were alive."""
+    alive = _group_members(pgid)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    return len(alive)
+
+
+def _ended(count: int) -> str:
+    return f" ({count} process{'es' if count != 1 else ''} ended)" if count else ""
+
+
 class _Worker:
     def __init__(self, runtime, start_timeout: float):
         context = multiprocessing.get_context("spawn")
@@ -99,11 +135,15 @@ class _Worker:
             self.process.join(5)
             raise RuntimeError(f"the worker failed to start: {_exit_description(self.process.exitcode)}") from None
 
-    def kill(self) -> None:
+    def kill(self) -> int:
+        """Kill the worker's process group (the worker and what its cells started); returns how many processes
+        were ended."""
+        ended = _kill_group(self.process.pid) if self.process.pid else 0
         if self.process.is_alive():
             self.process.kill()
         self.process.join(10)
         self.conn.close()
+        return ended
 
     def stop(self) -> None:
         try:
@@ -157,17 +197,20 @@ class SubprocessExecutor(Executor):
         except (BrokenPipeError, OSError):
             return failed_record(cell, "crashed", _exit_description(worker.process.exitcode), 0.0, started_at), False
         if not worker.conn.poll(cell.timeout):  # None: wait forever
-            worker.kill()
+            ended = worker.kill()
             wall = time.perf_counter() - start
             return failed_record(
-                cell, "timeout", f"killed at the per-cell limit of {cell.timeout:g} s", wall, started_at
+                cell, "timeout", f"killed at the per-cell limit of {cell.timeout:g} s{_ended(ended)}", wall,
+                started_at
             ), False
         try:
             _, payload = worker.conn.recv()
         except (EOFError, OSError):
             worker.process.join(5)
             wall = time.perf_counter() - start
-            return failed_record(cell, "crashed", _exit_description(worker.process.exitcode), wall, started_at), False
+            left = _kill_group(worker.process.pid)  # what the dead worker's cell had started
+            return failed_record(cell, "crashed", _exit_description(worker.process.exitcode) + _ended(left), wall,
+                                 started_at), False
         return CellRecord(**payload), True
 
 

@@ -12,7 +12,8 @@ initial faces, and for periodic families ``n_boundary`` matched pairs --
     L(u) = mean_i r(x_i)^2 + mean_j (u(b_j) - g(b_j))^2 + mean_k (u(p_k) - u(p'_k))^2        (r the PDE residual).
 
 Pretraining: Adam (lr ``lr``) for ``pretrain_steps`` steps on the ``source`` parameter, from a seed derived from the
-task seed; the weights are cached on disk per configuration and seed (``$RANKBENCH_CACHE/pinn/``).
+task seed, then ``lbfgs_steps`` full-batch L-BFGS iterations (PINNacle's Adam-then-L-BFGS; strong-Wolfe line
+search, history 50); the weights are cached on disk per configuration and seed (``$RANKBENCH_CACHE/pinn/``).
 
 Problem kinds (``problem``)
     ``adaptation`` (default; budget kind ``rank_total``): fine-tune on the ``target`` parameter for ``steps`` Adam
@@ -20,7 +21,8 @@ Problem kinds (``problem``)
         learned updates after ``steps - retrain_steps`` steps, and training continues ``retrain_steps`` steps at the
         chosen ranks. Adam with ``adapter_lr`` (LoRA is usually trained with a larger rate than full fine-tuning:
         at 1e-3 the adapters barely move from E = 0 in a few hundred steps). The dense reference fine-tunes all
-        weights for ``steps`` steps with ``lr``. Metrics on the target PDE.
+        weights for ``steps`` steps with ``lr``. ``finetune_lbfgs_steps`` L-BFGS iterations follow the Adam steps at
+        the final ranks, in every cell and in the reference alike. Metrics on the target PDE.
     ``compression`` (budget kind ``param_ratio``): post-training compression of the pretrained network's own
         weights (``rankbench.kinds.compression``), calibration loss = the PINN loss on the source problem;
         metrics on the source PDE.
@@ -51,7 +53,7 @@ from torch import nn
 from rankbench.api import ADAPTATION, TRAINING, PluginParams, hookimpl
 from rankbench.cells import derived_seed
 from rankbench.kinds import KindChosenByParameter
-from rankbench.kinds.adaptation import AdaptsCompressionModel
+from rankbench.kinds.adaptation import AdaptationSettings, AdaptsCompressionModel, lbfgs_minimise
 from rankbench.kinds.compression import cached_weights
 from rankbench.kinds.training import TrainingSettings, TrainingTask, trained_dense_network
 from rankbench_plugins.tasks import _pde
@@ -74,6 +76,9 @@ class PINNParams(PluginParams):
     lr: float = Field(1e-3, gt=0.0, description="Adam learning rate of pretraining and of full fine-tuning (reference)")
     lbfgs_steps: int = Field(0, ge=0, description="L-BFGS iterations after the Adam steps of pretraining (PINNacle "
                              "trains its baselines with Adam, then L-BFGS); 0: Adam only")
+    finetune_lbfgs_steps: int = Field(0, ge=0, description="adaptation: L-BFGS iterations after the Adam steps, at "
+                                      "the final ranks, in every cell and in the full fine-tuning reference; 0: Adam "
+                                      "only")
     adapter_lr: float = Field(1e-2, gt=0.0, description="Adam learning rate of the adapters")
     n_interior: int = Field(1000, ge=1, description="interior collocation points")
     n_boundary: int = Field(200, ge=1, description="boundary / initial points (and periodic pairs)")
@@ -223,21 +228,9 @@ class PINN(KindChosenByParameter, AdaptsCompressionModel, TrainingTask):
             self.pinn_loss(model, problem, points).backward()
             optimizer.step()
         if self.params.lbfgs_steps:
-            self.refine_lbfgs(model, problem, points, self.params.lbfgs_steps)
+            lbfgs_minimise(list(model.parameters()), lambda: self.pinn_loss(model, problem, points),
+                           self.params.lbfgs_steps)
         model.cpu()
-
-    def refine_lbfgs(self, model: nn.Module, problem: _pde.PDEProblem, points: Collocation, iterations: int) -> None:
-        """Full-batch L-BFGS on the PINN loss (strong-Wolfe line search, history 50), as PINNacle's second phase."""
-        optimizer = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=iterations, history_size=50,
-                                      tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad(set_to_none=True)
-            loss = self.pinn_loss(model, problem, points)
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
 
     def target_sites(self, model: nn.Module) -> dict[str, nn.Linear]:
         if self.from_scratch:  # the width x width hidden layers (the first and last have rank <= input dim / 1)
@@ -310,6 +303,11 @@ class PINN(KindChosenByParameter, AdaptsCompressionModel, TrainingTask):
         return ctx.memo(("pinn_test", problem.family, problem.param, self.params.test_grid), test_set)
 
     # -- adaptation (``AdaptsCompressionModel``: the pretrained network, LoRA fine-tuned on the target problem) -----
+    def adaptation_settings(self) -> AdaptationSettings:
+        p = self.params
+        return AdaptationSettings(steps=p.steps, retrain_steps=p.retrain_steps, lr=p.adapter_lr, reference_lr=p.lr,
+                                  lbfgs_steps=p.finetune_lbfgs_steps)
+
     def training_loss(self, ctx, model: nn.Module) -> torch.Tensor:
         problem = self.target_problem()
         return self.pinn_loss(model, problem, self.collocation(ctx, problem))

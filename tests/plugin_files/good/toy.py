@@ -75,12 +75,22 @@ class Misbehave(Factorization):
     name = "misbehave"
 
     class Params(PluginParams):
-        mode: Literal["raise", "hang", "exit", "kill", "nan", "diverge", "oom"] = "raise"
+        mode: Literal["raise", "hang", "exit", "kill", "nan", "diverge", "oom", "fork-hang", "interrupt"] = "raise"
 
     def approximate(self, w, rank):
         mode = self.params.mode
         if mode == "raise":
             raise ValueError("this factorization always fails")
+        if mode == "fork-hang":  # a child process (a data loader, a solver binary) and a hang
+            import subprocess
+
+            child = subprocess.Popen(["sleep", "300"])
+            with open(os.environ["TOY_CHILD_PIDFILE"], "w") as handle:
+                handle.write(str(child.pid))
+            while True:
+                time.sleep(0.05)
+        if mode == "interrupt":
+            raise KeyboardInterrupt("raised by the plugin, not by a user")
         if mode == "hang":
             while True:
                 time.sleep(0.05)
