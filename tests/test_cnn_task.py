@@ -134,8 +134,11 @@ def test_lenet5_shape_and_sites(tmp_path):
     assert list(make(sites="conv").target_sites(model)) == ["conv1", "conv2"]
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10) and model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
     assert task.problem_kinds == {"training", "compression"}
-    assert "Linear sites only" in task.skip(DLRT(), SVD()) and make(sites="linear").skip(DLRT(), SVD()) is None
-    assert task.skip(TDLRT(), Tucker()) is None
+    assert task.skip(DLRT(), SVD()) is None and task.skip(TDLRT(), Tucker()) is None
+    from rankbench_plugins.trainers.bayes_tensor import BayesTensorTrainer
+
+    assert "Linear sites only" in task.skip(BayesTensorTrainer(), Tucker())
+    assert make(sites="linear").skip(BayesTensorTrainer(), Tucker()) is None
     # compression of conv kernels: tucker (Tucker-2) and cp only
     assert "does not factorise conv kernels" in task.skip(UniformSelector(), SVD())
     assert "does not factorise conv kernels" in make(sites="conv").skip(UniformSelector(), TT())
@@ -288,3 +291,47 @@ def test_conv_sites_compress_the_reference_lenet5_within_budget(tmp_path):
         assert set(rows) == {"conv1", "conv2", "fc1", "fc2", "fc3"}
         assert sum(int(r["params"]) for r in rows.values()) == m["params"]
         assert 0.0 <= m["accuracy"] <= 1.0
+
+
+def test_dlrt_lenet5_is_the_reference_network_with_its_output_layer_dense(tmp_path):
+    task = make(network="lenet5-dlrt")
+    model = task.fresh_model(make_ctx(tmp_path))
+    sites = task.target_sites(model)
+    assert {n: tuple(m.weight.shape) for n, m in sites.items()} == {
+        "conv1": (20, 1, 5, 5), "conv2": (50, 20, 5, 5), "fc1": (500, 800)}
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+
+
+@pytest.mark.parametrize("stride, padding, dilation", [(1, 0, 1), (2, 1, 1), (1, 2, 2)])
+def test_dlrt_conv_at_full_rank_is_the_dense_convolution_and_its_k_gradients_are_autograds(stride, padding,
+                                                                                              dilation):
+    """A kernel as the matrix of its flattened filters: at full rank the layer is the dense conv, and the K-step
+    pass hands K = U S the gradient G V of the dense kernel's autograd gradient G (as a matrix)."""
+    from rankbench_plugins.trainers.dlrt import DLRTConv2d, dlrt_layer
+
+    gen = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, stride=stride, padding=padding, dilation=dilation).double()
+    layer = dlrt_layer(conv, DLRT.Params(rank_max=5, rank_min=1), gen)
+    assert isinstance(layer, DLRTConv2d) and layer.ranks() == 5
+    x = torch.randn(2, 3, 11, 9, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), conv(x))
+    target = torch.randn_like(conv(x))
+    ((conv(x) - target) ** 2).sum().backward()
+    G = conv.weight.grad.reshape(5, -1)
+    layer.begin_basis_step()
+    ((layer(x) - target) ** 2).sum().backward()
+    grad_K, grad_L = layer.kl_gradients()
+    torch.testing.assert_close(grad_K, G @ layer.V)
+    torch.testing.assert_close(grad_L, G.T @ layer.U)
+
+
+@pytest.mark.parametrize("optimizer, lr", [("sgd", 0.05), ("adam", 1e-3)])
+def test_dlrt_cell_on_the_reference_lenet5_trains_its_conv_kernels(tmp_path, optimizer, lr):
+    ctx = make_ctx(tmp_path)
+    run_cell(make(network="lenet5-dlrt", epochs=2), ctx, DLRT(DLRT.Params(tau=0.15, lr=lr, optimizer=optimizer)), SVD())
+    ranks = {row["site"]: row["rank"] for row in ctx.ranks_rows}
+    assert set(ranks) == {"conv1", "conv2", "fc1"}
+    assert ranks["conv1"] <= 10 and ranks["conv2"] <= 25 and ranks["fc1"] <= 250  # the reference's rmax: half
+    m = metrics(ctx)
+    assert m["accuracy"] > 0.6, m  # chance 0.1
+    assert m["param_ratio"] < 0.5

@@ -421,3 +421,44 @@ def test_trainers_skip_other_formats():
     assert TDLRT().format_skip(SVD()) is not None and TDLRT().format_skip(Tucker()) is None
     with pytest.raises(TypeError):
         DLRT().select(None)
+
+
+def test_indexwise_adam_is_torch_adam_on_the_reference_fixed_shape_buffers():
+    """optimizer: adam is the DLRT reference's KLS_optim=torch.optim.Adam: one Adam over a buffer of the largest
+    shape whose leading block holds the factor. Here the factor's shape grows and shrinks between steps (rank
+    changes) and its values are overwritten before each step (a new basis), as the reference's preprocess steps do;
+    the active block after every step equals torch.optim.Adam's on that buffer."""
+    from rankbench_plugins.trainers._integrator import IndexwiseAdam
+
+    gen = torch.Generator().manual_seed(0)
+    buffer = nn.Parameter(torch.zeros(9, 7, dtype=DT))
+    reference = torch.optim.Adam([buffer], lr=0.01, betas=(0.8, 0.99), eps=1e-8)
+    ours = IndexwiseAdam(betas=(0.8, 0.99), eps=1e-8)
+    for shape in [(4, 3), (6, 5), (9, 7), (5, 2), (7, 6), (3, 3)]:
+        block = tuple(slice(0, n) for n in shape)
+        value = torch.randn(*shape, generator=gen, dtype=DT)
+        grad = torch.randn(*shape, generator=gen, dtype=DT)
+        with torch.no_grad():
+            buffer[block] = value
+        buffer.grad = torch.zeros_like(buffer)
+        buffer.grad[block] = grad
+        reference.step()
+        factor = value.clone().requires_grad_(True)
+        factor.grad = grad
+        torch.testing.assert_close(ours.step("K", factor, lr=0.01), buffer.detach()[block], rtol=1e-12, atol=1e-14)
+
+
+def test_dlrt_with_adam_trains_and_keeps_its_moments_per_factor():
+    torch.manual_seed(0)
+    layer = _dlrt(out=8, inp=6, r=3, rank_max=4)
+    from rankbench_plugins.trainers._integrator import IndexwiseAdam
+
+    layer.adam = IndexwiseAdam()
+    x, y = _batch(6, 8, n=64)
+    first = _loss(layer(x), y).item()
+    for _ in range(60):
+        integrator_step(layer, [layer], lambda: _loss(layer(x), y), lr=0.02, tau=0.05)
+    assert _loss(layer(x), y).item() < 0.5 * first
+    assert set(layer.adam.state) == {"K", "L", "S", "bias"}
+    assert all(count == 60 for _, _, count in layer.adam.state.values())
+    assert layer.adam.state["K"][0].shape[1] <= 4  # K's moments never wider than the rank cap

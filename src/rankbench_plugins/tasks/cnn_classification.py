@@ -9,14 +9,21 @@ the 32x32 input of the original (the first conv has ``padding=2``, the second no
 layers, 20@5x5 / 50@5x5 / fc 500, unpadded; not this one.) Images of another side (``digits``: 8x8) are resized
 bilinearly to 28x28 inside the network. PyTorch's default initialisation from a seed derived from the task seed.
 
+Network (``network: lenet5-dlrt``): the LeNet5 of DLRT's reference code (COMPiLELab/DLRT-Net,
+``models_folder/Lenet5.py``) -- conv 20@5x5, 2x2 max pool, conv 50@5x5, 2x2 max pool, fc 500, fc 10, ReLU after each
+conv and the hidden fc, no padding (28 -> 24 -> 12 -> 8 -> 4: the first fc has 800 inputs). As in that code the output
+layer is not low-rank: the sites are ``conv1``, ``conv2`` and ``fc1`` (the paper's published ranks are of these
+three), and ``fc2`` trains with the task's optimiser.
+
 Network (``network: vgg``): a small VGG-style network for 28x28 Fashion-MNIST (ours, no paper's exact layout): two
 blocks of two 3x3 convs (``padding=1``, ReLU) and a 2x2 max pool, 32 then 64 channels (28 -> 14 -> 7), then fc 256
 and fc 10 (``features.0``, ``features.1``, ``features.3``, ``features.4`` are the convs; ``classifier.0``,
 ``classifier.2`` the Linears).
 
 Sites (``sites``): ``all`` -- the conv kernels (``conv1``, ``conv2``: 4-mode tensors out x in x kh x kw) and the
-Linear layers (``fc1``, ``fc2``, ``fc3``); ``conv`` -- the kernels only; ``linear`` -- the Linear layers only (what
-matrix-format trainers such as ``dlrt`` can train). Every site a training cell does not replace trains with the
+Linear layers (``fc1``, ``fc2``, ``fc3``); ``conv`` -- the kernels only; ``linear`` -- the Linear layers only. Trainers
+take conv kernels in their own format: ``tdlrt`` as 4-mode Tucker tensors, ``dlrt`` as the out x in kh kw matrix of
+the flattened filters (its reference code's ``Conv2d_lr``); a trainer without conv support needs ``sites: linear``. Every site a training cell does not replace trains with the
 task's optimiser.
 
 Problem kinds: ``training`` (``rankbench.kinds.training``: Adam at ``lr`` for ``epochs`` epochs of minibatches of
@@ -49,8 +56,9 @@ class CNNParams(PluginParams):
         "mnist", description="digits (8x8, resized to 28x28 in the network), MNIST-5k or Fashion-MNIST 60k")
     max_train: int | None = Field(None, ge=10, description="cap on training images (stratified subset)")
     max_test: int | None = Field(None, ge=10, description="cap on test images (stratified subset)")
-    network: Literal["lenet5", "vgg"] = Field(
-        "lenet5", description="the architecture: LeNet5 (LeCun's layer sizes) or a small VGG-style network")
+    network: Literal["lenet5", "lenet5-dlrt", "vgg"] = Field(
+        "lenet5", description="the architecture: LeNet5 (LeCun's layer sizes), DLRT's reference LeNet5 (20@5x5, "
+                              "50@5x5, fc 500; its output layer is no site) or a small VGG-style network")
     sites: Literal["all", "conv", "linear"] = Field(
         "all", description="which layers are sites: conv kernels and Linears, conv kernels only, Linears only "
                            "(compression of conv kernels: tucker / cp)")
@@ -85,6 +93,28 @@ class LeNet5(nn.Module):
         h = torch.relu(self.fc1(h.flatten(1)))
         h = torch.relu(self.fc2(h))
         return self.fc3(h)
+
+
+class DLRTLeNet5(nn.Module):
+    """The LeNet5 of DLRT's reference code (module docstring); ``dense_output`` names the layer that is no site."""
+
+    dense_output = "fc2"
+
+    def __init__(self, image_size: int, classes: int):
+        super().__init__()
+        self.image_size = int(image_size)
+        self.conv1 = nn.Conv2d(1, 20, 5)
+        self.conv2 = nn.Conv2d(20, 50, 5)
+        self.fc1 = nn.Linear(50 * 4 * 4, 500)
+        self.fc2 = nn.Linear(500, classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        h = images
+        if h.shape[-1] != SIDE or h.shape[-2] != SIDE:
+            h = F.interpolate(h, size=(SIDE, SIDE), mode="bilinear", align_corners=False)
+        h = F.max_pool2d(torch.relu(self.conv1(h)), 2)
+        h = F.max_pool2d(torch.relu(self.conv2(h)), 2)
+        return self.fc2(torch.relu(self.fc1(h.flatten(1))))
 
 
 class SmallVGG(nn.Module):
@@ -137,12 +167,13 @@ class CNNClassification(ImageClassificationTask):
         return [tiny, {**tiny, "sites": "linear"}]
 
     def build_network(self, ds: data.ImageDataset) -> nn.Module:
-        network = {"lenet5": LeNet5, "vgg": SmallVGG}[self.params.network]
+        network = {"lenet5": LeNet5, "lenet5-dlrt": DLRTLeNet5, "vgg": SmallVGG}[self.params.network]
         return network(ds.image_size, ds.num_classes)
 
     def target_sites(self, model: nn.Module) -> dict[str, nn.Module]:
         kinds = {"all": (nn.Conv2d, nn.Linear), "conv": (nn.Conv2d,), "linear": (nn.Linear,)}[self.params.sites]
-        return {name: module for name, module in model.named_modules() if isinstance(module, kinds)}
+        dense = getattr(model, "dense_output", None)  # a layer the network's own protocol keeps dense
+        return {name: module for name, module in model.named_modules() if isinstance(module, kinds) and name != dense}
 
     def training_settings(self) -> TrainingSettings:
         return TrainingSettings(epochs=self.params.epochs, lr=self.params.lr, optimizer="adam")

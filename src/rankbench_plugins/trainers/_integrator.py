@@ -16,8 +16,18 @@ Both methods (Schotthöfer et al., NeurIPS 2022; Zangrando et al., NeurIPS 2024;
 The loss of an epoch is the mean of the first pass's minibatch losses (the loss at the weights the step starts from,
 as the reference logs it).
 
+The step rule (``optimizer``). ``sgd`` (default; the papers' setting): every factor moves by ``- lr * grad``.
+``adam``: the DLRT reference's ``dlr_opt(..., KLS_optim=torch.optim.Adam)``, which hands its K, L and S buffers (fixed
+shapes, the largest the rank allows; the active block is the leading one) to one ``torch.optim.Adam``. So each factor
+keeps Adam moments of that largest shape; a step's gradient fills the leading block of the factor's current shape
+(zeros elsewhere), both moments decay everywhere, and the active block moves by Adam's bias-corrected step
+(``IndexwiseAdam``). Moments are carried *index-wise* across basis changes and rank changes -- the moment of column j
+of K stays with column j although the basis it refers to was re-orthogonalised and truncated -- exactly as the
+reference's buffers carry them; nothing rotates them into the new bases (which would be a different method). The
+layer bias is Adam-stepped with the second pass's gradient, as the reference's integrator steps it.
+
 Knob names: ``tau`` here is the relative truncation tolerance (the DLRT reference code calls it ``theta`` and calls its
-learning rate ``tau``); ``lr`` is the integrator's SGD step.
+learning rate ``tau``); ``lr`` is the integrator's step size.
 """
 
 from __future__ import annotations
@@ -57,6 +67,14 @@ class IntegratorParams(PluginParams):
         description="rank cap (per mode for Tucker); None = half the smaller dimension (per mode: half the mode "
                     "size), the DLRT reference's rmax for adaptive layers",
     )
+    optimizer: Literal["sgd", "adam"] = Field(
+        "sgd",
+        description="the integrator's step rule: 'sgd' (the papers' and reference runs' setting) or 'adam' (the "
+                    "reference's KLS_optim=torch.optim.Adam: moments carried index-wise across basis changes; "
+                    "see the module docstring). With 'adam' give an Adam-sized lr (e.g. 1e-3)",
+    )
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adam: torch.optim.Adam's betas")
+    eps: float = Field(1e-8, gt=0.0, description="adam: torch.optim.Adam's eps")
     init: Literal["dense", "random"] = Field(
         "dense",
         description="'dense': the truncated SVD (Tucker: HOSVD) of the site's initial dense weight, so the run starts "
@@ -97,6 +115,45 @@ def sgd(t: torch.Tensor, lr: float) -> torch.Tensor:
     return t.detach() if t.grad is None else (t - lr * t.grad).detach()
 
 
+class IndexwiseAdam:
+    """Adam moments for factors whose shape changes between steps (module docstring, step rule ``adam``): per factor
+    name, first and second moments grown with zeros to cover every shape seen, decayed in full at each step, and a
+    bias-corrected step (torch.optim.Adam's update, no weight decay, no amsgrad) on the leading block."""
+
+    def __init__(self, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.betas, self.eps = (float(betas[0]), float(betas[1])), float(eps)
+        self.state: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+    def step(self, name: str, t: torch.Tensor, lr: float) -> torch.Tensor:
+        """``t`` after one Adam step along ``t.grad`` (detached; unchanged, and no step counted, without a grad)."""
+        if t.grad is None:
+            return t.detach()
+        grad = t.grad.detach()
+        m, v, count = self.state.get(name, (grad.new_zeros(grad.shape), grad.new_zeros(grad.shape), 0))
+        if m.dim() != grad.dim():
+            raise ValueError(f"factor {name!r} changed its number of modes ({m.dim()} -> {grad.dim()})")
+        shape = tuple(max(a, b) for a, b in zip(m.shape, grad.shape))
+        m, v = _grown(m, shape), _grown(v, shape)
+        block = tuple(slice(0, n) for n in grad.shape)
+        full = grad.new_zeros(shape)
+        full[block] = grad
+        b1, b2 = self.betas
+        count += 1
+        m.mul_(b1).add_(full, alpha=1 - b1)
+        v.mul_(b2).addcmul_(full, full, value=1 - b2)
+        self.state[name] = (m, v, count)
+        denom = (v[block].sqrt() / math.sqrt(1 - b2**count)).add_(self.eps)
+        return (t.detach() - (lr / (1 - b1**count)) * m[block] / denom).detach()
+
+
+def _grown(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if tuple(t.shape) == shape:
+        return t
+    out = t.new_zeros(shape)
+    out[tuple(slice(0, n) for n in t.shape)] = t
+    return out
+
+
 class IntegratorLayer(RankAdaptiveLayer):
     """A layer the integrator drives: ``begin_basis_step`` (the next forward is the K-step pass), ``augment(lr)``,
     ``galerkin(lr)``, ``truncate(tau)``. It has ``in_features``, ``out_features`` and ``bias``; ``product`` applies
@@ -133,10 +190,20 @@ class IntegratorLayer(RankAdaptiveLayer):
     def truncate(self, tau: float) -> None:
         """Truncate the ranks by the method's tolerance rule at ``tau`` (see each layer's docstring)."""
 
+    adam: IndexwiseAdam | None = None  # the step rule: None = SGD (``IntegratorParams.optimizer``)
+
+    def descend(self, name: str, t: torch.Tensor, lr: float) -> torch.Tensor:
+        """``t`` moved one step of the layer's rule along ``t.grad`` (SGD, or Adam with index-wise moments)."""
+        return sgd(t, lr) if self.adam is None else self.adam.step(name, t, lr)
+
     def _step_bias(self, lr: float) -> None:
         bias = getattr(self, "bias", None)
-        if bias is not None and bias.grad is not None:
+        if bias is None or bias.grad is None:
+            return
+        if self.adam is None:
             bias.data.add_(bias.grad, alpha=-lr)
+        else:
+            bias.data.copy_(self.adam.step("bias", bias, lr))
 
 
 def integrator_step(model: torch.nn.Module, layers: Sequence[IntegratorLayer], loss_fn: Callable[[], torch.Tensor],
@@ -179,6 +246,8 @@ class IntegratorTrainer(RankAdaptiveTrainer):
         layers = []
         for name, linear in run.sites.items():
             layer = self.make_layer(linear, run.factorization, generator)
+            if self.params.optimizer == "adam":
+                layer.adam = IndexwiseAdam(self.params.betas, self.params.eps)
             run.replace(name, layer)
             layers.append(layer)
         outside = [p for p in run.parameters_outside_layers() if p.requires_grad]

@@ -30,10 +30,13 @@ Choices, with the reference's facts:
 * Truncation rule: as written above (the smallest j over 0..len(d), so the rank can grow to 2r). The reference's
   loop differs in two corner cases: its tail sums skip the last singular value, and when no tail is below the
   tolerance it keeps the old rank instead of 2r.
-* Integrator: plain SGD with one learning rate for K, L, S and the bias, as the reference (``dlr_opt`` with
-  ``torch.optim.SGD``, no momentum). No momentum is offered: a momentum buffer across changing bases and ranks is not
-  part of the method. The reference's absolute-tolerance option and its final S-only fine-tuning phase are not
-  implemented.
+* Integrator: plain SGD with one learning rate for K, L, S and the bias (default), as the paper's runs
+  (``dlr_opt`` with ``torch.optim.SGD``, no momentum); or ``optimizer: adam``, the reference's ``KLS_optim=
+  torch.optim.Adam`` with its moments carried index-wise across basis and rank changes (``_integrator``'s docstring).
+  The reference's absolute-tolerance option and its final S-only fine-tuning phase are not implemented.
+* Convolutions (``DLRTConv2d``), as the reference's ``Conv2d_lr``: the kernel (out, in, kh, kw) is the matrix
+  W (out x in kh kw) of its flattened filters, trained by the same integrator; the forward unfolds the input into
+  patches (``F.unfold``, the column order of ``weight.reshape(out, -1)``) and applies x V S^T U^T per patch.
 * Stored parameters: r (out + in) -- U S merged at inference, the count the reference reports for evaluation
   (``count_params_test``: K and L) and the one the ``svd`` compression uses, so ratios are comparable.
 """
@@ -43,6 +46,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rankbench.api import hookimpl
@@ -52,7 +56,6 @@ from rankbench_plugins.trainers._integrator import (
     IntegratorTrainer,
     clip_rank,
     orth,
-    sgd,
     svd,
     tail_rank,
 )
@@ -124,14 +127,14 @@ class DLRTLinear(IntegratorLayer):
         K, L = self._kl
         self._kl = None
         U, S, V = self.U, self.S, self.V
-        U_hat = orth(torch.cat([sgd(K, lr), U], dim=1))
-        V_hat = orth(torch.cat([sgd(L, lr), V], dim=1))
+        U_hat = orth(torch.cat([self.descend("K", K, lr), U], dim=1))
+        V_hat = orth(torch.cat([self.descend("L", L, lr), V], dim=1))
         S_hat = (U_hat.T @ U) @ S @ (V.T @ V_hat)
         self.U, self.V = U_hat, V_hat
         self.S = S_hat.requires_grad_(True)
 
     def galerkin(self, lr: float) -> None:
-        self.S = sgd(self.S, lr)
+        self.S = self.descend("S", self.S, lr)
         self._step_bias(lr)
 
     def truncate(self, tau: float) -> None:
@@ -142,14 +145,45 @@ class DLRTLinear(IntegratorLayer):
         self.S = torch.diag(d[:r])
 
 
+class DLRTConv2d(DLRTLinear):
+    """A Conv2d whose kernel, as the out x (in kh kw) matrix of its flattened filters, is U S V^T trained by the
+    integrator; the forward applies it to the unfolded input patches (module docstring)."""
+
+    def __init__(self, U, S, V, bias, kernel_size, stride=1, padding=0, dilation=1, rank_min: int = 2,
+                 rank_max: int | None = None):
+        super().__init__(U, S, V, bias, rank_min, rank_max)
+        self.kernel_size, self.stride, self.padding, self.dilation = kernel_size, stride, padding, dilation
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (B, in kh kw, L)
+        y = self.product(patches.transpose(1, 2).reshape(-1, self.in_features))  # (B L, out)
+        if self.bias is not None:
+            y = y + self.bias
+        kh, kw = self.kernel_size
+        sh, sw = self.stride
+        ph, pw = self.padding
+        dh, dw = self.dilation
+        out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return y.reshape(batch, out_h * out_w, self.out_features).transpose(1, 2).reshape(batch, -1, out_h, out_w)
+
+
 def default_cap(out_features: int, in_features: int, rank_max: int | None) -> int:
     full = min(out_features, in_features)
     return max(1, min(full // 2 if rank_max is None else int(rank_max), full))
 
 
-def dlrt_layer(linear: nn.Linear, params: IntegratorParams, generator: torch.Generator) -> DLRTLinear:
-    """The site's replacement at the starting rank (``init``: see the module docstring)."""
-    W = linear.weight.detach()
+def dlrt_layer(linear: nn.Linear | nn.Conv2d, params: IntegratorParams, generator: torch.Generator) -> DLRTLinear:
+    """The site's replacement at the starting rank (``init``: see the module docstring); a ``DLRTConv2d`` for a
+    Conv2d (its kernel as the out x in kh kw matrix)."""
+    conv = isinstance(linear, nn.Conv2d)
+    if conv and (linear.groups != 1 or linear.padding_mode != "zeros" or isinstance(linear.padding, str)):
+        raise ValueError("dlrt trains Conv2d sites with groups=1 and numeric zero padding only")
+    W = linear.weight.detach().reshape(linear.weight.shape[0], -1)
     out_features, in_features = W.shape
     cap = default_cap(out_features, in_features, params.rank_max)
     r = cap if params.init_rank is None else min(int(params.init_rank), cap)
@@ -162,6 +196,9 @@ def dlrt_layer(linear: nn.Linear, params: IntegratorParams, generator: torch.Gen
         s = torch.randn(2 * cap, generator=generator, dtype=torch.float64).abs().sort(descending=True).values
         S = torch.diag(s[:r])
     to = {"device": W.device, "dtype": W.dtype}
+    if conv:
+        return DLRTConv2d(U.to(**to), S.to(**to), V.to(**to), linear.bias, linear.kernel_size, linear.stride,
+                          linear.padding, linear.dilation, params.rank_min, params.rank_max)
     return DLRTLinear(U.to(**to), S.to(**to), V.to(**to), linear.bias, params.rank_min, params.rank_max)
 
 
@@ -171,6 +208,7 @@ class DLRT(IntegratorTrainer):
     description = ("Dynamical low-rank training (Schotthöfer et al. 2022): W = U S V^T, K/L basis step, Galerkin "
                    "step on the augmented core, SVD truncation at tolerance tau.")
     formats: ClassVar[frozenset[str]] = frozenset({"svd"})
+    conv_sites: ClassVar[bool] = True  # a kernel as the matrix of its flattened filters (the reference's Conv2d_lr)
 
     class Params(IntegratorParams):
         pass

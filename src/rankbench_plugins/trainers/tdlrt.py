@@ -78,7 +78,6 @@ from rankbench_plugins.trainers._integrator import (
     IntegratorTrainer,
     clip_rank,
     orth,
-    sgd,
     svd,
     tail_rank,
 )
@@ -225,14 +224,14 @@ class TuckerDLRTLinear(IntegratorLayer):
         self._kl = None
         core, new = self.core, []
         for i, (U, K) in enumerate(zip(self.factors, Ks)):
-            U_aug = orth(torch.cat([sgd(K, lr), U], dim=1))
+            U_aug = orth(torch.cat([self.descend(f"K{i}", K, lr), U], dim=1))
             core = mode_dot(core, U.T @ U_aug, i)  # C x_i (U~_i^T U_i)
             new.append(U_aug)
         self._set_factors(new)
         self.core = core.requires_grad_(True)
 
     def galerkin(self, lr: float) -> None:
-        self.core = sgd(self.core, lr)
+        self.core = self.descend("core", self.core, lr)
         self._step_bias(lr)
 
     def truncate(self, tau: float) -> None:
