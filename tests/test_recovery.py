@@ -459,3 +459,46 @@ def test_task_rejects_unusable_selector_answers(tmp_path, ranks, message):
     task = MatrixRecovery(Params(shape=[30, 20], rank=2))
     with pytest.raises(CellFailure, match=message):
         run_cell(task, context(tmp_path), NamedRanks(ranks), GD())
+
+
+@pytest.mark.parametrize("solver_cls", [GD, ScaledGD])
+@pytest.mark.parametrize("params", [dict(problem="completion", shape=[300, 240], rank=3, observed=0.1),
+                                    dict(problem="completion", shape=[260, 260], rank=2, observed=0.2, noise=0.01)])
+def test_completion_on_observed_entries_gives_the_dense_iterates(solver_cls, params, monkeypatch):
+    """Z formed at the observed entries (sparse) and the ARPACK spectral start step exactly as the dense masked
+    gradient from the dense SVD does."""
+    from rankbench_plugins.solvers import _factored
+
+    problem = make_problem(matrix_recovery.MatrixRecoveryParams(**params), 5)
+    assert problem.observed.size >= _factored.SPARSE_FROM
+
+    class Dense(solver_cls):
+        observed_entries = False
+
+        def solve(self, *args, **kwargs):
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(_factored, "SPARSE_FROM", 10**12)  # every dense route
+                return super().solve(*args, **kwargs)
+
+    ours = solve(solver_cls(), problem, params["rank"], max_iters=60, tol=0.0)
+    dense = solve(Dense(), problem, params["rank"], max_iters=60, tol=0.0)
+    np.testing.assert_allclose(ours.estimate, dense.estimate, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(ours.errors, dense.errors, rtol=1e-8, atol=1e-14)
+
+
+def test_the_factored_error_is_the_dense_error_down_to_rounding():
+    """||L R^T - X*|| from QR factors of [L, -U S] and [R, V] equals the dense norm, even 1e-12 away from X*."""
+    import torch
+
+    from rankbench_plugins.solvers._factored import Objective
+
+    problem = make_problem(matrix_recovery.MatrixRecoveryParams(problem="completion", shape=[300, 240], rank=4), 1)
+    obj = Objective(problem, "cpu")
+    assert obj.target_factors is not None and obj.target_factors[0].shape[1] == 4
+    U, s, Vh = torch.linalg.svd(obj.target, full_matrices=False)
+    gen = torch.Generator().manual_seed(0)
+    for scale in (1.0, 1e-6, 1e-12):
+        L = U[:, :4] * s[:4].sqrt() + scale * torch.randn(300, 4, generator=gen, dtype=torch.float64)
+        R = Vh[:4].T * s[:4].sqrt()
+        dense = float(torch.linalg.norm(L @ R.T - obj.target) / obj.target_norm)
+        assert obj.error(L, R) == pytest.approx(dense, rel=1e-6, abs=1e-15)

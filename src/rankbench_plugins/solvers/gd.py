@@ -41,6 +41,7 @@ class GD(FactoredSolver):
     version = "1"
     description = "Gradient descent on L R^T (spectral init as Tong-Ma-Chi's baseline, or small init as Xiong-Ding-Du)"
     problems = frozenset({"sensing", "completion", "robust", "ratings"})
+    observed_entries = True  # completion: Z at the observed entries only (_factored)
 
     class Params(PluginParams):
         step: float = Field(0.5, gt=0, description="eta; the step is eta / sigma1 of the initialisation matrix")

@@ -32,6 +32,7 @@ class ScaledGD(FactoredSolver):
     version = "1"
     description = "Scaled gradient descent on L R^T with spectral init (Tong-Ma-Chi 2021)"
     problems = frozenset({"sensing", "completion", "robust", "ratings"})
+    observed_entries = True  # completion: Z at the observed entries only (_factored)
 
     class Params(PluginParams):
         step: float = Field(0.5, gt=0, description="eta")
