@@ -204,6 +204,29 @@ def test_forward_equals_the_dense_layer(name, out_dims, in_dims, with_bias):
 
 
 @pytest.mark.parametrize("name", FORMATS)
+def test_both_forward_routes_agree_and_the_route_follows_the_cost_model(name, monkeypatch):
+    """Reconstruct-then-GEMM and the format's contraction give the same output (float64: 1e-12 relative); with
+    contraction weighted like one GEMM (cost 1) a layer whose contraction takes fewer FLOPs per row than the dense
+    product keeps the contraction, and any layer takes the GEMM when the contraction costs more."""
+    from rankbench.kinds.tensor_formats import TensorLinear
+
+    W, x = gaussian(24, 30), gaussian(50, 30, seed=1)
+    ranks = {"cp": 2, "tucker": [2, 2, 2, 2], "tt": [2, 2, 2], "ttm": [2]}[name]
+    layer = fit(name, W, (4, 6), (5, 6), ranks)
+    contraction = layer._apply_weight(x)
+    reconstructed = x @ layer.to_dense().T
+    assert ((contraction - reconstructed).abs().max() / reconstructed.abs().max()) < 1e-12
+    counts = layer.flop_counts()
+    assert counts["dense_per_row"] == 2 * 24 * 30 and counts["contraction_per_row"] > 0 and counts["reconstruct"] > 0
+    monkeypatch.setattr(TensorLinear, "CONTRACTION_COST", 1.0)
+    cheaper = counts["contraction_per_row"] * 50 < counts["reconstruct"] + 50 * counts["dense_per_row"]
+    assert layer.route(50) == ("contraction" if cheaper else "reconstruct")
+    monkeypatch.setattr(TensorLinear, "CONTRACTION_COST", 1e6)
+    assert layer.route(50) == "reconstruct"
+    torch.testing.assert_close(layer(x), reconstructed, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", FORMATS)
 def test_layers_keep_dtype_pass_the_bias_through_and_train(name):
     W, bias = gaussian(12, 10).float(), gaussian(12, seed=1).float()
     layer = fit(name, W, (4, 3), (2, 5), {"cp": 3, "tucker": (2, 2, 2, 2), "tt": (2, 2, 2), "ttm": (2,)}[name],

@@ -25,7 +25,9 @@ fits (Tucker's common rank alone lands at 0.33-0.45). The realised ratios are in
   ``svd`` (the two-factor ``LowRankLinear`` of ``src/rankbench/kinds/compression.py`` at k = floor(0.5 m n / (m + n))),
   ``cp``, ``tucker``, ``tt``, ``ttm``. ``extra_info["latency_ratio_vs_dense"]``: factorized / dense time of the
   four-layer pass, measured in the same test by interleaving calls of the two (median of each over the rounds, so
-  load from other processes hits both alike); ``latency_ratio_vs_dense_per_site`` likewise per weight.
+  load from other processes hits both alike); ``latency_ratio_vs_dense_per_site`` likewise per weight;
+  ``flops_per_site``: each tensor layer's FLOPs -- its contraction per row, reconstructing its dense weight, a dense
+  row -- and the route its cost model chose for this batch (``TensorLinear.route``).
 
 Before anything is timed, the module frees one ~32 MiB block so that glibc's dynamic mmap threshold is settled (see
 ``settled_allocator``): otherwise the timings depend on what the process freed earlier, by up to 2x.
@@ -295,6 +297,9 @@ def test_forward(benchmark, single_thread, forward_case, kind):
             }
             info["latency_ratio_vs_dense"] = sum(f for _, f in per_site.values()) / sum(d for d, _ in per_site.values())
             info["latency_ratio_vs_dense_per_site"] = {name: f / d for name, (d, f) in per_site.items()}
+        if kind in FORMATS:  # FLOPs beside the times: the two routes' counts and the one the cost model took
+            info["flops_per_site"] = {name: {**layer.flop_counts(), "route": layer.route(TOKENS)}
+                                      for name, layer in layers.items()}
     info["weight_params"] = sum(weight_params(layer) for layer in layers.values())
     info["param_ratio"] = info["weight_params"] / sum(W.numel() for W in WEIGHTS.values())
     assert kind == "dense" or 0.5 * RATIO < info["param_ratio"] <= RATIO
