@@ -53,6 +53,7 @@ def write_suite(tmp_path):
 def _isolated_cache(tmp_path, monkeypatch, _probe_verdicts):
     monkeypatch.setenv("RANKBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("RANKBENCH_PLUGIN_PROBES", str(_probe_verdicts))
+    monkeypatch.setenv("RANKBENCH_NO_DECOMPOSITION_CACHE", "1")  # ~1 GB per LLM factorization; tested on its own
 
 
 @pytest.fixture(scope="session")

@@ -452,3 +452,38 @@ def test_sigma_linear_matches_the_low_rank_weight():
     torch.testing.assert_close(layer(x), x @ d.matrix(3).T + dense.bias, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError):
         SigmaLinear(d, torch.ones(6, dtype=torch.float64), dense)
+
+
+class TinyOnDisk(Tiny):
+    """Tiny whose model and calibration data are named by content: its decompositions are cached on disk."""
+
+    def decomposition_cache_key(self, ctx):
+        return f"tiny-{self.params.dtype}-{ctx.task_seed}"
+
+
+def test_decompositions_are_reused_from_disk_by_a_fresh_process_and_verified(make_ctx, tmp_path, monkeypatch):
+    """A second 'process' (a fresh shared memo) reads the first one's decompositions instead of computing them and
+    gets the same metrics; other parameters or a damaged file are computed again."""
+    monkeypatch.delenv("RANKBENCH_NO_DECOMPOSITION_CACHE", raising=False)
+    first, second, third = {}, {}, {}
+    ctx = make_ctx(0.5, store=first)
+    run_cell(TinyOnDisk(), ctx, UniformSelector(), SVDLLM())
+    assert first["counters"]["decompositions"] == len(SITES)
+    files = sorted((tmp_path / "decompositions").rglob("*.pt"))
+    assert len(files) == len(SITES)
+    again = make_ctx(0.5, store=second)
+    run_cell(TinyOnDisk(), again, UniformSelector(), SVDLLM())
+    assert second["counters"].get("decompositions", 0) == 0
+    assert second["counters"]["decompositions_from_disk"] == len(SITES)
+    assert metric(again, "loss") == metric(ctx, "loss")
+    # other parameters of the factorization: their own files
+    run_cell(TinyOnDisk(), make_ctx(0.5, store=third), UniformSelector(), ASVD(ASVD.Params(alpha=1.0)))
+    assert third["counters"]["decompositions"] == len(SITES)
+    # a damaged file is detected by its checksum, recomputed and replaced
+    files[0].write_bytes(files[0].read_bytes()[:-40] + b"\0" * 40)
+    fourth = {}
+    run_cell(TinyOnDisk(), make_ctx(0.5, store=fourth), UniformSelector(), SVDLLM())
+    assert fourth["counters"]["decompositions"] == 1 and fourth["counters"]["decompositions_from_disk"] == len(SITES) - 1
+    fifth = {}
+    run_cell(TinyOnDisk(), make_ctx(0.5, store=fifth), UniformSelector(), SVDLLM())
+    assert fifth["counters"]["decompositions_from_disk"] == len(SITES)

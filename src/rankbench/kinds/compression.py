@@ -33,14 +33,29 @@ statistics are held at a time: a new key replaces the old entry (the runner grou
 Counters of the expensive work are kept in the memo ``"counters"``: ``calibration_passes``, ``decompositions``,
 ``calibration_evaluations`` and ``sigma_loss_evaluations``; every cell records what it performed itself as metrics
 ``work_<counter>`` (so their sum over a results folder is the suite's total).
+
+Decompositions on disk. A task that can name its model and calibration data by content (``decomposition_cache_key``:
+the LLM task hashes the checkpoint's sha256 with its parameters) gets its decompositions cached across processes,
+runs and suites under ``ctx.cache_dir/decompositions/<task key>/<factorization key>/<site>.pt``. The factorization
+key hashes its name, its parameters, the source of its plugin file and of this module, the device type and the
+dtype, so editing the method's code or this protocol never reuses an old result. Files are written atomically and
+carry a SHA-256 of their tensors, checked on every read: a damaged or foreign file is recomputed and replaced.
+Counter ``decompositions_from_disk`` counts the reads; ``decompositions`` still counts the computations. Size: float64
+factors, about 1.2 GB per factorization configuration for SmolLM2-135M (delete the folder to reclaim it);
+``RANKBENCH_NO_DECOMPOSITION_CACHE=1`` keeps them in memory only (the test suite sets it).
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
+import hashlib
+import inspect
+import io
 import itertools
 import json
+import os
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -60,6 +75,7 @@ STATISTIC_KINDS = ("gram", "input_abs_mean", "fisher_rows", "fisher_cols", "weig
 _MODEL = "compression.model"  # memo slot: {"model", "sites"} of the current model key
 _CALIBRATION = "compression.calibration"  # memo slot: {"statistics", "done", "decompositions", "stores", ...}
 _COUNTERS = "counters"  # memo: counts of the expensive work done in this process
+NO_DISK_CACHE_ENV = "RANKBENCH_NO_DECOMPOSITION_CACHE"  # set (non-empty): decompositions are kept in memory only
 
 
 def _count(ctx, name: str) -> None:
@@ -265,6 +281,11 @@ class CompressionTask(Task):
         """What ``calibration_batches`` depends on besides the task parameters; a constant if not the seed."""
         return ctx.task_seed
 
+    def decomposition_cache_key(self, ctx) -> str | None:
+        """A content key of the model and calibration data (e.g. a checkpoint's hash with the task parameters), so
+        decompositions can be reused from disk across runs and suites; None (default): memory only."""
+        return None
+
     # -- derived from the capabilities, memoised per task configuration ---------------------------------------------
     def model(self, ctx) -> nn.Module:
         """The dense model, loaded once per ``model_key`` (a new key frees the old model and its statistics)."""
@@ -329,11 +350,17 @@ class CompressionTask(Task):
             slot["decomposed_by"] = owner
         key = (*owner, name)
         if key not in cache:
-            stats = self.statistics(ctx, factorization.needs).get(name, SiteStatistics())
             weight = self.sites(ctx)[name].weight.detach().to(torch.float64)
-            _count(ctx, "decompositions")
-            with torch.no_grad():
-                result = factorization.decompose(weight, stats)
+            path = self._decomposition_path(ctx, factorization, name, weight)
+            result = read_decomposition(path, weight.device) if path is not None else None
+            from_disk = result is not None
+            if from_disk:
+                _count(ctx, "decompositions_from_disk")
+            else:
+                stats = self.statistics(ctx, factorization.needs).get(name, SiteStatistics())
+                _count(ctx, "decompositions")
+                with torch.no_grad():
+                    result = factorization.decompose(weight, stats)
             out_features, in_features = weight.shape
             p = result.s.shape[0]
             if result.left.shape != (out_features, p) or result.right.shape != (p, in_features):
@@ -341,8 +368,67 @@ class CompressionTask(Task):
                     f"{factorization.name} returned factors {tuple(result.left.shape)}, {tuple(result.s.shape)}, "
                     f"{tuple(result.right.shape)} for a {out_features} x {in_features} weight"
                 )
+            if path is not None and not from_disk:
+                write_decomposition(path, result)
             cache[key] = result
         return cache[key]
+
+    def _decomposition_path(self, ctx, factorization: LowRankFactorization, name: str,
+                            weight: torch.Tensor) -> Path | None:
+        if os.environ.get(NO_DISK_CACHE_ENV):
+            return None
+        task_key = self.decomposition_cache_key(ctx)
+        if task_key is None or getattr(ctx, "cache_dir", None) is None:
+            return None
+        method = json.dumps([*factorization.identity, _source_hash(type(factorization)),
+                             _source_hash(CompressionTask), weight.device.type, str(weight.dtype)])
+        method_key = hashlib.sha256(method.encode()).hexdigest()[:20]
+        site = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+        return Path(ctx.cache_dir) / "decompositions" / task_key[:24] / method_key / f"{site}.pt"
+
+
+@functools.lru_cache(maxsize=None)
+def _source_hash(cls: type) -> str:
+    try:
+        return hashlib.sha256(Path(inspect.getsourcefile(cls)).read_bytes()).hexdigest()[:16]
+    except (OSError, TypeError):
+        return "unknown"
+
+
+def _tensors_digest(tensors: Iterable[torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(str((tuple(t.shape), str(t.dtype))).encode())
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def write_decomposition(path: Path, result: Decomposition) -> None:
+    """Save a decomposition atomically with a SHA-256 of its tensors (a full disk only costs the cache)."""
+    tensors = (result.left, result.s, result.right)
+    payload = {"left": result.left.cpu(), "s": result.s.cpu(), "right": result.right.cpu(), "note": result.note,
+               "sha256": _tensors_digest(tensors)}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    try:
+        atomic_write(path, buffer.getvalue())
+    except OSError:
+        pass
+
+
+def read_decomposition(path: Path, device: torch.device) -> Decomposition | None:
+    """The decomposition at ``path`` if it exists and its tensors match their recorded SHA-256; else None."""
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = (payload["left"], payload["s"], payload["right"])
+        if _tensors_digest(tensors) != payload["sha256"]:
+            return None
+    except Exception:  # truncated, foreign or unpicklable: recompute and replace
+        return None
+    left, s, right = (t.to(device) for t in tensors)
+    return Decomposition(left=left, s=s, right=right, note=str(payload.get("note") or ""))
 
 
 # -- the protocol ------------------------------------------------------------------------------------------------------

@@ -178,6 +178,14 @@ class LLMPerplexity(CompressionTask):
     def calibration_key(self, ctx) -> str:
         return "fixed"  # calibration windows come from the task configuration, never the seed
 
+    def decomposition_cache_key(self, ctx) -> str:
+        """The checkpoint's and the calibration corpus's sha256 with every task parameter: decompositions are reused
+        from disk by any run or suite with the same model, calibration data and settings."""
+        loaded = self._loaded(ctx)
+        _, calib = self._corpora(ctx)
+        material = [loaded.sha256, calib.sha256, self.params.model_dump_json()]
+        return hashlib.sha256(json.dumps(material).encode()).hexdigest()
+
     def _loaded(self, ctx) -> assets.LoadedModel:
         """The checkpoint's model, tokenizer and sha256, loaded once per process (``load_model`` hands its model to
         the compression kind, which memoises it with its sites)."""
