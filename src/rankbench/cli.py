@@ -285,14 +285,13 @@ def _supervised_test_plugin(args) -> int:
     the process running it (a segfault, ``os._exit``) becomes a failed check with the step it died in."""
     import signal
     import subprocess
+    import threading
 
     command = [sys.executable, "-m", "rankbench.cli", "test-plugin", args.name]
     for option in ("plugins_dir", "kind", "device", "timeout", "out"):
         value = getattr(args, option)
         if value is not None:
             command += [f"--{option.replace('_', '-')}", str(value)]
-    import threading
-
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, SUPERVISED_ENV: "1"})
     steps: list[str] = []

@@ -6,9 +6,9 @@ is a module that segfaults, calls ``os._exit``, or hangs while it is imported. B
 entry point or a ``--plugins-dir`` file, ``probe_imports`` imports it in a short-lived child interpreter (several
 modules in one child, one after another, each acknowledged on the child's stdout): a module the child dies in, or
 that does not finish importing within ``RANKBENCH_PLUGIN_IMPORT_TIMEOUT`` seconds (default 60), is reported with the
-reason, and the host lists it as a load failure instead of importing it. Verdicts (but timeouts) are cached per module code
-and interpreter (``$RANKBENCH_CACHE/plugin-probes/``, or ``RANKBENCH_PLUGIN_PROBES``), so a module is probed once
-until its file changes. The built-in plugins ship with the host and are imported directly.
+reason, and the host lists it as a load failure instead of importing it. Verdicts (not timeouts) are cached per
+module code and interpreter (``$RANKBENCH_CACHE/plugin-probes/``, or ``RANKBENCH_PLUGIN_PROBES``), so a module is
+probed once until its file changes. The built-in plugins ship with the host and are imported directly.
 """
 
 from __future__ import annotations
@@ -29,10 +29,13 @@ CACHE_ENV = "RANKBENCH_PLUGIN_PROBES"
 OK = "ok"
 
 # The child: import each module named on stdin (a JSON list of [kind, target]) in turn and acknowledge each on stdout.
+# What a module prints while imported goes to stderr (discarded), so it cannot be mistaken for an acknowledgement.
+START, DONE = "@@rankbench-probe-start@@", "@@rankbench-probe-done@@"
 _CHILD = r"""
 import importlib, importlib.util, json, sys
+acks, sys.stdout = sys.stdout, sys.stderr
 for kind, target in json.loads(sys.stdin.read()):
-    print("start", flush=True)
+    print("\n@@rankbench-probe-start@@", file=acks, flush=True)
     try:
         if kind == "module":
             importlib.import_module(target)
@@ -41,7 +44,7 @@ for kind, target in json.loads(sys.stdin.read()):
             spec.loader.exec_module(importlib.util.module_from_spec(spec))
     except BaseException:
         pass  # an exception is the host's to report when it imports the module itself
-    print("done", flush=True)
+    print("\n@@rankbench-probe-done@@", file=acks, flush=True)
 """
 
 
@@ -95,9 +98,9 @@ def _run_child(items: list[tuple[str, str]], timeout: float) -> tuple[int, str |
             line = proc.stdout.readline()
             if not line:
                 return finished, _describe_death(proc.wait())
-            if line.strip() == "start":
+            if line.strip().endswith(START):
                 deadline = time.monotonic() + timeout
-            elif line.strip() == "done":
+            elif line.strip().endswith(DONE):
                 finished += 1
         return finished, None
     finally:

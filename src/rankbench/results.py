@@ -10,7 +10,7 @@
                   unfinished cell that the next run redoes.
 
 Verification. A cell is trusted only when its marker reads as one row of its own cell and every part the marker
-lists exists with the listed row count and checksum (``scan_results``). A damaged cell -- a truncated, emptied or
+lists exists with the listed SHA-256 (``scan_results``; the row count is recorded for readers' convenience). A damaged cell -- a truncated, emptied or
 deleted part or marker, from a full disk, an interrupted copy or half an rsync -- is left out of every reader with
 one warning per folder, re-run by ``bench run`` and listed by ``bench check-results``. Markers written before
 ``parts`` existed are trusted when their parts can be opened.
@@ -23,6 +23,7 @@ half a file. Every table has a fixed Arrow schema, so parts always concatenate.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import sys
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ import pyarrow.parquet as pq
 
 from rankbench.api import FINAL_STATUSES, CellRecord
 from rankbench.cells import Cell
-from rankbench.files import atomic_write
+from rankbench.files import atomic_write, cut
 
 CELL_COLUMNS = [
     ("cell_id", pa.string()),
@@ -97,8 +98,6 @@ DATA_TABLES = ("metrics", "ranks", "curves")
 
 def _write_atomic(table: pa.Table, folder: Path, cell_id: str) -> dict:
     """Write one part; returns what the marker records to verify it: its row count and SHA-256."""
-    import io
-
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     content = buffer.getvalue()
@@ -198,8 +197,7 @@ def _read_marker_file(path: Path, cell_id: str) -> tuple[dict | None, str]:
 
 
 def _short(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text if len(text) <= 100 else text[:97] + "..."
+    return cut(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 100)
 
 
 def part_problem(out: Path, name: str, cell_id: str, expected: dict | None) -> str:
