@@ -80,22 +80,31 @@ def _describe_death(code: int) -> str:
 
 
 def _run_child(items: list[tuple[str, str]], timeout: float) -> tuple[int, str | None]:
-    """Import ``items`` in one child; returns (how many finished, why the next one failed or None)."""
+    """Import ``items`` in one child; returns (how many finished, why the next one failed or None). The child's
+    lines are read by a thread into a queue (a ``select`` on a buffered pipe misses lines already buffered)."""
+    import queue
+    import threading
+
     proc = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     proc.stdin.write(json.dumps(items))
     proc.stdin.close()
-    finished = 0
-    import selectors
+    lines: queue.Queue[str] = queue.Queue()
 
-    watch = selectors.DefaultSelector()
-    watch.register(proc.stdout, selectors.EVENT_READ)
+    def read() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put("")  # end of output: the child exited
+
+    threading.Thread(target=read, daemon=True).start()
+    finished = 0
     deadline = time.monotonic() + timeout
     try:
         while finished < len(items):
-            if not watch.select(timeout=max(0.0, deadline - time.monotonic())):
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
                 return finished, f"importing it did not finish within {timeout:g} s ({TIMEOUT_ENV})"
-            line = proc.stdout.readline()
             if not line:
                 return finished, _describe_death(proc.wait())
             if line.strip().endswith(START):
@@ -110,7 +119,6 @@ def _run_child(items: list[tuple[str, str]], timeout: float) -> tuple[int, str |
             except (ProcessLookupError, PermissionError):
                 proc.kill()
         proc.wait()
-        proc.stdout.close()
 
 
 def probe_imports(items: list[tuple[str, str, bytes | None]]) -> dict[str, str]:
