@@ -72,6 +72,17 @@ class CNNParams(PluginParams):
                                 "dense network)")
 
 
+def at_side(images: torch.Tensor) -> torch.Tensor:
+    """Images resized bilinearly to SIDE x SIDE where they are of another size (digits: 8x8)."""
+    if images.shape[-1] != SIDE or images.shape[-2] != SIDE:
+        return F.interpolate(images, size=(SIDE, SIDE), mode="bilinear", align_corners=False)
+    return images
+
+
+def conv_relu_pool(conv: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(torch.relu(conv(h)), 2)
+
+
 class LeNet5(nn.Module):
     """LeNet5 on 1-channel images, resized to 28x28 when they are not (module docstring)."""
 
@@ -85,11 +96,8 @@ class LeNet5(nn.Module):
         self.fc3 = nn.Linear(84, classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        h = images
-        if h.shape[-1] != SIDE or h.shape[-2] != SIDE:
-            h = F.interpolate(h, size=(SIDE, SIDE), mode="bilinear", align_corners=False)
-        h = F.max_pool2d(torch.relu(self.conv1(h)), 2)
-        h = F.max_pool2d(torch.relu(self.conv2(h)), 2)
+        h = at_side(images)
+        h = conv_relu_pool(self.conv2, conv_relu_pool(self.conv1, h))
         h = torch.relu(self.fc1(h.flatten(1)))
         h = torch.relu(self.fc2(h))
         return self.fc3(h)
@@ -109,11 +117,8 @@ class DLRTLeNet5(nn.Module):
         self.fc2 = nn.Linear(500, classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        h = images
-        if h.shape[-1] != SIDE or h.shape[-2] != SIDE:
-            h = F.interpolate(h, size=(SIDE, SIDE), mode="bilinear", align_corners=False)
-        h = F.max_pool2d(torch.relu(self.conv1(h)), 2)
-        h = F.max_pool2d(torch.relu(self.conv2(h)), 2)
+        h = at_side(images)
+        h = conv_relu_pool(self.conv2, conv_relu_pool(self.conv1, h))
         return self.fc2(torch.relu(self.fc1(h.flatten(1))))
 
 
@@ -131,9 +136,7 @@ class SmallVGG(nn.Module):
         self.classifier = nn.Sequential(nn.Linear(b * 7 * 7, hidden), nn.ReLU(), nn.Linear(hidden, classes))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        h = images
-        if h.shape[-1] != SIDE or h.shape[-2] != SIDE:
-            h = F.interpolate(h, size=(SIDE, SIDE), mode="bilinear", align_corners=False)
+        h = at_side(images)
         for layer in self.features:
             h = layer(h) if isinstance(layer, nn.MaxPool2d) else torch.relu(layer(h))
         return self.classifier(h.flatten(1))
