@@ -189,19 +189,6 @@ class Objective:
         return float(torch.linalg.norm(L @ R.T - self.target) / self.target_norm)
 
 
-def _top_dense(T: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top ``rank`` singular triplets of a dense CPU matrix by ARPACK (matrix-vector products only)."""
-    import numpy as np
-    from scipy.sparse.linalg import svds
-
-    n = min(T.shape)
-    U, s, Vh = svds(T.cpu().numpy(), k=rank, tol=0, v0=np.ones(n) / np.sqrt(n))
-    order = np.argsort(s)[::-1]
-    to = {"dtype": T.dtype, "device": T.device}
-    return (torch.as_tensor(np.ascontiguousarray(U[:, order]), **to), torch.as_tensor(s[order].copy(), **to),
-            torch.as_tensor(np.ascontiguousarray(Vh[order]), **to))
-
-
 class MaskedGradient:
     """Z = P_Omega(...) as a sparse CSR matrix and its transpose (also CSR): ``Z @ M`` and ``Z.T @ M``."""
 
@@ -225,7 +212,7 @@ def low_rank_factors(T: torch.Tensor, rank: int | None, rtol: float = 1e-12) -> 
     matrix)."""
     if rank is None or rank < 1 or rank > min(T.shape) // 2:
         return None
-    U, s, Vh = torch.linalg.svd(T, full_matrices=False) if T.numel() < SPARSE_FROM else _top_dense(T, rank)
+    U, s, Vh = top_singular_triplets(T, rank, arpack=T.numel() >= SPARSE_FROM and T.device.type == "cpu")
     if s.numel() == 0 or float(s[0]) == 0.0:
         return None
     US, V = U[:, :rank] * s[:rank], Vh[:rank].T
@@ -234,40 +221,42 @@ def low_rank_factors(T: torch.Tensor, rank: int | None, rtol: float = 1e-12) -> 
     return US, V
 
 
-def top_singular_triplets(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The k largest singular triplets (U_k, s_k, V_k^T) of M, descending. A mostly-zero CPU matrix (completion's
-    Y / p) goes to ARPACK on its nonzeros (``scipy.sparse.linalg.svds``, tolerance 0 = machine precision, a fixed
-    start vector), so the cost follows the observations instead of n1 n2 min(n1, n2); otherwise the dense SVD."""
+def top_singular_triplets(M: torch.Tensor, k: int,
+                          arpack: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k largest singular triplets (U_k, s_k, V_k^T) of M, descending. ``arpack`` None: a mostly-zero CPU matrix
+    of at least ``SPARSE_FROM`` entries (completion's Y / p) goes to ARPACK on its nonzeros, so the cost follows the
+    observations instead of n1 n2 min(n1, n2), anything else to the dense SVD; True: ARPACK on the dense matrix
+    (matrix-vector products only; a planted low-rank target). ARPACK runs ``scipy.sparse.linalg.svds`` at tolerance
+    0 (machine precision) from a fixed start vector."""
     n = min(M.shape)
-    if M.device.type == "cpu" and 0 < k < n - 1 and M.numel() >= SPARSE_FROM:
-        nonzero = torch.count_nonzero(M)
-        if int(nonzero) < 0.5 * M.numel():
-            import numpy as np
-            from scipy.sparse import csr_matrix
-            from scipy.sparse.linalg import svds
+    usable = M.device.type == "cpu" and 0 < k < n - 1
+    if arpack is None:
+        arpack = usable and M.numel() >= SPARSE_FROM and int(torch.count_nonzero(M)) < 0.5 * M.numel()
+        operator = "sparse"
+    else:
+        arpack = arpack and usable
+        operator = "dense"
+    if not arpack:
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        return U[:, :k], S[:k], Vh[:k]
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.linalg import svds
 
-            matrix = csr_matrix(M.numpy())
-            U, s, Vh = svds(matrix, k=k, tol=0, v0=np.ones(min(matrix.shape)) / np.sqrt(min(matrix.shape)))
-            order = np.argsort(s)[::-1]
-            return (torch.from_numpy(np.ascontiguousarray(U[:, order])), torch.from_numpy(s[order].copy()),
-                    torch.from_numpy(np.ascontiguousarray(Vh[order])))
-    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-    return U[:, :k], S[:k], Vh[:k]
-
-
-def top_singular_value(M: torch.Tensor) -> float:
-    if M.device.type == "cpu" and M.numel() >= SPARSE_FROM and int(torch.count_nonzero(M)) < 0.5 * M.numel():
-        return float(top_singular_triplets(M, 1)[1][0])
-    return float(torch.linalg.matrix_norm(M, ord=2))
+    matrix = csr_matrix(M.numpy()) if operator == "sparse" else M.numpy()
+    U, s, Vh = svds(matrix, k=k, tol=0, v0=np.ones(n) / np.sqrt(n))
+    order = np.argsort(s)[::-1]
+    return (torch.from_numpy(np.ascontiguousarray(U[:, order])), torch.from_numpy(s[order].copy()),
+            torch.from_numpy(np.ascontiguousarray(Vh[order])))
 
 
-def spectral_factors(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """L = U_k S_k^{1/2}, R = V_k S_k^{1/2} from the top-k SVD of M; zero columns beyond min(M.shape)."""
-    U, S, Vh = top_singular_triplets(M, min(k, min(M.shape)))
+def spectral_factors(triplets: tuple[torch.Tensor, torch.Tensor, torch.Tensor], shape: tuple[int, int],
+                     k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """L = U_k S_k^{1/2}, R = V_k S_k^{1/2} from M's top singular ``triplets``; zero columns beyond min(M.shape)."""
+    U, S, Vh = triplets
     q = min(k, S.numel())
     root = S[:q].sqrt()
-    L = torch.zeros(M.shape[0], k, dtype=M.dtype, device=M.device)
-    R = torch.zeros(M.shape[1], k, dtype=M.dtype, device=M.device)
+    L = torch.zeros(shape[0], k, dtype=U.dtype, device=U.device)
+    R = torch.zeros(shape[1], k, dtype=U.dtype, device=U.device)
     L[:, :q] = U[:, :q] * root
     R[:, :q] = Vh[:q].T * root
     return L, R
@@ -355,13 +344,18 @@ class Start:
     device: str
 
     @functools.cached_property
+    def triplets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """M's top min(k, min(M.shape)) singular triplets, computed once: the spectral start and sigma1 share them."""
+        return top_singular_triplets(self.M, min(self.k, min(self.M.shape)))
+
+    @property
     def sigma1(self) -> float:
-        """The top singular value of ``M`` (computed once, when first asked for)."""
-        return top_singular_value(self.M)
+        """The top singular value of ``M``."""
+        return float(self.triplets[1][0])
 
     def spectral(self) -> Factors:
-        """L0 = U_k S_k^{1/2}, R0 = V_k S_k^{1/2} (``spectral_factors`` of M)."""
-        return spectral_factors(self.M, self.k)
+        """L0 = U_k S_k^{1/2}, R0 = V_k S_k^{1/2} (``spectral_factors`` of M's triplets)."""
+        return spectral_factors(self.triplets, tuple(self.M.shape), self.k)
 
     def small(self, scale_L: float, scale_R: float) -> Factors:
         """L0 = scale_L sqrt(sigma1 / n1) B1, R0 = scale_R sqrt(sigma1 / n2) B2, B1 then B2 from the seed's generator."""
