@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,12 +272,35 @@ def scan_results(out: str | Path) -> ResultsScan:
 
 
 _WARNED: set[tuple[str, int]] = set()
+_SCANS: dict[str, tuple[tuple, ResultsScan]] = {}  # folder -> (signature of its part files, scan)
+
+
+def _signature(folder: Path) -> tuple:
+    """(name, size, mtime) of every part file: what a scan depends on, read by stat alone."""
+    entries = []
+    for table in TABLES:
+        try:
+            with os.scandir(folder / table) as it:
+                entries.extend((table, e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in it
+                               if e.name.startswith("part-"))
+        except FileNotFoundError:
+            pass
+    return tuple(sorted(entries))
 
 
 def verified_scan(out: str | Path) -> ResultsScan:
-    """``scan_results`` for readers: damaged cells are warned about once per folder (on stderr) and left out."""
-    scan = scan_results(out)
-    key = (str(Path(out).resolve()), len(scan.damaged))
+    """``scan_results`` for readers: damaged cells are warned about once per folder (on stderr) and left out. A
+    report reads several tables of one folder: the scan (every part hashed) is reused while no part file's size or
+    modification time changed."""
+    folder = str(Path(out).resolve())
+    signature = _signature(Path(folder))
+    cached = _SCANS.get(folder)
+    if cached is not None and cached[0] == signature:
+        scan = cached[1]
+    else:
+        scan = scan_results(out)
+        _SCANS[folder] = (signature, scan)
+    key = (folder, len(scan.damaged))
     if scan.damaged and key not in _WARNED:
         _WARNED.add(key)
         print(f"warning: {out}: {len(scan.damaged)} damaged cell(s) left out (`bench check-results {out}` lists "
