@@ -338,8 +338,9 @@ class AdaptationTask(Task):
 class AdaptsCompressionModel(CompressionTask, AdaptationTask):
     """The adaptation capabilities of a task whose pretrained model is its compression model (``model``, memoised)
     and whose adapted sites are its compression sites, evaluated the same way. Its parameters carry ``steps``,
-    ``retrain_steps``, ``adapter_lr`` (the adapters' Adam rate) and ``lr`` (full fine-tuning in the reference cell);
-    it still supplies ``training_loss`` on the target problem."""
+    ``retrain_steps``, ``adapter_lr`` (the adapters' Adam rate) and ``lr`` (full fine-tuning in the reference cell),
+    and may carry ``finetune_lbfgs_steps`` (L-BFGS after the Adam steps; absent: none); it still supplies
+    ``training_loss`` on the target problem."""
 
     def pretrained_model(self, ctx) -> nn.Module:
         return self.model(ctx)
@@ -352,7 +353,8 @@ class AdaptsCompressionModel(CompressionTask, AdaptationTask):
 
     def adaptation_settings(self) -> AdaptationSettings:
         p = self.params
-        return AdaptationSettings(steps=p.steps, retrain_steps=p.retrain_steps, lr=p.adapter_lr, reference_lr=p.lr)
+        return AdaptationSettings(steps=p.steps, retrain_steps=p.retrain_steps, lr=p.adapter_lr, reference_lr=p.lr,
+                                  lbfgs_steps=getattr(p, "finetune_lbfgs_steps", 0))
 
 
 def lbfgs_minimise(params: list[nn.Parameter], objective: Callable[[], torch.Tensor], iterations: int) -> None:

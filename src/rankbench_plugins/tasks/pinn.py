@@ -53,7 +53,7 @@ from torch import nn
 from rankbench.api import ADAPTATION, TRAINING, PluginParams, hookimpl
 from rankbench.cells import derived_seed
 from rankbench.kinds import KindChosenByParameter
-from rankbench.kinds.adaptation import AdaptationSettings, AdaptsCompressionModel, lbfgs_minimise
+from rankbench.kinds.adaptation import AdaptsCompressionModel, lbfgs_minimise
 from rankbench.kinds.compression import cached_weights
 from rankbench.kinds.training import TrainingSettings, TrainingTask, trained_dense_network
 from rankbench_plugins.tasks import _pde
@@ -303,11 +303,6 @@ class PINN(KindChosenByParameter, AdaptsCompressionModel, TrainingTask):
         return ctx.memo(("pinn_test", problem.family, problem.param, self.params.test_grid), test_set)
 
     # -- adaptation (``AdaptsCompressionModel``: the pretrained network, LoRA fine-tuned on the target problem) -----
-    def adaptation_settings(self) -> AdaptationSettings:
-        p = self.params
-        return AdaptationSettings(steps=p.steps, retrain_steps=p.retrain_steps, lr=p.adapter_lr, reference_lr=p.lr,
-                                  lbfgs_steps=p.finetune_lbfgs_steps)
-
     def training_loss(self, ctx, model: nn.Module) -> torch.Tensor:
         problem = self.target_problem()
         return self.pinn_loss(model, problem, self.collocation(ctx, problem))
