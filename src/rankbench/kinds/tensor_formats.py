@@ -751,10 +751,6 @@ def conv_geometry(conv: nn.Conv2d) -> dict:
     return {"stride": tuple(conv.stride), "padding": tuple(conv.padding), "dilation": tuple(conv.dilation)}
 
 
-def conv_kernel_shape(conv: nn.Conv2d) -> tuple[int, int, int, int]:
-    return tuple(int(d) for d in conv.weight.shape)
-
-
 def _conv(weight: torch.Tensor, bias: torch.Tensor | None = None, groups: int = 1, **geometry) -> nn.Conv2d:
     out, per_group, kh, kw = weight.shape
     layer = nn.Conv2d(per_group * groups, out, (kh, kw), groups=groups, bias=bias is not None, **geometry)

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankbench.api import hookimpl
+from rankbench.kinds.tensor_formats import conv_geometry
 from rankbench_plugins.trainers._integrator import (
     IntegratorLayer,
     IntegratorParams,
@@ -181,8 +182,8 @@ def dlrt_layer(linear: nn.Linear | nn.Conv2d, params: IntegratorParams, generato
     """The site's replacement at the starting rank (``init``: see the module docstring); a ``DLRTConv2d`` for a
     Conv2d (its kernel as the out x in kh kw matrix)."""
     conv = isinstance(linear, nn.Conv2d)
-    if conv and (linear.groups != 1 or linear.padding_mode != "zeros" or isinstance(linear.padding, str)):
-        raise ValueError("dlrt trains Conv2d sites with groups=1 and numeric zero padding only")
+    if conv:
+        conv_geometry(linear)  # refuses groups != 1 and non-numeric or non-zero padding
     W = linear.weight.detach().reshape(linear.weight.shape[0], -1)
     out_features, in_features = W.shape
     cap = default_cap(out_features, in_features, params.rank_max)

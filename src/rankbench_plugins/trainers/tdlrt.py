@@ -71,7 +71,7 @@ from pydantic import Field
 from torch import nn
 
 from rankbench.api import hookimpl
-from rankbench.kinds.tensor_formats import mode_dot, unfold, clip_tucker_ranks, params_tucker
+from rankbench.kinds.tensor_formats import clip_tucker_ranks, conv_geometry, mode_dot, params_tucker, unfold
 from rankbench_plugins.trainers._integrator import (
     IntegratorLayer,
     IntegratorParams,
@@ -338,8 +338,7 @@ def tdlrt_layer(linear: nn.Linear | nn.Conv2d, factorization, params: Integrator
     W = linear.weight.detach()
     conv = isinstance(linear, nn.Conv2d)
     if conv:
-        if linear.groups != 1 or linear.padding_mode != "zeros":
-            raise ValueError("tdlrt trains Conv2d sites with groups=1 and zero padding only")
+        conv_geometry(linear)  # refuses groups != 1 and non-numeric or non-zero padding
         out_dims, in_dims = tuple(W.shape[:1]), tuple(W.shape[1:])
     else:
         out_dims, in_dims = factorization.dims(tuple(W.shape))
