@@ -377,7 +377,10 @@ class CompressionTask(Task):
                             weight: torch.Tensor) -> Path | None:
         if os.environ.get(NO_DISK_CACHE_ENV):
             return None
-        task_key = self.decomposition_cache_key(ctx)
+        slot = self.calibration_memo(ctx)
+        if "disk_key" not in slot:  # asked once per model and calibration data, not once per site
+            slot["disk_key"] = self.decomposition_cache_key(ctx)
+        task_key = slot["disk_key"]
         if task_key is None or getattr(ctx, "cache_dir", None) is None:
             return None
         method = json.dumps([*factorization.identity, _source_hash(type(factorization)),
