@@ -10,6 +10,16 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 GOOD_PLUGINS = TESTS / "plugin_files" / "good"
 BROKEN_PLUGINS = TESTS / "plugin_files" / "broken"
+# one seed, the dense reference and uniform at 0.5 on the toy task of GOOD_PLUGINS: two cells
+TOY_SUITE = """
+name: toy
+tasks: [{toy: {size: 24}}]
+selectors: [uniform]
+factorizations: [toy-svd]
+budgets: [0.5]
+seeds: [0]
+timeout: 30
+"""
 
 
 def run_bench(*args, cwd=None, env=None, timeout=600):

@@ -11,24 +11,15 @@ import time
 import pandas as pd
 import pytest
 
-from conftest import GOOD_PLUGINS
+from conftest import GOOD_PLUGINS, TOY_SUITE
 from rankbench import results
 
-TOY = """
-name: toy
-tasks: [{toy: {size: 24}}]
-selectors: [uniform]
-factorizations: [toy-svd]
-budgets: [0.5]
-seeds: [0]
-timeout: 30
-"""
 
 
 @pytest.fixture
 def finished(cli, write_suite, tmp_path):
     """A finished two-cell results folder (the reference and uniform at 0.5) and the suite that wrote it."""
-    suite, out = write_suite(TOY), tmp_path / "out"
+    suite, out = write_suite(TOY_SUITE), tmp_path / "out"
     result = cli("run", suite, "--out", out, "--plugins-dir", GOOD_PLUGINS, "--executor", "inprocess")
     assert result.returncode == 0, result.stderr
     cells = results.read_table(out, "cells")
@@ -101,7 +92,7 @@ def test_report_on_a_folder_without_finished_cells(cli, tmp_path):
 
 
 def test_read_results_returns_ok_cells_unless_asked(cli, write_suite, tmp_path):
-    suite = write_suite(TOY.replace("toy-svd]", "toy-svd, {misbehave: {mode: raise}}]"))
+    suite = write_suite(TOY_SUITE.replace("toy-svd]", "toy-svd, {misbehave: {mode: raise}}]"))
     out = tmp_path / "out"
     assert cli("run", suite, "--out", out, "--plugins-dir", GOOD_PLUGINS, "--executor", "inprocess").returncode == 1
     cells = results.read_table(out, "cells")

@@ -147,6 +147,13 @@ def test_resume_retries_failures_and_force_reruns(cli, write_suite, tmp_path, mo
     assert all(third[cid] != second[cid] for cid in first.index)
 
 
+def wait_for_cells(out, count: int, timeout: float = 120) -> None:
+    """Until a running `bench run` has finished ``count`` cells in ``out`` (or ``timeout`` seconds passed)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and len(list((out / "cells").glob("part-*.parquet"))) < count:
+        time.sleep(0.05)
+
+
 def test_sigkill_mid_run_then_resume_gives_each_cell_exactly_once(write_suite, tmp_path):
     suite = write_suite("""
     name: killme
@@ -159,9 +166,7 @@ def test_sigkill_mid_run_then_resume_gives_each_cell_exactly_once(write_suite, t
     out = tmp_path / "out"
     command = [sys.executable, "-m", "rankbench.cli", "run", str(suite), "--out", str(out), "--plugins-dir", str(GOOD_PLUGINS)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((out / "cells").glob("part-*.parquet"))) < 5:
-        time.sleep(0.05)
+    wait_for_cells(out, 5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = len(results.cell_statuses(out))
@@ -237,9 +242,7 @@ def test_a_stop_signal_saves_finished_cells_and_says_so(write_suite, tmp_path, s
     command = [sys.executable, "-m", "rankbench.cli", "run", str(suite), "--out", str(out), "--plugins-dir",
                str(GOOD_PLUGINS)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((out / "cells").glob("part-*.parquet"))) < 3:
-        time.sleep(0.05)
+    wait_for_cells(out, 3)
     for name in signals:
         proc.send_signal(getattr(signal, name))
         time.sleep(0.05)
