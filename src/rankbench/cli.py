@@ -233,9 +233,9 @@ def cmd_report(args) -> int:
     out = Path(args.dir)
     if not (out / "cells").is_dir():
         raise BadInput(f"{args.dir}: expected a results folder written by `bench run` (no cells/ inside)")
-    from rankbench.results import scan_results
+    from rankbench.results import verified_scan
 
-    scan = scan_results(out)
+    scan = verified_scan(out)  # the report's readers reuse it
     if not scan.markers:
         damaged = f" ({len(scan.damaged)} damaged: `bench check-results {args.dir}`)" if scan.damaged else ""
         raise BadInput(f"{args.dir}: expected a results folder with finished cells (no finished cells{damaged})")
