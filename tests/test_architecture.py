@@ -2,6 +2,10 @@
 from a private module) owned by another package. Private helpers stay inside their own family."""
 
 import ast
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -34,3 +38,34 @@ def test_the_rule_catches_a_cross_package_private_import(tmp_path, monkeypatch):
     assert private_imports_across_packages() == [
         "rankbench_plugins/selectors/leaky.py: from rankbench_plugins.solvers._factored import FactoredSolver"
     ]
+
+
+HEAVY_LIBRARIES = ("torch", "scipy", "pandas", "ray", "transformers", "pyro", "matplotlib", "tensorly", "submitit")
+
+
+def _modules_imported_by(code: str) -> set[str]:
+    """Top-level package names in ``sys.modules`` after running ``code`` in a fresh interpreter."""
+    probe = f"{code}\nimport sys, json\nprint(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    env = {**os.environ, "RANKBENCH_TRACE_PLUGINS": ""}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_loading_every_plugin_imports_no_heavy_library():
+    """Plugin registration is light (heavy libraries are imported inside the functions that use them), so that
+    ``bench plugins``, ``bench check`` and a resume with nothing to do answer without importing torch & co."""
+    code = ("from rankbench.plugins import load_plugins\n"
+            "registry = load_plugins()\n"
+            "assert not registry.failures, registry.failures\n"
+            "assert len(registry.all()) > 30, len(registry.all())")
+    heavy = _modules_imported_by(code) & set(HEAVY_LIBRARIES)
+    assert not heavy, f"loading the plugins imported {sorted(heavy)}"
+
+
+def test_expanding_and_checking_a_suite_imports_no_heavy_library():
+    """``bench check`` expands a suite (parameters validated, pairings decided) without torch, pandas or scipy."""
+    suite = SRC.parent / "suites" / "llm.yaml"
+    code = ("from rankbench.cli import main\n"
+            f"code = main(['check', {str(suite)!r}, '--device', 'cpu'])\nassert code == 0, code")
+    heavy = _modules_imported_by(code) & set(HEAVY_LIBRARIES)
+    assert not heavy, f"bench check imported {sorted(heavy)}"

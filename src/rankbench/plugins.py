@@ -30,6 +30,7 @@ the trace shows one call per plugin, its ``register`` argument naming the plugin
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import hashlib
@@ -125,30 +126,77 @@ HASHED_HOST_PACKAGE = "rankbench.kinds"
 
 
 def code_hash(cls: type) -> str:
-    """Hash of the file defining ``cls`` and of every module it uses, found transitively through module globals, of
-    the same top-level package or of ``rankbench.kinds`` (the protocols and numerics every method runs through) -- so
-    editing a shared helper module or a protocol also changes the plugin's cell ids."""
+    """Hash of the file defining ``cls`` and of every module it imports, transitively, of the same top-level package
+    or of ``rankbench.kinds`` (the protocols and numerics every method runs through) -- so editing a shared helper
+    module or a protocol also changes the plugin's cell ids. Imports are read from the source (at the top and inside
+    functions alike) and located without importing them: plugins import their heavy modules lazily, and what a cell
+    runs must be hashed whether or not this process has imported it yet."""
     root_module = sys.modules.get(cls.__module__)
-    if root_module is None:
+    if root_module is None or getattr(root_module, "__file__", None) is None:
         return "unknown"
     package = cls.__module__.split(".")[0]
 
     def hashed(name: str) -> bool:
         return name.split(".")[0] == package or name == HASHED_HOST_PACKAGE or name.startswith(HASHED_HOST_PACKAGE + ".")
+
     seen: dict[str, str] = {}
-    stack = [root_module]
+    stack = [(cls.__module__, root_module.__file__)]
     while stack:
-        module = stack.pop()
-        path = getattr(module, "__file__", None)
-        if module.__name__ in seen or path is None:
+        name, path = stack.pop()
+        if name in seen:
             continue
-        seen[module.__name__] = file_hash(path)
-        for value in vars(module).values():
-            name = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
-            if isinstance(name, str) and hashed(name) and name not in seen and name in sys.modules:
-                stack.append(sys.modules[name])
+        seen[name] = file_hash(path)
+        for imported in _imported_modules(path):
+            if hashed(imported) and imported not in seen:
+                origin = _module_file(imported)
+                if origin is not None:
+                    stack.append((imported, origin))
     digest = hashlib.sha256("".join(f"{k}={v};" for k, v in sorted(seen.items())).encode())
     return digest.hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=None)
+def _imported_modules(path: str) -> tuple[str, ...]:
+    """Every module a source file imports anywhere in it: ``import a.b`` gives a.b; ``from a import b`` gives a and,
+    where a.b is itself a module, a.b (resolved by ``_module_file``)."""
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return ()
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+            names.extend(f"{node.module}.{alias.name}" for alias in node.names)
+    return tuple(dict.fromkeys(names))
+
+
+@functools.lru_cache(maxsize=None)
+def _module_file(name: str) -> str | None:
+    """The source file of module ``name``, found on disk without importing it or its parents (importing a parent
+    could import torch; None: not a module, e.g. ``package.module.ClassName``)."""
+    top, *parts = name.split(".")
+    try:
+        spec = importlib.util.find_spec(top)  # a top-level name is located, not imported
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.has_location:
+        return None
+    origin, folders = spec.origin, list(spec.submodule_search_locations or [])
+    for part in parts:
+        for folder in folders:
+            package, module = Path(folder) / part / "__init__.py", Path(folder) / f"{part}.py"
+            if package.is_file():
+                origin, folders = str(package), [str(package.parent)]
+                break
+            if module.is_file():
+                origin, folders = str(module), []
+                break
+        else:
+            return None
+    return origin
 
 
 def _allowed() -> set[str] | None:

@@ -53,13 +53,10 @@ import abc
 import copy
 import dataclasses
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, TYPE_CHECKING
 
 import numpy as np
-import torch
 from pydantic import Field
-from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rankbench.api import (
     ADAPTATION,
@@ -75,67 +72,11 @@ from rankbench.api import (
 from rankbench.kinds.compression import CompressionTask
 from rankbench.kinds.protocol import Protocol
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
-class SVDAdapter(nn.Module):
-    """A frozen Linear plus an SVD-form low-rank update ``scaling * P diag(E * mask) Q`` (see the module docstring)."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, init_std: float, generator: torch.Generator):
-        super().__init__()
-        out_features, in_features = base.weight.shape
-        rank = max(0, min(int(rank), out_features, in_features))
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        dtype, device = base.weight.dtype, base.weight.device
-        self.P = nn.Parameter(torch.randn(out_features, rank, generator=generator, dtype=dtype).to(device) * init_std)
-        self.E = nn.Parameter(torch.zeros(rank, dtype=dtype, device=device))
-        self.Q = nn.Parameter(torch.randn(rank, in_features, generator=generator, dtype=dtype).to(device) * init_std)
-        self.register_buffer("mask", torch.ones(rank, dtype=dtype, device=device))
-        self.init_rank = rank
-        self.scaling = float(alpha) / rank if rank else 0.0
-        self.sigma_override: torch.Tensor | None = None  # E replaced by a differentiable input (derivatives in E)
-
-    @property
-    def rank(self) -> int:
-        return int(self.mask.sum().item())
-
-    def params_at_rank(self, k: int) -> int:
-        out_features, in_features = self.base.weight.shape
-        return int(k) * (out_features + in_features + 1)
-
-    def effective_e(self) -> torch.Tensor:
-        e = self.E if self.sigma_override is None else self.sigma_override
-        return e * self.mask
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.scaling * (self.P * self.effective_e()) @ self.Q
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if self.init_rank == 0:
-            return y
-        return y + self.scaling * ((x @ self.Q.T) * self.effective_e()) @ self.P.T
-
-    def orthogonality(self) -> torch.Tensor:
-        """||P^T P - I||_F + ||Q Q^T - I||_F (AdaLoRA's regulariser for this adapter)."""
-        eye = torch.eye(self.init_rank, dtype=self.P.dtype, device=self.P.device)
-        return torch.linalg.norm(self.P.T @ self.P - eye) + torch.linalg.norm(self.Q @ self.Q.T - eye)
-
-    @torch.no_grad()
-    def truncate(self, k: int) -> None:
-        """Keep the leading k singular triplets of the current update, exactly re-parameterised in SVD form."""
-        k = max(0, min(int(k), self.init_rank))
-        U, s, Vh = torch.linalg.svd(self.delta_weight().to(torch.float64), full_matrices=False)
-        rank = self.init_rank
-        P = torch.zeros_like(self.P, dtype=torch.float64)
-        Q = torch.zeros_like(self.Q, dtype=torch.float64)
-        E = torch.zeros(rank, dtype=torch.float64, device=self.E.device)
-        P[:, :k], Q[:k], E[:k] = U[:, :k], Vh[:k], s[:k] / self.scaling
-        self.P.copy_(P)
-        self.Q.copy_(Q)
-        self.E.copy_(E)
-        self.mask.zero_()
-        self.mask[:k] = 1.0
+    from rankbench.kinds.layers import SVDAdapter
 
 
 class AdapterFactorization(Factorization):
@@ -150,6 +91,9 @@ class AdapterFactorization(Factorization):
         orth_reg: float = Field(0.1, ge=0.0, description="weight of AdaLoRA's orthogonality regulariser")
 
     def attach(self, model: nn.Module, site_names: list[str], seed: int) -> dict[str, SVDAdapter]:
+        from rankbench.kinds.layers import SVDAdapter
+        from torch import nn
+        import torch
         generator = torch.Generator().manual_seed(int(seed))
         adapters = {}
         for name in site_names:
@@ -202,6 +146,7 @@ class AdapterTrainer:
         self.optimizer = self._new_optimizer()
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
+        import torch
         params = [p for a in self.adapters.values() for p in (a.P, a.E, a.Q) if p.numel()] + self.extra_params
         return torch.optim.Adam(params, lr=self.lr) if params else None
 
@@ -213,10 +158,12 @@ class AdapterTrainer:
         return sum(a.rank for a in self.adapters.values())
 
     def regulariser(self) -> torch.Tensor:
+        import torch
         terms = [a.orthogonality() for a in self.adapters.values() if a.init_rank]
         return torch.stack(terms).mean() if terms else torch.zeros(())
 
     def step(self, after: Callable[[AdapterTrainer], None] | None = None) -> float:
+        import torch
         if self.steps_left <= 0:
             raise RuntimeError(f"the cell's {self.total_steps} fine-tuning steps are used up")
         loss = self.task.training_loss(self.ctx, self.model)
@@ -247,6 +194,7 @@ class AdapterTrainer:
     def refine_lbfgs(self, iterations: int) -> None:
         """L-BFGS on the adapters (and the parameters trained beside them) at their final ranks, on the same
         objective as the Adam steps; the loss it ends at is appended to the ``train_loss`` curve."""
+        import torch
         params = [p for a in self.adapters.values() for p in (a.P, a.E, a.Q) if p.numel()] + self.extra_params
         if not iterations or not params:
             return
@@ -259,9 +207,9 @@ class AdapterTrainer:
         with torch.no_grad():
             self.loss_curve.append((self.step_count + iterations, float(self.task.training_loss(self.ctx, self.model))))
 
-    @torch.no_grad()
     def _gradient_norms(self) -> dict[str, float]:
         """||grad|| over every adapter parameter (P, E, Q) and over the E alone, from the ``.grad`` just computed."""
+        import torch
         total = e_only = 0.0
         for adapter in self.adapters.values():
             for part in (adapter.P, adapter.E, adapter.Q):
@@ -284,6 +232,7 @@ class AdapterTrainer:
     def sigma_loss(self, sigmas: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training loss (no regulariser) with each named adapter's E replaced by ``sigmas[name]`` (the mask still
         applies), differentiable in ``sigmas``; the adapters' own parameters are left untouched."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
         try:
             for name, sigma in sigmas.items():
                 self.adapters[name].sigma_override = sigma
@@ -361,6 +310,7 @@ def lbfgs_minimise(params: list[nn.Parameter], objective: Callable[[], torch.Ten
     """Full-batch L-BFGS on ``objective`` over ``params`` for at most ``iterations`` iterations: strong-Wolfe line
     search, history 50, step 1 -- PINNacle's second training phase after Adam. A non-finite objective raises
     ``Diverged``."""
+    import torch
     optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=int(iterations), max_eval=int(iterations) * 5 // 4,
                                   history_size=50, tolerance_grad=1e-12, tolerance_change=1e-15,
                                   line_search_fn="strong_wolfe")
@@ -384,6 +334,7 @@ def dense_sites_params(model: nn.Module, names: list[str]) -> int:
 def run_adaptation_reference(task: AdaptationTask, ctx) -> None:
     """Full fine-tuning of every weight for the same steps and L-BFGS iterations (the dense reference of an
     adaptation cell)."""
+    import torch
     settings = task.adaptation_settings()
     steps = settings.steps
     model = copy.deepcopy(task.pretrained_model(ctx))
@@ -472,6 +423,7 @@ def record_determinations(ctx, rows: list[dict[str, float]]) -> None:
 
 def adapter_site(name: str, adapter: SVDAdapter, with_update: bool = False) -> Site:
     """The selector's view of one adapter; with ``with_update`` the learned update and its spectrum."""
+    import torch
     shape = tuple(adapter.base.weight.shape)
     site = Site(
         name=name,
@@ -516,9 +468,9 @@ def _checked(ranks: Ranks, adapters: dict[str, SVDAdapter], who: str) -> dict[st
     return out
 
 
-
 def mask_components(adapter: SVDAdapter, keep: torch.Tensor) -> None:
     """Switch the components where ``keep`` is False off for good: E := 0 and mask := 0 (no gradient revives them)."""
+    import torch
     with torch.no_grad():
         keep = keep.to(device=adapter.E.device, dtype=torch.bool)
         adapter.E.masked_fill_(~keep, 0.0)
@@ -540,3 +492,12 @@ PROTOCOL = Protocol(
     ADAPTATION, AdaptationTask, run=run_adaptation, reference=run_adaptation_reference, skip=adaptation_skip,
     setup=adaptation_setup,
 )
+
+
+def __getattr__(name: str):
+    """``SVDAdapter`` lives in ``rankbench.kinds.layers`` (torch) and is imported from there on first use."""
+    if name == "SVDAdapter":
+        from rankbench.kinds.layers import SVDAdapter
+
+        return SVDAdapter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

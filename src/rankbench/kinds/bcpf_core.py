@@ -87,12 +87,12 @@ import dataclasses
 import math
 import string
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, TYPE_CHECKING
 
 import numpy as np
-import torch
-from scipy.special import digamma, gammaln
 
+if TYPE_CHECKING:
+    import torch
 
 HYPER = 1e-6  # a0 = b0 = c0 = d0
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -132,6 +132,7 @@ def _contract_others(weight: torch.Tensor, mats: Sequence[torch.Tensor | None], 
     ``weight`` is the N-way mask (B4, B8) or masked data (B6); ``mats[k]`` is I_k x P. Chunked over P so that the
     largest intermediate stays below ``_CHUNK_ELEMENTS``; the largest other mode is contracted first.
     """
+    import torch
     nd = weight.ndim
     others = sorted((k for k in range(nd) if k != skip), key=lambda k: -weight.shape[k])
     letters = string.ascii_letters[:nd]
@@ -150,6 +151,7 @@ def _contract_others(weight: torch.Tensor, mats: Sequence[torch.Tensor | None], 
 
 def cp_full(factors: Sequence[torch.Tensor]) -> torch.Tensor:
     """[[Z^(1), ..., Z^(N)]]: the full tensor of a CP model with factors I_n x R."""
+    import torch
     nd = len(factors)
     letters = string.ascii_letters[:nd]
     spec = ",".join(c + "Z" for c in letters) + "->" + letters
@@ -177,6 +179,7 @@ def factor_update(
     ``means[k]`` I_k x R and ``covs[k]`` I_k x R x R. Returns (means_n, covs_n, C, logdet) where C is I_n x R x R
     (B4; for a fully observed tensor one R x R matrix shared by all rows) and logdet = sum_i ln det V_i.
     """
+    import torch
     R = lambdas.numel()
     I_n = data.shape[n]
     others = [k for k in range(data.ndim) if k != n]
@@ -211,6 +214,7 @@ def factor_update(
 
 
 def _cholesky(a: torch.Tensor) -> torch.Tensor:
+    import torch
     chol, info = torch.linalg.cholesky_ex(a)
     if bool((info != 0).any()):  # a precision matrix is PD in exact arithmetic; add jitter if rounding says no
         scale = torch.diagonal(a, dim1=-2, dim2=-1).abs().amax(-1, keepdim=True)[..., None]
@@ -224,6 +228,7 @@ def _lower_bound(
     power_plus_var: torch.Tensor, logdet_total: float, R: int
 ) -> float:
     """The variational lower bound (B9), term by term; a and c are shape parameters, b and d rates."""
+    from scipy.special import digamma, gammaln
     a0 = b0 = c0 = d0 = HYPER
     e_ln_tau = digamma(c) - math.log(d)
     e_tau = c / d
@@ -255,6 +260,7 @@ def rebalance_scales(
     the factor updates (B5)-(B6) explore only very slowly (a component whose norms differ a lot between modes stays
     unbalanced for hundreds of sweeps); a fixed point of BCPF is also a fixed point of this step.
     """
+    import torch
     nd = len(means)
     P = torch.stack(
         [(means[n] ** 2).sum(0) + torch.diagonal(covs[n], dim1=-2, dim2=-1).sum(0) for n in range(nd)]
@@ -325,6 +331,7 @@ def bcpf(
     Returns:
         ``BCPFResult`` (estimate, rank, per-iteration history, factors, ...).
     """
+    import torch
     device = torch.device(device)
     dtype = torch.float64
     Y = torch.as_tensor(np.asarray(data) if not torch.is_tensor(data) else data, dtype=dtype).to(device)

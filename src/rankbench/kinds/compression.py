@@ -58,17 +58,16 @@ import json
 import os
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
-
-import torch
-from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.utils import skip_init
+from typing import Any, ClassVar, TYPE_CHECKING
 
 from rankbench.files import atomic_write
 from rankbench.api import COMPRESSION, PARAM_RATIO, Factorization, RankProblem, Selector, Site, Task
 from rankbench.kinds.protocol import Protocol
 from rankbench.kinds.tensor_compression import TensorFactorization, run_tensor_compression
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 STATISTIC_KINDS = ("gram", "input_abs_mean", "fisher_rows", "fisher_cols", "weight_grad")
 
@@ -112,6 +111,7 @@ class Decomposition:
 
     def factors_of(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) with A @ B = sum over the given components i of s_i left[:, i] right[i] (split as ``factors``)."""
+        import torch
         index = torch.as_tensor([int(i) for i in indices], dtype=torch.long, device=self.s.device)
         if index.numel() == 0:
             raise ValueError("a component selection keeps at least one component")
@@ -147,55 +147,6 @@ class Components:
         return self.indices == tuple(range(len(self.indices)))
 
 
-class LowRankLinear(nn.Module):
-    """y = A (B x) + bias, as two Linears (in -> rank -> out); stores rank * (in + out) weights."""
-
-    def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        out_features, rank = A.shape
-        in_features = B.shape[1]
-        if B.shape[0] != rank:
-            raise ValueError(f"factor shapes do not chain: A {tuple(A.shape)}, B {tuple(B.shape)}")
-        kw = {"device": A.device, "dtype": A.dtype}
-        # skip_init: no random initialisation of weights that are overwritten at once.
-        self.down = skip_init(nn.Linear, in_features, rank, bias=False, **kw)
-        self.up = skip_init(nn.Linear, rank, out_features, bias=bias is not None, **kw)
-        with torch.no_grad():
-            self.down.weight.copy_(B)
-            self.up.weight.copy_(A)
-            if bias is not None:
-                self.up.bias.copy_(bias)
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
-
-
-class SigmaLinear(nn.Module):
-    """A Linear whose weight is left[:, :k] diag(sigma) right[:k] with ``sigma`` a (differentiable) input."""
-
-    def __init__(self, decomposition: Decomposition, sigma: torch.Tensor, dense: nn.Linear):
-        super().__init__()
-        if sigma.ndim != 1 or not 1 <= sigma.shape[0] <= decomposition.rank:
-            raise ValueError(
-                f"sigma must be a vector of length 1..{decomposition.rank}, got shape {tuple(sigma.shape)}"
-            )
-        k = sigma.shape[0]
-        weight = dense.weight
-        self.left = decomposition.left[:, :k].to(device=weight.device, dtype=weight.dtype)
-        self.right = decomposition.right[:k].to(device=weight.device, dtype=weight.dtype)
-        self.sigma = sigma
-        self.bias = dense.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sigma = self.sigma.to(device=x.device, dtype=x.dtype)
-        y = ((x @ self.right.T) * sigma) @ self.left.T
-        return y if self.bias is None else y + self.bias
-
-
 class LowRankFactorization(Factorization):
     """Base of the matrix factorizations of Linear weights (``svd``, ``asvd``, ``fwsvd``, ``svd-llm``, ...).
 
@@ -229,12 +180,14 @@ class SiteStatistics:
 
 def save_weights(path: Path, model: nn.Module) -> None:
     """Write ``model``'s state dict to ``path`` atomically (a temporary file, then a rename)."""
+    import torch
     atomic_write(path, lambda handle: torch.save(model.state_dict(), handle))
 
 
 def cached_weights(model: nn.Module, path: Path | None, train: Callable[[nn.Module], object]) -> nn.Module:
     """``model`` with the trained weights cached at ``path``; when there are none, ``train(model)`` runs and its
     result is cached (``path`` None: no cache). How tasks share one trained network between cells and processes."""
+    import torch
     if path is not None and path.is_file():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     else:
@@ -342,6 +295,7 @@ class CompressionTask(Task):
         suite runs a task configuration's cells factorization by factorization, so switching to another one frees
         the previous set (an LLM cell then peaks near one set instead of one per factorization decomposed so far).
         """
+        import torch
         slot = self.calibration_memo(ctx)
         cache = slot["decompositions"]
         owner = factorization.identity
@@ -408,6 +362,7 @@ def _tensors_digest(tensors: Iterable[torch.Tensor]) -> str:
 
 def write_decomposition(path: Path, result: Decomposition) -> None:
     """Save a decomposition atomically with a SHA-256 of its tensors (a full disk only costs the cache)."""
+    import torch
     tensors = (result.left, result.s, result.right)
     payload = {"left": result.left.cpu(), "s": result.s.cpu(), "right": result.right.cpu(), "note": result.note,
                "sha256": _tensors_digest(tensors)}
@@ -421,6 +376,7 @@ def write_decomposition(path: Path, result: Decomposition) -> None:
 
 def read_decomposition(path: Path, device: torch.device) -> Decomposition | None:
     """The decomposition at ``path`` if it exists and its tensors match their recorded SHA-256; else None."""
+    import torch
     if not path.is_file():
         return None
     try:
@@ -566,6 +522,9 @@ class CompressionStatistics:
         return {name: linear for name, linear in sites.items() if name in set(names)}
 
     def sigma_loss(self, sigmas: dict[str, torch.Tensor], max_batches: int | None = None) -> torch.Tensor:
+        from rankbench.kinds.layers import SigmaLinear
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        import torch
         task, ctx = self.task, self.ctx
         model = task.model(ctx)
         sites = self._sites(sigmas)
@@ -592,6 +551,7 @@ class CompressionStatistics:
         return torch.stack(losses).mean()
 
     def calibration_loss(self, ranks: dict[str, int], max_batches: int | None = None) -> float:
+        import torch
         task, ctx = self.task, self.ctx
         model = task.model(ctx)
         sites = self._sites(ranks)
@@ -615,6 +575,7 @@ class swapped:
         self.decompositions, self.ranks = decompositions, ranks
 
     def __enter__(self) -> dict[str, int]:
+        from rankbench.kinds.layers import LowRankLinear
         chosen, modules = {}, {}
         for name, linear in self.sites.items():  # build everything first: nothing is touched if a rank is bad
             if name not in self.ranks:
@@ -659,7 +620,6 @@ def _first(batches: Iterable[Any], max_batches: int | None) -> Iterable[Any]:
     return batches if max_batches is None else itertools.islice(batches, max_batches)
 
 
-
 def collect_statistics(task: CompressionTask, ctx, model: nn.Module, kinds: set[str], store: dict) -> None:
     """One calibration pass over ``task.calibration_batches(ctx)``, filling ``store[site]`` for ``kinds``.
 
@@ -671,6 +631,7 @@ def collect_statistics(task: CompressionTask, ctx, model: nn.Module, kinds: set[
     the per-batch gradients, i.e. the gradient of the mean calibration loss. A site that the batches never reach
     gets zeros. Asking for more kinds never changes the numbers of the others.
     """
+    import torch
     kinds = set(kinds)
     sites = dict(task.target_sites(model))
     for name in sites:
@@ -748,6 +709,7 @@ def collect_statistics(task: CompressionTask, ctx, model: nn.Module, kinds: set[
 
 def iter_named_linears(module: nn.Module, include: Iterable[str]) -> Iterator[tuple[str, nn.Linear]]:
     """Linears whose qualified name contains one of ``include`` (e.g. ``("self_attn", "mlp")``)."""
+    from torch import nn
     patterns = tuple(include)
     for name, child in module.named_modules():
         if isinstance(child, nn.Linear) and any(p in name for p in patterns):
@@ -758,3 +720,13 @@ PROTOCOL = Protocol(
     COMPRESSION, CompressionTask, run=run_compression, reference=run_compression_reference, skip=compression_skip,
     setup=compression_setup,
 )
+
+
+def __getattr__(name: str):
+    """``LowRankLinear`` and ``SigmaLinear`` are this kind's layers; they live in ``rankbench.kinds.layers`` (torch)
+    and are imported from there on first use, so importing this module stays light."""
+    if name in ("LowRankLinear", "SigmaLinear"):
+        from rankbench.kinds import layers
+
+        return getattr(layers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

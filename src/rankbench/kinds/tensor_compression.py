@@ -31,15 +31,17 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from typing import ClassVar
+from typing import ClassVar, TYPE_CHECKING
 
 import numpy as np
-import torch
 from pydantic import Field
-from torch import nn
 
 from rankbench.api import COMPRESSION, TRAINING, Factorization, PluginParams, RankProblem, Site
-from rankbench.kinds import tensor_formats as tf
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from rankbench.kinds import tensor_formats as tf
 
 _TENSOR = "compression.tensor"  # per-calibration-slot memo: {"sites": {...}, "layers": {...}}
 
@@ -58,6 +60,7 @@ class TensorFactorization(Factorization):
         order_in: int = Field(2, ge=1, le=6, description="tensor modes the input dimension is split into")
 
     def dims(self, shape: tuple[int, int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        from rankbench.kinds import tensor_formats as tf
         out_features, in_features = shape
         return tf.factor_dims(out_features, self.params.order_out), tf.factor_dims(in_features, self.params.order_in)
 
@@ -85,6 +88,8 @@ class TensorFactorization(Factorization):
 
     def fit_site(self, module: nn.Module, ranks: tuple[int, ...]) -> nn.Module:
         """The site's replacement: ``fit_conv`` for a Conv2d, ``fit`` (in float64) for a Linear."""
+        from torch import nn
+        import torch
         if isinstance(module, nn.Conv2d):
             return self.fit_conv(module, ranks)
         bias = None if module.bias is None else module.bias.detach()
@@ -92,6 +97,7 @@ class TensorFactorization(Factorization):
 
     # -- the selector's view of a site ---------------------------------------------------------------------------
     def site(self, name: str, weight: torch.Tensor) -> Site:
+        import torch
         shape = tuple(int(d) for d in weight.shape)
         if len(shape) != 2 and not self.conv_kernels:
             raise TypeError(f"{self.name} factorises matrices only; site {name!r} has a weight of shape {shape}")

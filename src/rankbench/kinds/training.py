@@ -43,14 +43,17 @@ import dataclasses
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar, Literal
-
-import torch
-from torch import nn
+from typing import Any, ClassVar, Literal, TYPE_CHECKING
 
 from rankbench.api import COMPRESSION, PARAM_RATIO, TRAINING, Diverged, Factorization, Selector, Task
 from rankbench.kinds.protocol import Protocol
 from rankbench.kinds.compression import CompressionTask, cached_weights, save_weights
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from rankbench.kinds.layers import RankAdaptiveLayer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +67,7 @@ class TrainingSettings:
 
 def make_optimizer(settings: TrainingSettings, params: Iterable[nn.Parameter], lr: float | None = None):
     """The task's optimiser over ``params`` (``lr`` overrides the task's learning rate)."""
+    import torch
     params = [p for p in params if p.requires_grad]
     lr = settings.lr if lr is None else lr
     if settings.optimizer == "sgd":
@@ -71,20 +75,6 @@ def make_optimizer(settings: TrainingSettings, params: Iterable[nn.Parameter], l
     if settings.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=settings.weight_decay)
     return torch.optim.Adam(params, lr=lr, weight_decay=settings.weight_decay)
-
-
-class RankAdaptiveLayer(nn.Module, abc.ABC):
-    """A site's replacement during rank-adaptive training. ``ranks()`` is an int (matrix formats) or a tuple of
-    slot ranks (tensor formats); ``stored_params()`` counts what inference needs at the current ranks (bias
-    excluded, as everywhere in rankbench)."""
-
-    @abc.abstractmethod
-    def ranks(self) -> int | tuple[int, ...]:
-        """The layer's current rank (matrix formats) or slot ranks (tensor formats)."""
-
-    @abc.abstractmethod
-    def stored_params(self) -> int:
-        """Parameters inference needs at the current ranks (bias excluded)."""
 
 
 class TrainingTask(Task):
@@ -294,3 +284,12 @@ def run_training(task: TrainingTask, ctx, method: RankAdaptiveTrainer, factoriza
 
 
 PROTOCOL = Protocol(TRAINING, TrainingTask, run=run_training, reference=run_training_reference, skip=training_skip)
+
+
+def __getattr__(name: str):
+    """``RankAdaptiveLayer`` lives in ``rankbench.kinds.layers`` (torch) and is imported from there on first use."""
+    if name == "RankAdaptiveLayer":
+        from rankbench.kinds.layers import RankAdaptiveLayer
+
+        return RankAdaptiveLayer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

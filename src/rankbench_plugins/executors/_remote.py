@@ -21,7 +21,6 @@ import os
 from typing import Any
 
 
-from rankbench import results
 from rankbench.api import CellRecord
 from rankbench.cells import Cell
 
@@ -58,6 +57,7 @@ def _runtime(settings: dict[str, Any]):
 def run_job(cells: list[str], settings: dict[str, Any]) -> list[dict[str, Any]]:
     """The job: run the cells one after another in this process, write each one's parts as soon as it ends, and
     return the records (as dicts). Never raises because a cell failed."""
+    from rankbench import results
     from rankbench.runner import primary_metric
 
     for name in [n for n in os.environ if n.startswith("RANKBENCH_") and n not in settings["env"]]:
@@ -84,6 +84,8 @@ class PartWatch:
     """The host's snapshot of the results folder's markers, to tell which cells a dead job finished meanwhile."""
 
     def __init__(self, results_dir: str | None):
+        from rankbench import results
+
         self.results_dir = results_dir
         self.before: dict[str, str] = {}
         if results_dir:
@@ -92,6 +94,8 @@ class PartWatch:
 
     def written_since(self, cell: Cell) -> CellRecord | None:
         """The record of ``cell`` that a job wrote after the snapshot, rebuilt from its marker; else None."""
+        from rankbench import results
+
         if not self.results_dir:
             return None
         marker = results.read_marker(self.results_dir, cell.cell_id)

@@ -27,7 +27,6 @@ import time
 from pydantic import Field
 
 from rankbench import Executor, PluginParams, hookimpl
-from rankbench.runner import failed_record, now
 from rankbench_plugins.executors._remote import PartWatch, job_settings, run_job, short
 
 
@@ -52,6 +51,8 @@ class RayExecutor(Executor):
         poll_s: float = Field(default=1.0, gt=0, description="longest wait between checks of the deadlines")
 
     def run(self, cells, runtime):
+        from rankbench.runner import failed_record
+
         if not cells:
             return
         import ray
@@ -84,6 +85,8 @@ class RayExecutor(Executor):
         return max(slots, 1)
 
     def _run(self, ray, cells, runtime):
+        from rankbench.runner import failed_record, now
+
         num_gpus = self.params.num_gpus
         if num_gpus is None:
             num_gpus = 1.0 if str(runtime.device).startswith("cuda") else 0.0
@@ -129,6 +132,7 @@ class RayExecutor(Executor):
     @staticmethod
     def _collect(ray, ref, cell, started_at, start, watch):
         from rankbench.api import CellRecord
+        from rankbench.runner import failed_record
 
         try:
             (payload,) = ray.get(ref)

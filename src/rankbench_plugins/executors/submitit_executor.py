@@ -37,7 +37,6 @@ from pydantic import Field
 
 from rankbench import Executor, PluginParams, hookimpl
 from rankbench.api import CellRecord
-from rankbench.runner import cache_root, failed_record, now
 from rankbench_plugins.executors._remote import PartWatch, job_settings, run_job, short
 
 NO_LIMIT_MIN = 60 * 24 * 365  # the local controller's limit when the cells have none (submitit's default is 2 min)
@@ -84,6 +83,8 @@ class SubmititExecutor(Executor):
         keep_job_files: bool = Field(default=False, description="keep the files of jobs whose cells all ended ok")
 
     def run(self, cells, runtime):
+        from rankbench.runner import cache_root
+
         if not cells:
             return
         import submitit
@@ -133,6 +134,8 @@ class SubmititExecutor(Executor):
                     pass
 
     def _loop(self, executor, cluster, groups, running, parallel, poll, settings, watch):
+        from rankbench.runner import failed_record
+
         while groups or running:
             if groups and len(running) < parallel:
                 batch, groups = groups[: parallel - len(running)], groups[parallel - len(running) :]
@@ -162,6 +165,8 @@ class SubmititExecutor(Executor):
         return sum(c.timeout for c in cells) + self.params.start_allowance_s
 
     def _submit(self, executor, cluster: str, groups, settings) -> list[_Job]:
+        from rankbench.runner import now
+
         limits = [self._limit_s(group) for group in groups]
         if cluster == "slurm":
             if all(limit is not None for limit in limits):
@@ -221,6 +226,8 @@ class SubmititExecutor(Executor):
         return records, rest
 
     def _dead_record(self, job: _Job, cluster: str, cell, error) -> CellRecord:
+        from rankbench.runner import failed_record
+
         wall = time.monotonic() - job.submitted
         state = ""
         if cluster == "slurm":

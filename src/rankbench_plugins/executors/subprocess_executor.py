@@ -29,7 +29,6 @@ from pydantic import Field
 from rankbench import Executor, PluginParams, hookimpl
 from rankbench.api import CellRecord
 from rankbench.cells import Cell
-from rankbench.runner import failed_record, now, worker_runtime
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The worker (runs in the child process)
@@ -47,6 +46,8 @@ def _die_with_parent() -> None:
 def worker_main(conn, plugins_dir: str | None, device: str, timeout: float | None, threads: int | None = None) -> None:
     """The worker's loop: rebuild the registry, say ready, then run each cell received (JSON) and send its record
     back, until the parent sends None or the pipe closes."""
+    from rankbench.runner import worker_runtime
+
     _die_with_parent()
     os.setsid()  # its own process group: a kill at the limit ends whatever the cell started too
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
@@ -164,6 +165,8 @@ class SubprocessExecutor(Executor):
         start_timeout: float = Field(default=600.0, gt=0)
 
     def run(self, cells, runtime):
+        from rankbench.runner import failed_record
+
         worker, task_key = None, None
         try:
             for cell in cells:
@@ -191,6 +194,8 @@ class SubprocessExecutor(Executor):
 
     @staticmethod
     def _run_one(worker: _Worker, cell) -> tuple[CellRecord, bool]:
+        from rankbench.runner import failed_record, now
+
         started_at, start = now(), time.perf_counter()
         try:
             worker.conn.send(cell.to_json())

@@ -13,7 +13,6 @@ import math
 from collections.abc import Sequence
 from typing import ClassVar
 
-from rankbench.kinds import tensor_formats as tf
 from rankbench.kinds.tensor_compression import TensorFactorization
 
 
@@ -27,6 +26,7 @@ class TensorTrainFactorization(TensorFactorization):
         raise NotImplementedError
 
     def slots(self, weight):
+        from rankbench.kinds import tensor_formats as tf
         out_dims, in_dims = self.dims(tuple(weight.shape))
         dims = self.modes(out_dims, in_dims)
         total = weight.numel()
@@ -35,4 +35,5 @@ class TensorTrainFactorization(TensorFactorization):
         return spectra, shapes, [min(s) for s in shapes]
 
     def feasible(self, shape, ranks):
+        from rankbench.kinds import tensor_formats as tf
         return tf.clip_tt_ranks(self.modes(*self.dims(shape)), ranks)

@@ -18,13 +18,15 @@ ASVD's per-layer sensitivity search for ranks is a selector (``sensitivity``), n
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
 from pydantic import Field
 
 from rankbench.api import PluginParams, hookimpl
 from rankbench.kinds.compression import Decomposition, LowRankFactorization, SiteStatistics
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ASVD(LowRankFactorization):
@@ -47,6 +49,8 @@ class ASVD(LowRankFactorization):
         return mean_abs.clamp_min(0) ** self.params.alpha + self.params.eps
 
     def decompose(self, weight: torch.Tensor, stats: SiteStatistics) -> Decomposition:
+        import torch
+
         S = self.scales(stats, weight)
         U, s, Vh = torch.linalg.svd(weight * S, full_matrices=False)
         return Decomposition(left=U, s=s, right=Vh / S)

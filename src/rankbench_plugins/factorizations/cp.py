@@ -18,11 +18,9 @@ and then fine-tune; here CP-ALS and no fine-tuning (post-training compression).
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 
 from rankbench.api import hookimpl
-from rankbench.kinds import tensor_formats as tf
 from rankbench.kinds.tensor_compression import TensorFactorization
 
 
@@ -37,6 +35,8 @@ class CP(TensorFactorization):
         tol: float = Field(1e-7, gt=0.0, description="stop when the relative error changes by less than this")
 
     def slots(self, weight):
+        import torch
+
         if weight.ndim == 4:  # a conv kernel: the spectrum of its out x (in kh kw) matrix
             matrix = weight.reshape(weight.shape[0], -1)
             cap = max(1, weight.numel() // sum(weight.shape))
@@ -46,15 +46,18 @@ class CP(TensorFactorization):
         return [torch.linalg.svdvals(weight).cpu().numpy()], [tuple(weight.shape)], [cap]
 
     def params_at_ranks(self, shape, ranks):
+        from rankbench.kinds import tensor_formats as tf
         if len(shape) == 4:
             return tf.params_cp_conv(shape, int(ranks[0]))
         out_dims, in_dims = self.dims(shape)
         return tf.params_cp(out_dims, in_dims, int(ranks[0]))
 
     def fit_conv(self, conv, ranks):
+        from rankbench.kinds import tensor_formats as tf
         return tf.fit_cp_conv(conv, int(ranks[0]), n_iter=self.params.n_iter, tol=self.params.tol)
 
     def fit(self, weight, bias, ranks):
+        from rankbench.kinds import tensor_formats as tf
         out_dims, in_dims = self.dims(tuple(weight.shape))
         return tf.fit_cp(weight, out_dims, in_dims, int(ranks[0]), n_iter=self.params.n_iter, tol=self.params.tol,
                          bias=bias)

@@ -33,13 +33,15 @@ plain SVD. If every weight is 0 (no gradient at all) the weights are all 1: plai
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
 from pydantic import Field
 
 from rankbench.api import PluginParams, hookimpl
 from rankbench.kinds.compression import Decomposition, LowRankFactorization, SiteStatistics
+
+if TYPE_CHECKING:
+    import torch
 
 STATISTIC = {"in": "fisher_cols", "out": "fisher_rows"}
 
@@ -70,6 +72,8 @@ class FWSVD(LowRankFactorization):
 
     def channel_weights(self, stats: SiteStatistics, weight: torch.Tensor) -> torch.Tensor:
         """sqrt(Ihat) per channel of ``axis`` (out: rows, in: columns), floored as in the module docstring."""
+        import torch
+
         kind = STATISTIC[self.params.axis]
         size = weight.shape[0] if self.params.axis == "out" else weight.shape[1]
         fisher = self.fisher(stats)
@@ -90,6 +94,8 @@ class FWSVD(LowRankFactorization):
         return self.channel_weights(stats, weight)
 
     def decompose(self, weight: torch.Tensor, stats: SiteStatistics) -> Decomposition:
+        import torch
+
         w = self.channel_weights(stats, weight)
         fisher = self.fisher(stats)
         zero = fisher is not None and not bool(fisher.max() > 0)

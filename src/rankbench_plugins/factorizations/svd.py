@@ -11,12 +11,13 @@ The decomposition is left = U, s, right = Vᵀ (exact thin SVD, no calibration d
 
 from __future__ import annotations
 
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from rankbench.api import COMPRESSION, TRAINING, PluginParams, hookimpl
 from rankbench.kinds.compression import Decomposition, LowRankFactorization, SiteStatistics
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SVD(LowRankFactorization):
@@ -31,6 +32,8 @@ class SVD(LowRankFactorization):
         pass
 
     def decompose(self, weight: torch.Tensor, stats: SiteStatistics) -> Decomposition:
+        import torch
+
         U, s, Vh = torch.linalg.svd(weight, full_matrices=False)
         return Decomposition(left=U, s=s, right=Vh)
 

@@ -33,19 +33,23 @@ the theorem holds for G' in place of G (as if sqrt(shift)·I were appended to th
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
 from pydantic import Field
 
 from rankbench.api import PluginParams, hookimpl
 from rankbench.kinds.compression import Decomposition, LowRankFactorization, SiteStatistics
+
+if TYPE_CHECKING:
+    import torch
 
 _RETRIES = 8
 
 
 def whitening_factor(gram: torch.Tensor, jitter: float = 1e-6) -> tuple[torch.Tensor, float]:
     """(S, shift): lower-triangular S with S Sᵀ = G + shift·I, shift = 0 when G is positive definite."""
+    import torch
+
     G = 0.5 * (gram + gram.T)  # remove round-off asymmetry from the accumulation
     S, info = torch.linalg.cholesky_ex(G)
     if int(info) == 0:
@@ -80,6 +84,8 @@ class SVDLLM(LowRankFactorization):
         )
 
     def decompose(self, weight: torch.Tensor, stats: SiteStatistics) -> Decomposition:
+        import torch
+
         if stats.gram is None:
             raise ValueError("svd-llm needs the calibration statistic 'gram'")
         gram = stats.gram.to(device=weight.device, dtype=weight.dtype)

@@ -14,7 +14,6 @@ r_k <= n_{k+1} r_{k+1}. The layer contracts the input modes core by core.
 from __future__ import annotations
 
 from rankbench.api import hookimpl
-from rankbench.kinds import tensor_formats as tf
 from rankbench_plugins.factorizations._tensor_train import TensorTrainFactorization
 
 
@@ -27,9 +26,11 @@ class TT(TensorTrainFactorization):
         return (*out_dims, *in_dims)
 
     def params_at_ranks(self, shape, ranks):
+        from rankbench.kinds import tensor_formats as tf
         return tf.params_tt(*self.dims(shape), ranks)
 
     def fit(self, weight, bias, ranks):
+        from rankbench.kinds import tensor_formats as tf
         return tf.fit_tt(weight, *self.dims(tuple(weight.shape)), ranks, bias=bias)
 
 

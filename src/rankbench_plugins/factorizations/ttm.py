@@ -15,7 +15,6 @@ from __future__ import annotations
 from pydantic import model_validator
 
 from rankbench.api import hookimpl
-from rankbench.kinds import tensor_formats as tf
 from rankbench_plugins.factorizations._tensor_train import TensorTrainFactorization
 
 
@@ -37,9 +36,11 @@ class TTM(TensorTrainFactorization):
         return [o * i for o, i in zip(out_dims, in_dims)]
 
     def params_at_ranks(self, shape, ranks):
+        from rankbench.kinds import tensor_formats as tf
         return tf.params_ttm(*self.dims(shape), ranks)
 
     def fit(self, weight, bias, ranks):
+        from rankbench.kinds import tensor_formats as tf
         return tf.fit_ttm(weight, *self.dims(tuple(weight.shape)), ranks, bias=bias)
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 from pydantic import Field
 
 from rankbench.api import hookimpl
-from rankbench.kinds import tensor_formats as tf
 from rankbench.kinds.tensor_compression import TensorFactorization
 
 
@@ -37,6 +36,7 @@ class Tucker(TensorFactorization):
         n_iter: int = Field(20, ge=0, description="HOOI sweeps after the HOSVD initialisation")
 
     def slots(self, weight):
+        from rankbench.kinds import tensor_formats as tf
         if weight.ndim == 4:
             return tf.tucker2_slots(weight)
         out_dims, in_dims = self.dims(tuple(weight.shape))
@@ -45,21 +45,25 @@ class Tucker(TensorFactorization):
         return tf.mode_spectra(weight, out_dims, in_dims), [(d, total // d) for d in dims], list(dims)
 
     def feasible(self, shape, ranks):
+        from rankbench.kinds import tensor_formats as tf
         if len(shape) == 4:
             return tf.clip_tucker2_ranks(shape, ranks)
         out_dims, in_dims = self.dims(shape)
         return tf.clip_tucker_ranks((*out_dims, *in_dims), ranks)
 
     def params_at_ranks(self, shape, ranks):
+        from rankbench.kinds import tensor_formats as tf
         if len(shape) == 4:
             return tf.params_tucker2_conv(shape, ranks)
         out_dims, in_dims = self.dims(shape)
         return tf.params_tucker(out_dims, in_dims, ranks)
 
     def fit_conv(self, conv, ranks):
+        from rankbench.kinds import tensor_formats as tf
         return tf.fit_tucker2_conv(conv, ranks, n_iter=self.params.n_iter)
 
     def fit(self, weight, bias, ranks):
+        from rankbench.kinds import tensor_formats as tf
         out_dims, in_dims = self.dims(tuple(weight.shape))
         return tf.fit_tucker(weight, out_dims, in_dims, ranks, n_iter=self.params.n_iter, bias=bias)
 

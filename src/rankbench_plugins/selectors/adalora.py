@@ -55,20 +55,24 @@ determination are recorded with the last step's loss and adapter gradient norms 
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
-import torch
 from pydantic import Field, model_validator
 
 from rankbench.api import ADAPTATION, RANK_TOTAL, PluginParams, RankProblem, Ranks, Selector, hookimpl
-from rankbench.kinds.adaptation import AdapterTrainer, SVDAdapter, mask_components
+from rankbench.kinds.adaptation import AdapterTrainer, mask_components
 from rankbench_plugins.selectors._allocation import (
     budget_schedule,
     kind_budget_skip,
     rank_total_limit,
     schedule_steps,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+    from rankbench.kinds.layers import SVDAdapter
 
 
 class SensitivityEMA:
@@ -82,23 +86,27 @@ class SensitivityEMA:
         self.ibar: dict[tuple[str, str], torch.Tensor] = {}
         self.ubar: dict[tuple[str, str], torch.Tensor] = {}
 
-    @torch.no_grad()
     def update(self, adapters: dict[str, SVDAdapter]) -> None:
         """I = |p * grad|; Ibar = b1 Ibar + (1 - b1) I; Ubar = b2 Ubar + (1 - b2) |I - Ibar| (EMAs start at 0)."""
-        for name, adapter in adapters.items():
-            for part in self.PARTS:
-                p = getattr(adapter, part)
-                key = (name, part)
-                if key not in self.ibar:
-                    self.ibar[key] = torch.zeros_like(p.detach())
-                    self.ubar[key] = torch.zeros_like(p.detach())
-                grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                sens = (p.detach() * grad).abs()
-                self.ibar[key] = self.beta1 * self.ibar[key] + (1 - self.beta1) * sens
-                self.ubar[key] = self.beta2 * self.ubar[key] + (1 - self.beta2) * (sens - self.ibar[key]).abs()
+        import torch
+
+        with torch.no_grad():
+            for name, adapter in adapters.items():
+                for part in self.PARTS:
+                    p = getattr(adapter, part)
+                    key = (name, part)
+                    if key not in self.ibar:
+                        self.ibar[key] = torch.zeros_like(p.detach())
+                        self.ubar[key] = torch.zeros_like(p.detach())
+                    grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                    sens = (p.detach() * grad).abs()
+                    self.ibar[key] = self.beta1 * self.ibar[key] + (1 - self.beta1) * sens
+                    self.ubar[key] = self.beta2 * self.ubar[key] + (1 - self.beta2) * (sens - self.ibar[key]).abs()
 
     def element_score(self, name: str, part: str, like: torch.Tensor) -> torch.Tensor:
         """s(p) = Ibar * Ubar for every entry of ``part`` of adapter ``name`` (zeros before the first update)."""
+        import torch
+
         key = (name, part)
         if key not in self.ibar:
             return torch.zeros_like(like.detach())
@@ -137,6 +145,8 @@ class RankAllocator:
 
     def scores(self) -> torch.Tensor:
         """S of all triplets, sites in order, concatenated (float64, on the CPU)."""
+        import torch
+
         parts = self.ema.triplet_scores(self.adapters, self.score)
         flat = [parts[name].detach().to("cpu", torch.float64).reshape(-1) for name in self.adapters]
         return torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64)
@@ -157,23 +167,27 @@ class RankAllocator:
             self.masked_at.append((step, budget))
             trainer.mark_determination()
 
-    @torch.no_grad()
     def mask_to_budget(self, budget: int) -> None:
         """PEFT's ``mask_to_budget``: thr = k-th smallest S with k = b_0 - budget; E_i := 0 where S_i <= thr."""
-        k = self.init_budget - int(budget)
-        scores = self.scores()
-        if k <= 0 or not len(scores):
-            return
-        threshold = torch.kthvalue(scores, min(k, len(scores))).values
-        start = 0
-        for adapter in self.adapters.values():
-            r = adapter.init_rank
-            drop = (scores[start : start + r] <= threshold).to(adapter.E.device)
-            adapter.E.masked_fill_(drop, 0.0)
-            start += r
+        import torch
+
+        with torch.no_grad():
+            k = self.init_budget - int(budget)
+            scores = self.scores()
+            if k <= 0 or not len(scores):
+                return
+            threshold = torch.kthvalue(scores, min(k, len(scores))).values
+            start = 0
+            for adapter in self.adapters.values():
+                r = adapter.init_rank
+                drop = (scores[start : start + r] <= threshold).to(adapter.E.device)
+                adapter.E.masked_fill_(drop, 0.0)
+                start += r
 
     def finalise(self) -> None:
         """Keep the ``target`` unmasked triplets with the largest S; mask the others off for good."""
+        import torch
+
         self.finalised = True
         scores = self.scores().numpy()
         alive = np.concatenate([a.mask.detach().cpu().numpy() > 0 for a in self.adapters.values()] or [[]])

@@ -28,7 +28,6 @@ import math
 
 import numpy as np
 from pydantic import Field
-from scipy import optimize
 
 from rankbench.api import PluginParams, RankProblem, Ranks, Selector, hookimpl
 from rankbench_plugins.selectors._spectral import per_site
@@ -53,6 +52,8 @@ def _objective(sigma2: float, s2: np.ndarray, L: int, M: int, H: int, alpha: flo
 
 def evbmf_sigma2(s: np.ndarray, dims: tuple[int, int]) -> float:
     """The EVB estimate of the noise variance from a descending spectrum of an m x n matrix."""
+    from scipy import optimize
+
     L, M = sorted(int(d) for d in dims)
     s2 = np.asarray(s, dtype=np.float64)[:L] ** 2
     s2 = np.maximum(s2, _FLOOR * s2.max())

@@ -29,7 +29,6 @@ import math
 
 import numpy as np
 from pydantic import Field
-from scipy import integrate, optimize
 
 from rankbench.api import PluginParams, RankProblem, Ranks, Selector, hookimpl
 from rankbench_plugins.selectors._spectral import per_site
@@ -43,6 +42,8 @@ def lambda_star(beta: float) -> float:
 
 def marchenko_pastur_cdf(x: float, beta: float) -> float:
     """P(T <= x) for the Marchenko-Pastur law with ratio 0 < beta <= 1 (no atom at 0)."""
+    from scipy import integrate
+
     a, b = (1.0 - math.sqrt(beta)) ** 2, (1.0 + math.sqrt(beta)) ** 2
     if x <= a:
         return 0.0
@@ -61,6 +62,8 @@ def marchenko_pastur_cdf(x: float, beta: float) -> float:
 @functools.lru_cache(maxsize=4096)
 def marchenko_pastur_median(beta: float) -> float:
     """Median of the Marchenko-Pastur law with ratio beta in (0, 1]."""
+    from scipy import optimize
+
     beta = float(beta)
     if not 0.0 < beta <= 1.0:
         raise ValueError(f"beta must be in (0, 1], got {beta}")

@@ -107,10 +107,9 @@ path is memoised (E changes with training).
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
-import torch
 from pydantic import Field, model_validator
 
 from rankbench.api import (
@@ -141,10 +140,15 @@ from rankbench_plugins.selectors._allocation import (
     site_params,
 )
 
+if TYPE_CHECKING:
+    import torch
+
 
 def gradient_and_hessian(loss_fn, x: torch.Tensor, blocks) -> tuple[np.ndarray, list[np.ndarray]]:
     """g = dL/dx (all entries, one backward) and, for every block (a list of indices of x), the Hessian block
     H[block][:, block]: one Hessian-vector product (a double backward through the same graph) per index."""
+    import torch
+
     x = x.detach().clone().requires_grad_(True)
     blocks = [list(b) for b in blocks]
     with torch.enable_grad():
@@ -195,6 +199,8 @@ def site_derivatives(loss, names: list[str], sigmas: list[torch.Tensor], picks, 
     """(sigma, g = dL/dsigma, offsets, blocks) for sigma = the concatenated per-site vectors, ``loss`` a function of
     {site: vector}; ``picks[g]`` the local indices of site g with second-order terms, in one exact Hessian block
     (``full``), one block per site (``block``) or none (``none``). Float64 numpy."""
+    import torch
+
     offsets = np.concatenate([[0], np.cumsum([len(sigma) for sigma in sigmas])]).astype(int)
     per_site = [[int(offsets[g] + i) for i in pick] for g, pick in enumerate(picks)]
     if structure == "full":
@@ -307,6 +313,8 @@ class SubLoraSelector(Selector):
         return memo(problem, key, lambda: self._derivatives(problem, structure, k))
 
     def _derivatives(self, problem: RankProblem, structure: str, k: int):
+        import torch
+
         sigma_loss = problem.stats.sigma_loss
 
         def loss(sigmas):
@@ -363,6 +371,8 @@ class SubLoraSelector(Selector):
     def adaptation_derivatives(self, problem: RankProblem, trainer: AdapterTrainer):
         """(E of all adapters concatenated, g = dL/dE, offsets, blocks) of ``trainer.sigma_loss`` at the current E,
         blocks = [(indices, exact Hessian block)] as ``plan`` decides (float64 numpy; nothing memoised)."""
+        import torch
+
         adapters = trainer.adapters
         names = list(adapters)
         sigmas = [adapters[name].E.detach() for name in names]
@@ -402,6 +412,8 @@ class SubLoraSelector(Selector):
     @staticmethod
     def apply(trainer: AdapterTrainer, keep: np.ndarray, final: bool) -> None:
         """Components outside ``keep``: masked off for good (``final``), else only E := 0 (they may revive)."""
+        import torch
+
         start = 0
         for adapter in trainer.adapters.values():
             r = adapter.init_rank

@@ -36,10 +36,9 @@ i-1 (a greedy over prefixes).
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from rankbench.api import COMPRESSION, PARAM_RATIO, PluginParams, RankProblem, Ranks, Selector, hookimpl
@@ -54,9 +53,14 @@ from rankbench_plugins.selectors._allocation import (
     site_params,
 )
 
+if TYPE_CHECKING:
+    import torch
+
 
 def sensitivity_scores(weight_grad: torch.Tensor, left: torch.Tensor, s: torch.Tensor, right: torch.Tensor):
     """(I^E, mean_j |L_ji dL/dL_ji|, mean_k |R_ik dL/dR_ik|) per component, as float64 numpy arrays."""
+    import torch
+
     G = weight_grad.to(torch.float64)
     L, s, R = left.to(G), s.to(G), right.to(G)
     GR = G @ R.T  # out x p: column i = G r_i

@@ -48,15 +48,16 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import torch
 
 from rankbench.measure import synchronize
 from rankbench.kinds.recovery import RecoveryProblem, RecoverySolver, SolveResult
 
-DTYPE = torch.float64
+if TYPE_CHECKING:
+    import torch
+
 MATRIX_PROBLEMS = frozenset({"sensing", "completion", "robust", "ratings"})
 # matrices from this many entries take the sparse routes (observed-entry gradients, ARPACK for the top singular
 # triplets): below it the dense routes are as fast (measured: 100 x 80 and 200 x 160 completion)
@@ -70,12 +71,30 @@ class TimedSolveResult(SolveResult):
     times: list[float] = dataclasses.field(default_factory=list)
 
 
+def default_dtype() -> torch.dtype:
+    """The solvers' dtype, ``torch.float64`` (a function, so that importing this module does not import torch; the
+    module attribute ``DTYPE`` still gives it)."""
+    import torch
+
+    return torch.float64
+
+
+def __getattr__(name: str):
+    if name == "DTYPE":
+        return default_dtype()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def generator(seed: int) -> torch.Generator:
+    import torch
+
     return torch.Generator().manual_seed(int(seed))
 
 
 def as_tensor(array: np.ndarray, device: str) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(array), dtype=DTYPE, device=device)
+    import torch
+
+    return torch.as_tensor(np.asarray(array), dtype=default_dtype(), device=device)
 
 
 def outlier_count(n: int, fraction: float, margin: float) -> int:
@@ -85,6 +104,8 @@ def outlier_count(n: int, fraction: float, margin: float) -> int:
 
 def outlier_estimate(residual: torch.Tensor, fraction: float, margin: float) -> torch.Tensor:
     """Tong-Ma-Chi's sparse estimate: keep entries among the largest of both their row and their column."""
+    import torch
+
     if fraction <= 0:
         return torch.zeros_like(residual)
     n1, n2 = residual.shape
@@ -100,6 +121,8 @@ class Objective:
     """The least-squares loss of a matrix ``RecoveryProblem`` and the task's error measure, on ``device``."""
 
     def __init__(self, problem: RecoveryProblem, device: str, outlier_margin: float = 4.0):
+        import torch
+
         self.problem = problem
         self.kind = "ratings" if problem.target is None else problem.problem
         if self.kind not in MATRIX_PROBLEMS:
@@ -112,7 +135,7 @@ class Objective:
         else:
             self.Y = as_tensor(problem.observed, device)
         if problem.mask is not None:
-            self.mask = torch.as_tensor(problem.mask, device=device).to(DTYPE)
+            self.mask = torch.as_tensor(problem.mask, device=device).to(default_dtype())
             self.p = float(problem.observed_fraction)
         self.outlier_fraction = problem.outlier_fraction
         self.outlier_margin = outlier_margin
@@ -142,6 +165,8 @@ class Objective:
 
     def _index_observed(self) -> None:
         """The observed entries in row-major (CSR) and column-major (CSR of the transpose) order."""
+        import torch
+
         rows, cols = torch.nonzero(self.mask, as_tuple=True)  # row-major
         self.obs_rows, self.obs_cols = rows, cols
         self.obs_values = self.Y[rows, cols]
@@ -154,6 +179,8 @@ class Objective:
 
     def observed_gradient(self, L: torch.Tensor, R: torch.Tensor) -> MaskedGradient:
         """Z = P_Omega(L R^T - Y) / p for completion and ratings, formed at the observed entries only."""
+        import torch
+
         # row-wise dot products as a matrix-vector product (torch's sum over a short last axis is ~10x slower)
         ones = torch.ones(L.shape[1], dtype=L.dtype, device=L.device)
         values = ((L[self.obs_rows] * R[self.obs_cols]) @ ones - self.obs_values) / self.p
@@ -178,6 +205,8 @@ class Objective:
     # -- the error the task reports -------------------------------------------------------------------------------
     def error(self, L: torch.Tensor, R: torch.Tensor) -> float:
         """Relative Frobenius error of L R^T (synthetic) or held-out RMSE (ratings), as ``RecoveryProblem.error``."""
+        import torch
+
         if self.kind == "ratings":
             predicted = (L[self.rows] * R[self.cols]).sum(dim=1)
             return float(torch.sqrt(torch.mean((predicted - self.holdout) ** 2)))
@@ -210,6 +239,8 @@ def low_rank_factors(T: torch.Tensor, rank: int | None, rtol: float = 1e-12) -> 
     """(U_t S_t, V_t) with T = (U_t S_t) V_t^T at the planted ``rank``, when that rank is at most half of
     min(T.shape) and the factors reproduce T to ``rtol`` relative; else None (the error is then taken on the dense
     matrix)."""
+    import torch
+
     if rank is None or rank < 1 or rank > min(T.shape) // 2:
         return None
     U, s, Vh = top_singular_triplets(T, rank, arpack=T.numel() >= SPARSE_FROM and T.device.type == "cpu")
@@ -228,6 +259,8 @@ def top_singular_triplets(M: torch.Tensor, k: int,
     observations instead of n1 n2 min(n1, n2), anything else to the dense SVD; True: ARPACK on the dense matrix
     (matrix-vector products only; a planted low-rank target). ARPACK runs ``scipy.sparse.linalg.svds`` at tolerance
     0 (machine precision) from a fixed start vector."""
+    import torch
+
     n = min(M.shape)
     usable = M.device.type == "cpu" and 0 < k < n - 1
     if arpack is None:
@@ -252,6 +285,8 @@ def top_singular_triplets(M: torch.Tensor, k: int,
 def spectral_factors(triplets: tuple[torch.Tensor, torch.Tensor, torch.Tensor], shape: tuple[int, int],
                      k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """L = U_k S_k^{1/2}, R = V_k S_k^{1/2} from M's top singular ``triplets``; zero columns beyond min(M.shape)."""
+    import torch
+
     U, S, Vh = triplets
     q = min(k, S.numel())
     root = S[:q].sqrt()
@@ -264,6 +299,8 @@ def spectral_factors(triplets: tuple[torch.Tensor, torch.Tensor, torch.Tensor], 
 
 def symmetric_spectral_factor(M: torch.Tensor, k: int) -> torch.Tensor:
     """X = V_k diag(max(lambda_k, 0))^{1/2} from the top-k eigenpairs of (M + M^T) / 2."""
+    import torch
+
     values, vectors = torch.linalg.eigh((M + M.T) / 2)
     order = torch.argsort(values, descending=True)[: min(k, values.numel())]
     X = torch.zeros(M.shape[0], k, dtype=M.dtype, device=M.device)
@@ -273,7 +310,9 @@ def symmetric_spectral_factor(M: torch.Tensor, k: int) -> torch.Tensor:
 
 def small_factor(n: int, k: int, scale: float, sigma1: float, gen: torch.Generator, device: str) -> torch.Tensor:
     """scale * sqrt(sigma1 / n) * B, B i.i.d. N(0, 1) (drawn on CPU from ``gen``, then moved to ``device``)."""
-    B = torch.randn(n, k, generator=gen, dtype=DTYPE)
+    import torch
+
+    B = torch.randn(n, k, generator=gen, dtype=default_dtype())
     return (scale * math.sqrt(sigma1 / n) * B).to(device)
 
 
@@ -281,6 +320,8 @@ def scaled(G: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
     """G (F^T F)^{-1}: the inverse of the k x k Gram matrix where it exists, its pseudo-inverse otherwise (zero or
     dependent columns). One ``inv_ex`` instead of always the pseudo-inverse's eigendecomposition, which cost ~10 % of
     a small ScaledGD iteration."""
+    import torch
+
     gram = F.T @ F
     inverse, info = torch.linalg.inv_ex(gram)
     if int(info) == 0:
@@ -329,8 +370,8 @@ def finish(L: torch.Tensor, R: torch.Tensor, errors, times, iterations, converge
     )
 
 
-Factors = tuple[torch.Tensor, torch.Tensor]
-Update = Callable[[torch.Tensor, torch.Tensor, int], Factors]
+Factors = tuple["torch.Tensor", "torch.Tensor"]
+Update = Callable[["torch.Tensor", "torch.Tensor", int], Factors]
 
 
 @dataclasses.dataclass

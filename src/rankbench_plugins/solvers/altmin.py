@@ -15,15 +15,21 @@ unverified against the paper, is in ``docs/algorithms.md#alternating-minimisatio
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
 from rankbench.api import PluginParams, hookimpl
 from rankbench_plugins.solvers._factored import FactoredSolver
 
+if TYPE_CHECKING:
+    import torch
+
 
 def least_squares_rows(mask: torch.Tensor, Y: torch.Tensor, F: torch.Tensor, reg: float) -> torch.Tensor:
     """For each row i of Y: argmin_g sum_{j: mask_ij} (Y_ij - <g, F_j>)^2 + reg ||g||^2 (batched)."""
+    import torch
+
     n, k = F.shape
     outer = (F[:, :, None] * F[:, None, :]).reshape(n, k * k)
     gram = (mask @ outer).reshape(-1, k, k) + reg * torch.eye(k, dtype=F.dtype, device=F.device)

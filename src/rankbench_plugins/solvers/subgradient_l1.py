@@ -26,13 +26,15 @@ eta dimensionless) and the asymmetric factorisation L R^T (the paper analyses U 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field
 
 from rankbench.api import PluginParams, hookimpl
 from rankbench_plugins.solvers._factored import FactoredSolver, Objective, scaled
+
+if TYPE_CHECKING:
+    import torch
 
 
 class L1Loss:
@@ -50,6 +52,8 @@ class L1Loss:
         return float(self.residual(X).abs().sum())
 
     def subgradient(self, X: torch.Tensor) -> tuple[torch.Tensor, float]:
+        import torch
+
         r = self.residual(X)
         if self.obj.kind == "sensing":
             return (self.obj.A.T @ torch.sign(r)).reshape(self.obj.shape), float(r.abs().sum())
@@ -74,6 +78,8 @@ class SubgradientL1(FactoredSolver):
         outlier_margin: float = Field(4.0, ge=0, description="robust: z of the outlier threshold (see _factored)")
 
     def init_matrix(self, obj: Objective) -> torch.Tensor:
+        import torch
+
         if obj.kind != "sensing":
             return obj.init_matrix()
         m = obj.y.numel()
@@ -94,6 +100,8 @@ class SubgradientL1(FactoredSolver):
         return self.params.init or ("spectral" if self.rule(problem) == "polyak" else "small")
 
     def updater(self, start):
+        import torch
+
         p, obj = self.params, start.obj
         loss = L1Loss(obj)
         if self.rule(obj.problem) == "polyak":

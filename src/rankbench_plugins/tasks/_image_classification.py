@@ -17,16 +17,17 @@ import hashlib
 import json
 import time
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import TYPE_CHECKING
 
 from rankbench.api import TRAINING
 from rankbench.cells import derived_seed
 from rankbench.kinds.compression import CompressionTask
 from rankbench.kinds.training import TrainingTask, trained_dense_network
 from rankbench_plugins.tasks import _vision_data as data
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 CACHE_VERSION = 1
 # parameters a trained network does not depend on (compression, fine-tuning and measurement settings)
@@ -57,6 +58,8 @@ class ImageClassificationTask(CompressionTask, TrainingTask):
         return self.dataset(ctx)
 
     def seeded_network(self, ctx) -> nn.Module:
+        import torch
+
         with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's generator
             torch.manual_seed(derived_seed(ctx.task_seed, "init"))
             return self.build_network(self.dataset(ctx))
@@ -80,10 +83,15 @@ class ImageClassificationTask(CompressionTask, TrainingTask):
         return [(x[i : i + size].to(ctx.device), y[i : i + size].to(ctx.device)) for i in range(0, len(x), size)]
 
     def calibration_loss(self, model: nn.Module, batch) -> torch.Tensor:
+        import torch.nn.functional as F
+
         x, y = batch
         return F.cross_entropy(model(x), y)
 
     def evaluate(self, ctx, model: nn.Module) -> None:
+        import torch
+        import torch.nn.functional as F
+
         ds, size = self.evaluated_dataset(ctx), self.params.batch_size
         correct, loss = 0, 0.0
         with torch.no_grad():
@@ -99,6 +107,8 @@ class ImageClassificationTask(CompressionTask, TrainingTask):
 
     def latency_ms(self, ctx, model: nn.Module, batch: torch.Tensor) -> float:
         """Median wall time of one forward pass over ``batch`` (device-synchronised on CUDA)."""
+        import torch
+
         times = []
         with torch.no_grad():
             model(batch)  # warm-up
@@ -117,6 +127,8 @@ class ImageClassificationTask(CompressionTask, TrainingTask):
         return self.seeded_network(ctx).to(ctx.device).train()
 
     def training_batches(self, ctx, epoch: int):
+        import torch
+
         ds, size = self.dataset(ctx), self.params.batch_size
         order = torch.randperm(ds.train_x.shape[0], generator=torch.Generator().manual_seed(
             derived_seed(ctx.task_seed, "batches", epoch)))
@@ -125,6 +137,8 @@ class ImageClassificationTask(CompressionTask, TrainingTask):
             yield ds.train_x[index].to(ctx.device), ds.train_y[index].to(ctx.device)
 
     def batch_loss(self, model: nn.Module, batch) -> torch.Tensor:
+        import torch.nn.functional as F
+
         x, y = batch
         return F.cross_entropy(model(x), y)
 

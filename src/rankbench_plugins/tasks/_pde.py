@@ -49,21 +49,29 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import torch
 
-Tensor = torch.Tensor
-Model = Callable[[Tensor], Tensor]
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
-DTYPE = torch.float64
+    import torch
+    from torch import Tensor
+
+    Model = Callable[[Tensor], Tensor]
 
 BURGERS_HERMITE_NODES = 300
 BURGERS_MIN_NU = 0.001 / math.pi  # the Gauss-Hermite rule above is validated down to this viscosity
 _BURGERS_CHUNK = 4096  # points per quadrature block (the block holds points x nodes values)
+
+
+def dtype() -> torch.dtype:
+    """The dtype of every tensor here, ``torch.float64`` (a function: importing this module does not import torch)."""
+    import torch
+
+    return torch.float64
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -74,6 +82,8 @@ _BURGERS_CHUNK = 4096  # points per quadrature block (the block holds points x n
 def _gradient(values: Tensor, points: Tensor) -> Tensor:
     """d(values_i)/d(points_i) for every row i, shape (N, d); kept in the graph so that it can be differentiated
     again (and trained on). A model output that does not depend on the points has zero gradient."""
+    import torch
+
     if not values.requires_grad:
         return torch.zeros_like(points)
     (grad,) = torch.autograd.grad(
@@ -149,12 +159,16 @@ class PDEProblem:
 
     def interior_points(self, n: int, generator: torch.Generator) -> Tensor:
         """n collocation points drawn uniformly in the box, shape (n, d)."""
+        import torch
+
         lower, upper = self._bounds(generator.device)
-        return lower + (upper - lower) * torch.rand(n, self.dim, generator=generator, dtype=DTYPE,
+        return lower + (upper - lower) * torch.rand(n, self.dim, generator=generator, dtype=dtype(),
                                                     device=generator.device)
 
     def boundary_points(self, n: int, generator: torch.Generator) -> Tensor:
         """n points drawn uniformly (by length / area) on the union of the Dirichlet / initial faces, shape (n, d)."""
+        import torch
+
         device = generator.device
         lower, upper = self._bounds(device)
         points = self.interior_points(n, generator)
@@ -170,12 +184,16 @@ class PDEProblem:
     def test_grid(self, n_per_axis: int) -> Tensor:
         """The regular grid with n_per_axis points per coordinate (bounds included), shape (n_per_axis**d, d); the
         first coordinate varies slowest."""
-        axes = [torch.linspace(lo, hi, n_per_axis, dtype=DTYPE) for lo, hi in zip(self.lower, self.upper)]
+        import torch
+
+        axes = [torch.linspace(lo, hi, n_per_axis, dtype=dtype()) for lo, hi in zip(self.lower, self.upper)]
         return torch.stack([grid.reshape(-1) for grid in torch.meshgrid(*axes, indexing="ij")], dim=1)
 
     def _bounds(self, device: torch.device | str) -> tuple[Tensor, Tensor]:
-        return (torch.tensor(self.lower, dtype=DTYPE, device=device),
-                torch.tensor(self.upper, dtype=DTYPE, device=device))
+        import torch
+
+        return (torch.tensor(self.lower, dtype=dtype(), device=device),
+                torch.tensor(self.upper, dtype=dtype(), device=device))
 
 
 @dataclass(frozen=True)
@@ -204,6 +222,8 @@ class Burgers(PDEProblem):
         return u_t + u * u_x - nu * u_xx
 
     def boundary_values(self, points: Tensor) -> Tensor:
+        import torch
+
         x, t = points[:, 0], points[:, 1]
         return torch.where(t == self.lower[1], -torch.sin(math.pi * x), torch.zeros_like(x))
 
@@ -230,13 +250,17 @@ class Convection(PDEProblem):
         return du[:, 1] + beta * du[:, 0]
 
     def reference(self, points: Tensor) -> Tensor:
+        import torch
+
         x, t = points[:, 0], points[:, 1]
         return torch.sin(x - self.param * t)
 
     def periodic_pairs(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """(left, right): n points on x = 0 and the same times on x = 2 pi; the network should agree on them."""
+        import torch
+
         t_lo, t_hi = self.lower[1], self.upper[1]
-        t = t_lo + (t_hi - t_lo) * torch.rand(n, generator=generator, dtype=DTYPE, device=generator.device)
+        t = t_lo + (t_hi - t_lo) * torch.rand(n, generator=generator, dtype=dtype(), device=generator.device)
         left = torch.stack([torch.full_like(t, self.lower[0]), t], dim=1)
         right = torch.stack([torch.full_like(t, self.upper[0]), t], dim=1)
         return left, right
@@ -269,6 +293,8 @@ class Helmholtz(PDEProblem):
         return factor * self.reference(points)
 
     def reference(self, points: Tensor) -> Tensor:
+        import torch
+
         x, y = points[:, 0], points[:, 1]
         return torch.sin(self.a1 * math.pi * x) * torch.sin(self.param * math.pi * y)
 
@@ -297,6 +323,8 @@ class Poisson(PDEProblem):
         return (1 + self.param**2) * math.pi**2 * self.reference(points)
 
     def reference(self, points: Tensor) -> Tensor:
+        import torch
+
         x, y = points[:, 0], points[:, 1]
         return torch.sin(math.pi * x) * torch.sin(self.param * math.pi * y)
 
@@ -327,9 +355,11 @@ def burgers_cole_hopf(x: Tensor, t: Tensor, nu: float, n_nodes: int = BURGERS_HE
     their maximum (which cancels in the ratio), so nothing overflows. Written in torch ops: the result can be
     differentiated with autograd for t > 0.
     """
+    import torch
+
     if nu < BURGERS_MIN_NU:
         raise ValueError(f"burgers: the Cole-Hopf quadrature is validated for nu >= 0.001/pi, got nu = {nu}")
-    x, t = torch.broadcast_tensors(torch.as_tensor(x, dtype=DTYPE), torch.as_tensor(t, dtype=DTYPE))
+    x, t = torch.broadcast_tensors(torch.as_tensor(x, dtype=dtype()), torch.as_tensor(t, dtype=dtype()))
     if bool((t < 0).any()):
         raise ValueError("burgers: the reference solution is defined for t >= 0 only")
     nodes, log_weights = (tensor.to(x.device) for tensor in _hermite_rule(n_nodes))
@@ -343,7 +373,7 @@ def burgers_cole_hopf(x: Tensor, t: Tensor, nu: float, n_nodes: int = BURGERS_HE
         u = -(torch.sin(math.pi * y) * terms).sum(dim=1) / terms.sum(dim=1)
         blocks.append(torch.where(tb == 0, -torch.sin(math.pi * xb), u))  # the initial condition, exactly
     if not blocks:
-        return torch.zeros(0, dtype=DTYPE, device=x.device)
+        return torch.zeros(0, dtype=dtype(), device=x.device)
     return torch.cat(blocks)
 
 
@@ -351,11 +381,13 @@ def burgers_cole_hopf(x: Tensor, t: Tensor, nu: float, n_nodes: int = BURGERS_HE
 def _hermite_rule(n_nodes: int) -> tuple[Tensor, Tensor]:
     """Nodes z_j and log weights log w_j of the n-point Gauss-Hermite rule (weight exp(-z^2)), float64 on the CPU.
     Cached and shared: do not modify."""
+    import torch
+
     nodes, weights = np.polynomial.hermite.hermgauss(n_nodes)
     log_weights = np.log(weights)
     if not np.isfinite(log_weights).all():
         raise ValueError(f"the {n_nodes}-point Gauss-Hermite rule underflows in float64")
-    return torch.tensor(nodes, dtype=DTYPE), torch.tensor(log_weights, dtype=DTYPE)
+    return torch.tensor(nodes, dtype=dtype()), torch.tensor(log_weights, dtype=dtype())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -365,8 +397,10 @@ def _hermite_rule(n_nodes: int) -> tuple[Tensor, Tensor]:
 
 def relative_errors(pred: Tensor | np.ndarray, ref: Tensor | np.ndarray) -> dict[str, float]:
     """PINNacle's error metrics of a prediction against the reference (both flattened)."""
-    pred = torch.as_tensor(pred, dtype=DTYPE).detach().reshape(-1)
-    ref = torch.as_tensor(ref, dtype=DTYPE, device=pred.device).detach().reshape(-1)
+    import torch
+
+    pred = torch.as_tensor(pred, dtype=dtype()).detach().reshape(-1)
+    ref = torch.as_tensor(ref, dtype=dtype(), device=pred.device).detach().reshape(-1)
     if pred.shape != ref.shape:
         raise ValueError(f"prediction and reference differ in size: {pred.numel()} vs {ref.numel()}")
     error = pred - ref

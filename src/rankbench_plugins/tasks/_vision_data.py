@@ -46,9 +46,12 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 DATASETS = ("digits", "mnist", "fashion-mnist")
 NUM_CLASSES = 10
@@ -107,6 +110,8 @@ def load_dataset(
     ``cache_dir`` is the rankbench cache root (default ``$RANKBENCH_CACHE`` or ``~/.cache/rankbench``); only
     ``fashion-mnist`` reads from it (``<cache_dir>/datasets/fashion-mnist/``).
     """
+    import torch
+
     if name not in DATASETS:
         raise ValueError(f"unknown image data set {name!r}; known: {', '.join(DATASETS)}")
     for label, cap in (("max_train", max_train), ("max_test", max_test)):
@@ -141,6 +146,8 @@ def load_dataset(
 
 
 def _to_images(x: np.ndarray, scale: float) -> torch.Tensor:
+    import torch
+
     out = np.asarray(x, dtype=np.float32) / np.float32(scale)  # a new array: the cached source stays untouched
     return torch.from_numpy(np.ascontiguousarray(out[:, None, :, :]))
 

@@ -32,23 +32,23 @@ the reference cell trained. With conv kernels among the sites (``sites: all`` / 
 a format that factorises 4-mode kernels -- ``tucker`` (Tucker-2, Kim et al. 2016) or ``cp`` (Lebedev et al. 2015);
 matrix factorizations (svd, ...) and tt / ttm need ``sites: linear``. Data, metrics (``accuracy``, ``test_loss``,
 ``latency_ms``) and calibration batches as in ``mlp-classification`` (``_image_classification``).
+
+The networks (``LeNet5``, ``DLRTLeNet5``, ``SmallVGG``) are in ``_networks``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
 from rankbench.api import COMPRESSION, TRAINING, PluginParams, hookimpl
 from rankbench.kinds.training import RankAdaptiveTrainer, TrainingSettings
 from rankbench_plugins.tasks import _vision_data as data
 from rankbench_plugins.tasks._image_classification import ImageClassificationTask
 
-SIDE = 28
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class CNNParams(PluginParams):
@@ -70,76 +70,6 @@ class CNNParams(PluginParams):
     problem: Literal["training"] = Field(
         "training", description="the kind of the trainers' cells (the other selectors' cells compress the trained "
                                 "dense network)")
-
-
-def at_side(images: torch.Tensor) -> torch.Tensor:
-    """Images resized bilinearly to SIDE x SIDE where they are of another size (digits: 8x8)."""
-    if images.shape[-1] != SIDE or images.shape[-2] != SIDE:
-        return F.interpolate(images, size=(SIDE, SIDE), mode="bilinear", align_corners=False)
-    return images
-
-
-def conv_relu_pool(conv: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return F.max_pool2d(torch.relu(conv(h)), 2)
-
-
-class LeNet5(nn.Module):
-    """LeNet5 on 1-channel images, resized to 28x28 when they are not (module docstring)."""
-
-    def __init__(self, image_size: int, classes: int):
-        super().__init__()
-        self.image_size = int(image_size)
-        self.conv1 = nn.Conv2d(1, 6, 5, padding=2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, classes)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        h = at_side(images)
-        h = conv_relu_pool(self.conv2, conv_relu_pool(self.conv1, h))
-        h = torch.relu(self.fc1(h.flatten(1)))
-        h = torch.relu(self.fc2(h))
-        return self.fc3(h)
-
-
-class DLRTLeNet5(nn.Module):
-    """The LeNet5 of DLRT's reference code (module docstring); ``dense_output`` names the layer that is no site."""
-
-    dense_output = "fc2"
-
-    def __init__(self, image_size: int, classes: int):
-        super().__init__()
-        self.image_size = int(image_size)
-        self.conv1 = nn.Conv2d(1, 20, 5)
-        self.conv2 = nn.Conv2d(20, 50, 5)
-        self.fc1 = nn.Linear(50 * 4 * 4, 500)
-        self.fc2 = nn.Linear(500, classes)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        h = at_side(images)
-        h = conv_relu_pool(self.conv2, conv_relu_pool(self.conv1, h))
-        return self.fc2(torch.relu(self.fc1(h.flatten(1))))
-
-
-class SmallVGG(nn.Module):
-    """Two VGG blocks (3x3 convs, 32 and 64 channels) and a 256-wide classifier, for 28x28 images (module
-    docstring)."""
-
-    def __init__(self, image_size: int, classes: int, widths: tuple[int, int] = (32, 64), hidden: int = 256):
-        super().__init__()
-        self.image_size = int(image_size)
-        a, b = widths
-        self.features = nn.Sequential(
-            nn.Conv2d(1, a, 3, padding=1), nn.Conv2d(a, a, 3, padding=1), nn.MaxPool2d(2),
-            nn.Conv2d(a, b, 3, padding=1), nn.Conv2d(b, b, 3, padding=1), nn.MaxPool2d(2))
-        self.classifier = nn.Sequential(nn.Linear(b * 7 * 7, hidden), nn.ReLU(), nn.Linear(hidden, classes))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        h = at_side(images)
-        for layer in self.features:
-            h = layer(h) if isinstance(layer, nn.MaxPool2d) else torch.relu(layer(h))
-        return self.classifier(h.flatten(1))
 
 
 class CNNClassification(ImageClassificationTask):
@@ -170,10 +100,14 @@ class CNNClassification(ImageClassificationTask):
         return [tiny, {**tiny, "sites": "linear"}]
 
     def build_network(self, ds: data.ImageDataset) -> nn.Module:
+        from rankbench_plugins.tasks._networks import DLRTLeNet5, LeNet5, SmallVGG
+
         network = {"lenet5": LeNet5, "lenet5-dlrt": DLRTLeNet5, "vgg": SmallVGG}[self.params.network]
         return network(ds.image_size, ds.num_classes)
 
     def target_sites(self, model: nn.Module) -> dict[str, nn.Module]:
+        from torch import nn
+
         kinds = {"all": (nn.Conv2d, nn.Linear), "conv": (nn.Conv2d,), "linear": (nn.Linear,)}[self.params.sites]
         dense = getattr(model, "dense_output", None)  # a layer the network's own protocol keeps dense
         return {name: module for name, module in model.named_modules() if isinstance(module, kinds) and name != dense}

@@ -50,16 +50,17 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
-from torch import nn
 
 from rankbench.api import CellFailure, Diverged, PluginParams, hookimpl
-from rankbench.kinds.compression import CompressionTask, LowRankLinear, SigmaLinear, iter_named_linears
+from rankbench.kinds.compression import CompressionTask, iter_named_linears
 from rankbench_plugins.tasks import _llm_assets as assets
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 # The Hugging Face hub stays offline unless the user sets HF_HUB_OFFLINE otherwise (an unreachable hub fails fast
 # instead of hanging). Set when the plugin is imported, before any model loads: the Hugging Face libraries read it
@@ -222,6 +223,8 @@ class LLMPerplexity(CompressionTask):
     def _token_ids(self, ctx, key: str, docs) -> torch.Tensor:
         """Documents joined with blank lines and tokenized once (as ``tokenizer(text)`` does), memoised by ``key``."""
         def tokenize() -> torch.Tensor:
+            import torch
+
             tokenizer = self._loaded(ctx).tokenizer
             text = "\n\n".join(d.page for d in docs)
             return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
@@ -245,6 +248,8 @@ class LLMPerplexity(CompressionTask):
     def calibration_windows(self, ctx) -> torch.Tensor:
         """``calib_samples`` x ``seq_len`` token windows (CPU), fixed for the task configuration."""
         def draw() -> torch.Tensor:
+            import torch
+
             p = self.params
             ids = self.calibration_ids(ctx)
             n = int(ids.numel())
@@ -267,6 +272,8 @@ class LLMPerplexity(CompressionTask):
 
     # -- the compression protocol -------------------------------------------------------------------------------
     def target_sites(self, model: nn.Module) -> dict[str, nn.Linear]:
+        from rankbench.kinds.compression import LowRankLinear, SigmaLinear
+
         sites = {}
         skip: list[str] = []
         for name, module in model.named_modules():
@@ -286,6 +293,8 @@ class LLMPerplexity(CompressionTask):
         return ctx.memo("llm_calib_batches", split)
 
     def calibration_loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
         logits = model(input_ids=batch, use_cache=False).logits
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
 
@@ -330,6 +339,9 @@ def token_nll(model: nn.Module, ids: torch.Tensor, seq_len: int, max_windows: in
     logits with shifted labels (the raw forward's cost plus one log-softmax pass), summed in the logits' precision
     (float32 for half-precision models) and accumulated over batches in float64.
     """
+    import torch
+    import torch.nn.functional as F
+
     windows = ids.numel() // seq_len
     if max_windows is not None:
         windows = min(windows, max_windows)

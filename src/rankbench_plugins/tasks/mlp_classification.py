@@ -2,9 +2,9 @@
 papers (Hawkins & Zhang, arXiv 1905.10478 and Hawkins, Liu & Zhang, SIMODS 2022: a 784-512-10 network on MNIST with
 tensorized layers; Schotthöfer et al., NeurIPS 2022: DLRT's fully connected MNIST runs).
 
-Network: the image flattened, then ``Linear(pixels, hidden[0])``, ReLU, ..., ``Linear(hidden[-1], classes)``;
-PyTorch's default initialisation from a seed derived from the task seed. Every Linear is a site (``layers.0``,
-``layers.1``, ...), the output layer included, as in DLRT's fully connected runs.
+Network (``_networks.MLP``): the image flattened, then ``Linear(pixels, hidden[0])``, ReLU, ...,
+``Linear(hidden[-1], classes)``; PyTorch's default initialisation from a seed derived from the task seed. Every Linear
+is a site (``layers.0``, ``layers.1``, ...), the output layer included, as in DLRT's fully connected runs.
 
 Problem kind ``training`` only (``rankbench.kinds.training``): Adam (``lr``; the Bayesian MNIST script's
 optimiser and rate) for ``epochs`` epochs of minibatches of ``batch_size`` in an order seeded by task seed and
@@ -15,16 +15,17 @@ that dense network at the suite's ``param_ratio`` budgets. Data, metrics (``accu
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field
-from torch import nn
 
 from rankbench.api import PluginParams, hookimpl
 from rankbench.kinds.training import TrainingSettings
 from rankbench_plugins.tasks import _vision_data as data
 from rankbench_plugins.tasks._image_classification import ImageClassificationTask
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class MLPParams(PluginParams):
@@ -40,19 +41,6 @@ class MLPParams(PluginParams):
     problem: Literal["training"] = "training"
 
 
-class MLP(nn.Module):
-    def __init__(self, pixels: int, hidden: list[int], classes: int):
-        super().__init__()
-        widths = [pixels, *hidden, classes]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        h = images.flatten(1)
-        for i, layer in enumerate(self.layers):
-            h = layer(torch.relu(h) if i else h)
-        return h
-
-
 class MLPClassification(ImageClassificationTask):
     name = "mlp-classification"
     version = "1"
@@ -66,6 +54,8 @@ class MLPClassification(ImageClassificationTask):
                  "batch_size": 64, "calib_samples": 64, "latency_repeats": 1}]
 
     def build_network(self, ds: data.ImageDataset) -> nn.Module:
+        from rankbench_plugins.tasks._networks import MLP
+
         return MLP(ds.image_size**2, list(self.params.hidden), ds.num_classes)
 
     def target_sites(self, model: nn.Module) -> dict[str, nn.Linear]:

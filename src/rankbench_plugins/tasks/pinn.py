@@ -1,9 +1,9 @@
 """Task ``pinn``: a physics-informed neural network pretrained on one PDE parameter, then adapted or compressed.
 
 The PDE families, their reference solutions and the error metrics are in ``_pde`` (Burgers with a Cole-Hopf
-reference, convection, Helmholtz 2D, Poisson 2D). The network is PINNacle's (Hao et al., NeurIPS 2024): a tanh MLP
-of ``depth`` hidden layers of ``width`` units, Glorot-normal weights, zero biases, inputs mapped affinely from the
-PDE's box to [-1, 1]^d; every Linear is a site (``layers.0`` ... ``layers.{depth}``).
+reference, convection, Helmholtz 2D, Poisson 2D). The network (``_networks.TanhMLP``) is PINNacle's (Hao et al.,
+NeurIPS 2024): a tanh MLP of ``depth`` hidden layers of ``width`` units, Glorot-normal weights, zero biases, inputs
+mapped affinely from the PDE's box to [-1, 1]^d; every Linear is a site (``layers.0`` ... ``layers.{depth}``).
 
 Loss (the plain PINN loss, equal weights as PINNacle's vanilla PINN): on fixed collocation points drawn once per
 task configuration and seed -- ``n_interior`` uniform interior points, ``n_boundary`` points on the Dirichlet /
@@ -44,11 +44,9 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field, model_validator
-from torch import nn
 
 from rankbench.api import ADAPTATION, TRAINING, PluginParams, hookimpl
 from rankbench.cells import derived_seed
@@ -57,6 +55,12 @@ from rankbench.kinds.adaptation import AdaptsCompressionModel, lbfgs_minimise
 from rankbench.kinds.compression import cached_weights
 from rankbench.kinds.training import TrainingSettings, TrainingTask, trained_dense_network
 from rankbench_plugins.tasks import _pde
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from rankbench_plugins.tasks._networks import TanhMLP
 
 CACHE_VERSION = 1
 
@@ -107,30 +111,6 @@ class Collocation:
     periodic: tuple[torch.Tensor, torch.Tensor] | None
 
 
-class TanhMLP(nn.Module):
-    """u(x) = layers[depth](tanh(... tanh(layers[0](a * x + c)))) with x mapped from the PDE box to [-1, 1]^d."""
-
-    def __init__(self, lower, upper, width: int, depth: int, generator: torch.Generator):
-        super().__init__()
-        lower = torch.tensor(lower, dtype=_pde.DTYPE)
-        upper = torch.tensor(upper, dtype=_pde.DTYPE)
-        self.register_buffer("scale", 2.0 / (upper - lower))
-        self.register_buffer("shift", -(upper + lower) / (upper - lower))
-        sizes = [len(lower)] + [width] * depth + [1]
-        self.layers = nn.ModuleList(nn.Linear(a, b, dtype=_pde.DTYPE) for a, b in zip(sizes[:-1], sizes[1:]))
-        with torch.no_grad():
-            for layer in self.layers:  # Glorot (Xavier) normal, zero bias
-                std = math.sqrt(2.0 / sum(layer.weight.shape))
-                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator, dtype=_pde.DTYPE) * std)
-                layer.bias.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x * self.scale + self.shift
-        for layer in self.layers[:-1]:
-            h = torch.tanh(layer(h))
-        return self.layers[-1](h).squeeze(-1)
-
-
 class PINN(KindChosenByParameter, AdaptsCompressionModel, TrainingTask):
     name = "pinn"
     version = "1"
@@ -168,6 +148,8 @@ class PINN(KindChosenByParameter, AdaptsCompressionModel, TrainingTask):
     def collocation(self, ctx, problem: _pde.PDEProblem) -> Collocation:
         """Fixed points for ``problem``, drawn once per task seed and parameter value."""
         def draw() -> Collocation:
+            import torch
+
             p = self.params
             generator = torch.Generator().manual_seed(derived_seed(ctx.task_seed, "points", problem.param))
             boundary = problem.boundary_points(p.n_boundary, generator)
@@ -181,6 +163,8 @@ class PINN(KindChosenByParameter, AdaptsCompressionModel, TrainingTask):
         return ctx.memo(("pinn_points", problem.family, problem.param, ctx.task_seed), draw)
 
     def pinn_loss(self, model: nn.Module, problem: _pde.PDEProblem, points: Collocation) -> torch.Tensor:
+        import torch
+
         with torch.enable_grad():
             loss = problem.residual(model, points.interior).pow(2).mean()
             loss = loss + (model(points.boundary) - points.boundary_values).pow(2).mean()
@@ -220,6 +204,8 @@ class PINN(KindChosenByParameter, AdaptsCompressionModel, TrainingTask):
         return Path(ctx.cache_dir) / f"{kind}-{p.pde}-{digest}.pt"
 
     def pretrain(self, ctx, model: nn.Module, problem: _pde.PDEProblem) -> None:
+        import torch
+
         points = self.collocation(ctx, problem)
         model.to(ctx.device)
         optimizer = torch.optim.Adam(model.parameters(), lr=self.params.lr)
@@ -238,6 +224,10 @@ class PINN(KindChosenByParameter, AdaptsCompressionModel, TrainingTask):
         return {f"layers.{i}": layer for i, layer in enumerate(model.layers)}
 
     def seeded_network(self, ctx) -> TanhMLP:
+        import torch
+
+        from rankbench_plugins.tasks._networks import TanhMLP
+
         problem, p = self.source_problem(), self.params
         return TanhMLP(problem.lower, problem.upper, p.width, p.depth,
                        torch.Generator().manual_seed(derived_seed(ctx.task_seed, "init")))
@@ -269,6 +259,8 @@ class PINN(KindChosenByParameter, AdaptsCompressionModel, TrainingTask):
         return self.pinn_loss(model, self.source_problem(), batch)
 
     def evaluate(self, ctx, model: nn.Module) -> None:
+        import torch
+
         problem = self.evaluated_problem()
         grid, reference = self._test_set(ctx, problem)
         with torch.no_grad():
@@ -289,6 +281,8 @@ class PINN(KindChosenByParameter, AdaptsCompressionModel, TrainingTask):
         key = ("pinn_pretrained_l2re", problem.family, problem.param, ctx.task_seed, self.params.test_grid)
 
         def l2re() -> float:
+            import torch
+
             grid, reference = self._test_set(ctx, problem)
             with torch.no_grad():
                 return _pde.relative_errors(self.model(ctx)(grid), reference)["l2re"]

@@ -1,8 +1,8 @@
 """Task ``vit-classification``: a small Vision Transformer trained here on a real image dataset, then compressed.
 
-Model (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021, in the pre-norm form): the image is cut into
-non-overlapping ``patch`` x ``patch`` patches, each flattened and embedded by a Linear (``patch_embed``); a learned
-class token is prepended and learned position embeddings added; ``depth`` blocks of
+Model (``_networks.ViT``; Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021, in the pre-norm form): the
+image is cut into non-overlapping ``patch`` x ``patch`` patches, each flattened and embedded by a Linear
+(``patch_embed``); a learned class token is prepended and learned position embeddings added; ``depth`` blocks of
 
     h = h + proj(MHA(LN(h)))          (qkv: one Linear dim -> 3 dim, ``heads`` heads, scaled dot-product attention)
     h = h + fc2(GELU(fc1(LN(h))))     (hidden ``mlp_ratio`` x dim)
@@ -46,12 +46,9 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
-from torch import nn
 
 from rankbench.api import ADAPTATION, TRAINING, PluginParams, hookimpl
 from rankbench.cells import derived_seed
@@ -61,6 +58,12 @@ from rankbench.kinds.compression import cached_weights
 from rankbench.kinds.training import TrainingSettings, trained_dense_network
 from rankbench_plugins.tasks import _vision_data as data
 from rankbench_plugins.tasks._image_classification import ImageClassificationTask
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from rankbench_plugins.tasks._networks import PretrainedImageClassifier
 
 # The Hugging Face hub stays offline unless the user sets HF_HUB_OFFLINE otherwise (an unreachable hub fails fast
 # instead of hanging). Set when the plugin is imported, before any model loads: the Hugging Face libraries read it
@@ -105,79 +108,12 @@ class ViTParams(PluginParams):
         return self
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
-
-
-class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: int):
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.fc1, self.fc2 = nn.Linear(dim, mlp_ratio * dim), nn.Linear(mlp_ratio * dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
-
-
-class ViT(nn.Module):
-    def __init__(self, image_size: int, patch: int, classes: int, dim: int, depth: int, heads: int, mlp_ratio: int):
-        super().__init__()
-        if image_size % patch:
-            raise ValueError(f"patch {patch} does not divide the image side {image_size}")
-        self.patch = patch
-        tokens = (image_size // patch) ** 2
-        self.patch_embed = nn.Linear(patch * patch, dim)
-        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        p = self.patch
-        patches = F.unfold(images, kernel_size=p, stride=p).transpose(1, 2)  # (batch, tokens, p*p)
-        h = self.patch_embed(patches)
-        h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], dim=1) + self.pos
-        for block in self.blocks:
-            h = block(h)
-        return self.head(self.norm(h[:, 0]))
-
-
-class PretrainedImageClassifier(nn.Module):
-    """A transformers image classifier (``AutoModelForImageClassification``) on this task's grayscale images: they
-    are resized to the model's input side and repeated over its input channels."""
-
-    def __init__(self, net: nn.Module, image_size: int, channels: int):
-        super().__init__()
-        self.net, self.image_size, self.channels = net, image_size, channels
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.shape[-1] != self.image_size:
-            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
-                                   align_corners=False)
-        return self.net(pixel_values=images.expand(-1, self.channels, -1, -1)).logits
-
-    def head(self) -> nn.Module:
-        """The classification head (``classifier`` in transformers' ViT, DeiT, BEiT, Swin...; ``head`` elsewhere)."""
-        return getattr(self.net, "classifier", None) or self.net.head
-
-
 def load_pretrained_classifier(name: str, classes: int) -> PretrainedImageClassifier:
     """``from_pretrained`` on a local folder or a hub id (one path for both), head resized to ``classes``."""
     from transformers import AutoModelForImageClassification
     from transformers.utils import logging as hf_logging
+
+    from rankbench_plugins.tasks._networks import PretrainedImageClassifier
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the resized head's "newly initialized" warning is expected here
@@ -217,6 +153,8 @@ class ViTClassification(KindChosenByParameter, ImageClassificationTask, AdaptsCo
 
     def build_network(self, ds: data.ImageDataset) -> nn.Module:
         """The untrained network (the built-in ViT, or the ``model`` classifier with a fresh head)."""
+        from rankbench_plugins.tasks._networks import ViT
+
         p = self.params
         if p.model is not None:
             return load_pretrained_classifier(p.model, ds.num_classes)
@@ -233,6 +171,9 @@ class ViTClassification(KindChosenByParameter, ImageClassificationTask, AdaptsCo
     def train(self, ctx, model: nn.Module, ds: data.ImageDataset) -> None:
         """Training of the network that the compression and adaptation kinds start from: AdamW with a one-cycle
         schedule (the training kind's cells use the task's constant-rate settings instead)."""
+        import torch
+        import torch.nn.functional as F
+
         p = self.params
         model.to(ctx.device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=0.05)
@@ -252,6 +193,10 @@ class ViTClassification(KindChosenByParameter, ImageClassificationTask, AdaptsCo
         model.cpu().eval()
 
     def target_sites(self, model: nn.Module) -> dict[str, nn.Linear]:
+        from torch import nn
+
+        from rankbench_plugins.tasks._networks import PretrainedImageClassifier
+
         if isinstance(model, PretrainedImageClassifier):  # every Linear but the head and the embeddings
             head = {id(m) for m in model.head().modules()}
             return {name: m for name, m in model.named_modules()
@@ -268,6 +213,8 @@ class ViTClassification(KindChosenByParameter, ImageClassificationTask, AdaptsCo
 
     # -- adaptation (``AdaptsCompressionModel``: the trained network, LoRA fine-tuned on ``target``) ------------------
     def trained_beside_adapters(self, model: nn.Module) -> list[nn.Parameter]:
+        from rankbench_plugins.tasks._networks import PretrainedImageClassifier
+
         if not self.params.train_head:
             return []
         return list((model.head() if isinstance(model, PretrainedImageClassifier) else model.head).parameters())
@@ -275,6 +222,9 @@ class ViTClassification(KindChosenByParameter, ImageClassificationTask, AdaptsCo
     def training_loss(self, ctx, model: nn.Module) -> torch.Tensor:
         """Cross-entropy on the next minibatch of the target's training split, drawn by a generator seeded per cell
         (so SubLoRA's derivatives, which also call this, are minibatch estimates)."""
+        import torch
+        import torch.nn.functional as F
+
         ds, p = self.evaluated_dataset(ctx), self.params
         generator = ctx.memo(("vit_minibatches", ctx.cell_id),
                              lambda: torch.Generator().manual_seed(derived_seed(ctx.task_seed, "finetune", ctx.seed)))
@@ -282,6 +232,15 @@ class ViTClassification(KindChosenByParameter, ImageClassificationTask, AdaptsCo
         x, y = ds.train_x[index].to(ctx.device), ds.train_y[index].to(ctx.device)
         with torch.enable_grad():
             return F.cross_entropy(model(x), y)
+
+
+def __getattr__(name: str):
+    """``ViT`` lives in ``_networks`` (importing this plugin does not import torch); it stays importable from here."""
+    if name == "ViT":
+        from rankbench_plugins.tasks._networks import ViT
+
+        return ViT
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @hookimpl
