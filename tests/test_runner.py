@@ -252,3 +252,29 @@ def test_a_stop_signal_saves_finished_cells_and_says_so(write_suite, tmp_path, s
     assert ("terminated" if expected == 143 else "interrupted") + ": finished cells are saved" in stderr
     assert "Traceback" not in stderr and "Exception ignored" not in stderr
     assert 3 <= len(results.cell_statuses(out)) < 9
+
+
+def test_resume_with_nothing_to_do_sets_nothing_up(cli, write_suite, tmp_path):
+    """A finished suite is answered from its results folder alone: the counts, exit 0, no new run record -- and in a
+    fresh interpreter without importing torch or pandas (the cells would be the first to need them)."""
+    suite = write_suite("""
+    name: finished
+    tasks: [{matrix-recovery: {problem: completion, shape: [20, 15], rank: 2, max_iters: 20}}]
+    selectors: [uniform]
+    factorizations: [gd]
+    budgets: [3]
+    seeds: [0]
+    """)
+    out = tmp_path / "out"
+    args = ["run", str(suite), "--out", str(out), "--executor", "inprocess", "--device", "cpu"]
+    assert cli(*args).returncode == 0
+    records = sorted((out / "runs").glob("*.json"))
+    probe = (f"import sys\nfrom rankbench.cli import main\ncode = main({args!r})\n"
+             "print('HEAVY', sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'pandas', 'scipy'}))\n"
+             "sys.exit(code)")
+    again = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "nothing to run: all 2 cells already finished" in again.stderr
+    assert "HEAVY []" in again.stdout
+    assert "ok" in again.stdout
+    assert sorted((out / "runs").glob("*.json")) == records

@@ -163,10 +163,9 @@ def cmd_run(args) -> int:
         raise BadInput(f"--out: expected a folder (got the file {str(out)!r})")
 
     from rich.console import Console
-    from tabulate import tabulate
 
     from rankbench.envinfo import environment
-    from rankbench.runner import Runtime, run_cells, write_run_info
+    from rankbench.runner import Runtime, pending_cells, run_cells, summarize, write_run_info
 
     if args.threads is not None and args.threads < 1:
         raise BadInput(f"--threads: expected a positive integer (got {args.threads})")
@@ -174,11 +173,6 @@ def cmd_run(args) -> int:
     console = Console(stderr=True)
     for failure in registry.failures:
         console.print(f"[yellow]warning[/]: plugin {failure.plugin} failed to load: {failure.error}")
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)  # in-process cells; the subprocess worker applies it itself
-    env = environment(device, registry)
     from rankbench.files import FolderBusy, FolderLock
 
     lock = FolderLock(out)
@@ -190,12 +184,30 @@ def cmd_run(args) -> int:
     except OSError as exc:
         raise BadInput(f"--out: expected a folder that can be created and written ({exc.strerror}: {out})") from None
     with lock:
+        scan = None
+        if not args.force:
+            pending, scan = pending_cells(cells, out)
+            if not pending:  # a finished suite: answered from its folder, nothing set up (no torch, no run record)
+                console.print(f"nothing to run: all {len(cells)} cells already finished in {out}")
+                return _run_summary(summarize(out, cells, scan), out)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)  # in-process cells; the subprocess worker applies it itself
+        env = environment(device, registry)
         write_run_info(out, env, suite.path, {k: v for k, v in vars(args).items() if k != "func"})
         runtime = Runtime(registry=registry, device=device, timeout=timeout, plugins_dir=plugins_dir,
                           threads=threads)
         counts = run_cells(
-            cells, out, runtime, executor, {"git_sha": env["git_sha"], "device": device}, args.force, console
+            cells, out, runtime, executor, {"git_sha": env["git_sha"], "device": device}, args.force, console, scan
         )
+    return _run_summary(counts, out)
+
+
+def _run_summary(counts: dict[str, int], out: Path) -> int:
+    """Print a run's status counts; exit 1 when any cell did not end ok or skipped."""
+    from tabulate import tabulate
+
     print(tabulate(sorted(counts.items()), headers=["status", "cells"]))
     print(f"results: {out}")
     failed = sum(n for status, n in counts.items() if status not in ("ok", "skipped"))

@@ -15,8 +15,8 @@ PACKAGES = ("rankbench", "torch", "numpy", "scipy", "pandas", "pyarrow", "pluggy
 def resolve_device(requested: str | None) -> str:
     """``auto`` picks CUDA when torch sees a GPU, else the CPU. Asking for ``cuda`` without one is bad input."""
     requested = requested or "auto"
-    if requested == "cpu":
-        return "cpu"
+    if requested == "cpu" or (requested == "auto" and not gpu_driver_present()):
+        return "cpu"  # without a GPU driver torch sees no device: no need to import it to ask
     import torch
 
     if requested == "auto":
@@ -24,6 +24,15 @@ def resolve_device(requested: str | None) -> str:
     if not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
     return "cuda"
+
+
+GPU_DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+
+
+def gpu_driver_present() -> bool:
+    """Whether a CUDA (NVIDIA, also under WSL) or ROCm driver is visible to this process. torch can only see a GPU
+    through one of them, so without any ``bench`` answers ``auto`` as the CPU without importing torch (~1 s)."""
+    return any(os.path.exists(path) for path in GPU_DRIVER_FILES)
 
 
 GIT_SHA_ENV = "RANKBENCH_GIT_SHA"  # set by a caller that knows the installed commit better (asv's per-commit builds)

@@ -29,14 +29,17 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rankbench.api import FINAL_STATUSES, CellRecord
 from rankbench.cells import Cell
 from rankbench.files import atomic_write, cut
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CELL_COLUMNS = [
     ("cell_id", pa.string()),
@@ -187,7 +190,10 @@ def is_written(out: str | Path, record: CellRecord) -> bool:
 
 def _read_marker_file(path: Path, cell_id: str) -> tuple[dict | None, str]:
     try:
-        rows = pq.read_table(path, schema=SCHEMAS["cells"]).to_pylist()
+        # ParquetFile, not read_table: the latter goes through pyarrow.dataset, which imports pandas (~0.4 s per
+        # command); columns a marker predates read as None
+        with pq.ParquetFile(path) as handle:
+            rows = [{column: row.get(column) for column in SCHEMAS["cells"].names} for row in handle.read().to_pylist()]
     except FileNotFoundError:
         return None, "no marker"
     except (OSError, pa.ArrowException) as exc:

@@ -231,13 +231,21 @@ def write_run_info(out: Path, env: dict, suite_path: str, argv: dict) -> Path:
     return path
 
 
-def summarize(out: Path, cells: Sequence[Cell]) -> dict[str, int]:
-    statuses = results.cell_statuses(out)
+def summarize(out: Path, cells: Sequence[Cell], scan: results.ResultsScan | None = None) -> dict[str, int]:
+    statuses = results.cell_statuses(out, scan)
     counts: dict[str, int] = {}
     for cell in cells:
         status = statuses.get(cell.cell_id, "not run")
         counts[status] = counts.get(status, 0) + 1
     return counts
+
+
+def pending_cells(cells: Sequence[Cell], out: Path) -> tuple[list[Cell], results.ResultsScan]:
+    """The cells a resumed run would still do (not finished, or damaged, in ``out``) and the folder's scan, so that
+    ``bench run`` can stop before it sets anything up when there is nothing left (no torch import, no run record)."""
+    scan = results.scan_results(out)
+    done = results.finished_cell_ids(out, scan)
+    return [c for c in cells if c.cell_id not in done], scan
 
 
 def run_cells(
@@ -248,9 +256,11 @@ def run_cells(
     run_info: dict,
     force: bool = False,
     console=None,
+    scan: results.ResultsScan | None = None,
 ) -> dict[str, int]:
     """Resume-aware loop: skip finished cells (unless ``force``), write skipped cells directly, hand the rest to the
-    executor and write each record the moment it arrives. Returns the status counts of the whole suite."""
+    executor and write each record the moment it arrives. Returns the status counts of the whole suite. ``scan``:
+    the folder's ``results.scan_results`` when the caller already has it (``pending_cells``)."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -262,7 +272,7 @@ def run_cells(
     )
 
     console = console or Console(stderr=True)
-    scan = results.scan_results(out)
+    scan = scan or results.scan_results(out)
     suite_ids = {c.cell_id for c in cells}
     for cell_id, problem in scan.damaged.items():
         action = "re-running" if cell_id in suite_ids else "not a cell of this suite; left as it is"
