@@ -38,7 +38,7 @@ def test_smoke_suite_runs_every_task_and_reports(bench, tmp_path):
     assert len(llm_notes) and all(len(n["model_sha256"]) == 64 for n in llm_notes)
     # a second run resumes: nothing left to do
     again = bench("run", ROOT / "suites" / "smoke.yaml", "--out", out)
-    assert again.returncode == 0 and "resuming:" in again.stderr
+    assert again.returncode == 0 and "nothing to run: all 140 cells already finished" in again.stderr
     report = bench("report", out)
     assert report.returncode == 0, report.stderr
     assert (out / "report" / "report.md").exists() and (out / "report" / "quality_vs_params.png").exists()
