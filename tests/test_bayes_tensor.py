@@ -610,6 +610,8 @@ def test_svi_params():
     assert BayesTensorTrainer.version == "2"
     with pytest.raises(ValueError, match="kl_multiplier"):
         BayesTensorTrainer.Params(inference="svi", kl_multiplier=1e-3)
+    # the worker validates a cell's resolved parameters (every field spelled out) again
+    assert BayesTensorTrainer.Params.model_validate(svi.params.model_dump(mode="json")).inference == "svi"
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -183,3 +183,44 @@ slices:
     mixed_cells = expand(mixed, registry, "cpu", None)
     assert flat_ids < {c.cell_id for c in mixed_cells}
     assert sorted(c.budget for c in mixed_cells if c.cell_id not in flat_ids) == [0.1, 0.1]  # seeds 0, 1
+
+
+FIELDS_SET_PLUGIN = '''
+from pydantic import model_validator
+from rankbench import Factorization, PluginParams, hookimpl
+
+
+class Picky(Factorization):
+    name = "picky"
+
+    class Params(PluginParams):
+        mode: str = "a"
+        strength: float = 1.0
+
+        @model_validator(mode="after")
+        def _strength_only_in_mode_a(self):
+            if self.mode != "a" and "strength" in self.model_fields_set:
+                raise ValueError("strength is for mode a")
+            return self
+
+    def approximate(self, w, rank):
+        return w
+
+
+@hookimpl
+def rankbench_register_factorizations(register):
+    register(Picky)
+'''
+
+
+def test_parameters_the_running_process_would_reject_are_refused_by_check(cli, write_suite, tmp_path):
+    """A cell carries every resolved parameter to the process that runs it, which validates them again: a validator
+    that looks at which fields were spelled out passes the suite and fails every cell. bench check catches it."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "picky.py").write_text(FIELDS_SET_PLUGIN)
+    (plugins / "toy.py").write_text((GOOD_PLUGINS / "toy.py").read_text())
+    suite = write_suite(VALID.replace("[toy-svd, gd]", "[{picky: {mode: b}}]"))
+    result = cli("check", suite, "--plugins-dir", plugins)
+    assert result.returncode == 2
+    assert "factorizations[0].picky" in result.stderr and "rejects its own resolved parameters" in result.stderr

@@ -179,7 +179,15 @@ def resolve_ref(registry: Registry, kind: str, ref: PluginRef, file: str, key: s
         instance = info.cls(params)
     except Exception as exc:
         raise SuiteError(file, f"{key}.{name}", f"invalid parameters ({type(exc).__name__}: {excerpt(str(exc), 200)})") from None
-    return PluginSpec(kind, name, params.model_dump(mode="json"), instance, info.version)
+    resolved = params.model_dump(mode="json")
+    try:  # a cell carries every resolved field to the process that runs it, which validates them again
+        info.cls.Params.model_validate(resolved)
+    except ValidationError as exc:
+        raise SuiteError(
+            file, f"{key}.{name}", f"{kind} {name} rejects its own resolved parameters, as the process running the cell "
+            f"would ({excerpt(_pydantic_message(exc.errors()[0]), 160)}); a validator must not depend on which fields "
+            "were spelled out") from None
+    return PluginSpec(kind, name, resolved, instance, info.version)
 
 
 def _load_hint(registry: Registry, name: str) -> str:

@@ -306,7 +306,10 @@ class BayesTensorTrainer(RankAdaptiveTrainer):
 
         @model_validator(mode="after")
         def _kl_multiplier_is_map_only(self):
-            if self.inference == "svi" and "kl_multiplier" in self.model_fields_set:
+            # compared with the default, not with model_fields_set: a cell carries its resolved parameters (every
+            # field) to the worker, where they are validated again
+            default = type(self).model_fields["kl_multiplier"].default
+            if self.inference == "svi" and self.kl_multiplier != default:
                 raise ValueError("kl_multiplier weights the MAP prior term; svi weights the KL by the ELBO's 1 / N "
                                  "(set data_size to change N)")
             return self
