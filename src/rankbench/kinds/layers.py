@@ -12,14 +12,9 @@ check`` never build a model).
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 from torch.nn.utils import skip_init
-
-if TYPE_CHECKING:
-    from rankbench.kinds.compression import Decomposition
 
 
 class LowRankLinear(nn.Module):
@@ -52,7 +47,8 @@ class LowRankLinear(nn.Module):
 class SigmaLinear(nn.Module):
     """A Linear whose weight is left[:, :k] diag(sigma) right[:k] with ``sigma`` a (differentiable) input."""
 
-    def __init__(self, decomposition: Decomposition, sigma: torch.Tensor, dense: nn.Linear):
+    def __init__(self, decomposition, sigma: torch.Tensor, dense: nn.Linear):
+        """``decomposition``: the site's ``compression.Decomposition`` (that module imports this one)."""
         super().__init__()
         if sigma.ndim != 1 or not 1 <= sigma.shape[0] <= decomposition.rank:
             raise ValueError(

@@ -18,9 +18,28 @@ from torch import nn
 from rankbench.kinds import tensor_formats as tf
 from rankbench.kinds.tensor_compression import TensorFactorization
 from rankbench.kinds.training import RankAdaptiveLayer, TrainingRun
-from rankbench_plugins.trainers.bayes_tensor import PRIORS, max_ranks
 
 _TRUNCATE = 3.0  # the random init's truncation, in standard deviations
+PRIORS = ("log_uniform", "half_cauchy")
+
+
+def max_ranks(factorization: TensorFactorization, shape: tuple[int, int], max_rank: int) -> tuple[int, ...]:
+    """``max_rank`` in every slot of the format, clipped to its feasible set."""
+    out_dims, in_dims = factorization.dims(shape)
+    fmt = factorization.name
+    if fmt == "cp":
+        slots = 1
+    elif fmt == "tucker":
+        slots = len(out_dims) + len(in_dims)
+    elif fmt == "tt":
+        slots = len(out_dims) + len(in_dims) - 1
+    elif fmt == "ttm":
+        slots = len(out_dims) - 1
+    else:
+        raise ValueError(f"bayes-tensor has no layer for format {fmt!r}")
+    if slots == 0:
+        raise ValueError(f"{fmt} with order_out = order_in = 1 has no rank to learn")
+    return tuple(int(r) for r in factorization.feasible(shape, (int(max_rank),) * slots))
 
 
 def em_update(M: torch.Tensor, D: float, prior: str, eta: float = 1.0) -> torch.Tensor:

@@ -27,8 +27,7 @@ reference's buffers carry them; nothing rotates them into the new bases (which w
 layer bias is Adam-stepped with the second pass's gradient, as the reference's integrator steps it.
 
 The knobs (``IntegratorParams``) and the trainer base (``IntegratorTrainer``) are in ``_integrator_trainer``, which
-the plugin modules import without torch (re-exported here); this module holds the integrator and is imported when a
-run trains.
+the plugin modules import without torch; this module holds the integrator and is imported when a run trains.
 
 Knob names: ``tau`` here is the relative truncation tolerance (the DLRT reference code calls it ``theta`` and calls its
 learning rate ``tau``); ``lr`` is the integrator's step size.
@@ -45,7 +44,6 @@ import torch
 
 from rankbench.api import Diverged
 from rankbench.kinds.training import RankAdaptiveLayer
-from rankbench_plugins.trainers._integrator_trainer import IntegratorParams, IntegratorTrainer  # noqa: F401
 
 
 def tail_rank(d: torch.Tensor, tau: float) -> int:

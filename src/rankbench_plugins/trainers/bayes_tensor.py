@@ -175,7 +175,6 @@ from rankbench.api import PluginParams, hookimpl
 from rankbench.kinds.training import RankAdaptiveTrainer
 
 if TYPE_CHECKING:
-    from rankbench.kinds.tensor_compression import TensorFactorization
     from rankbench.kinds.training import TrainingRun
     from rankbench_plugins.trainers._bayes_layers import (  # noqa: F401
         BayesTensorLinear,
@@ -185,10 +184,10 @@ if TYPE_CHECKING:
         em_update,
     )
 
-PRIORS = ("log_uniform", "half_cauchy")
 
 # names that moved to ``_bayes_layers`` and are still read from here (PEP 562: imported on first access)
-_LAYER_NAMES = frozenset({"build_layer", "em_update", "TensorizedSVI", "VariationalTensorLinear"})
+_LAYER_NAMES = frozenset({"build_layer", "em_update", "max_ranks", "PRIORS", "TensorizedSVI",
+                          "VariationalTensorLinear"})
 
 
 def __getattr__(name: str):
@@ -204,25 +203,6 @@ def kl_multiplier_at(epoch: int, kl_multiplier: float, no_kl_epochs: float, warm
     if warmup_epochs <= 0:
         return kl_multiplier if epoch > no_kl_epochs else 0.0
     return kl_multiplier * min(max((epoch - no_kl_epochs) / warmup_epochs, 0.0), 1.0)
-
-
-def max_ranks(factorization: TensorFactorization, shape: tuple[int, int], max_rank: int) -> tuple[int, ...]:
-    """``max_rank`` in every slot of the format, clipped to its feasible set."""
-    out_dims, in_dims = factorization.dims(shape)
-    fmt = factorization.name
-    if fmt == "cp":
-        slots = 1
-    elif fmt == "tucker":
-        slots = len(out_dims) + len(in_dims)
-    elif fmt == "tt":
-        slots = len(out_dims) + len(in_dims) - 1
-    elif fmt == "ttm":
-        slots = len(out_dims) - 1
-    else:
-        raise ValueError(f"bayes-tensor has no layer for format {fmt!r}")
-    if slots == 0:
-        raise ValueError(f"{fmt} with order_out = order_in = 1 has no rank to learn")
-    return tuple(int(r) for r in factorization.feasible(shape, (int(max_rank),) * slots))
 
 
 def count_examples(batches) -> int:
