@@ -25,6 +25,7 @@ with that reason (benchopt's ``skip()`` idea).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -284,3 +285,16 @@ class SkipCell(CellFailure):
 STATUSES = ("ok", "skipped", "error", "timeout", "crashed", "diverged", "oom")
 FINAL_STATUSES = frozenset({"ok", "skipped"})  # not re-run on resume; the others are retried
 
+
+def lazy_attributes(owner: str, source: str, names) -> Callable[[str], Any]:
+    """A module-level ``__getattr__`` (PEP 562) for module ``owner`` that serves ``names`` from module ``source``,
+    imported on first access: a light module (a plugin, a kind) keeps names whose home imports torch reachable
+    without importing torch itself. Use as ``__getattr__ = lazy_attributes(__name__, "pkg._layers", {...})``."""
+    served = frozenset(names)
+
+    def __getattr__(name: str):
+        if name in served:
+            return getattr(importlib.import_module(source), name)
+        raise AttributeError(f"module {owner!r} has no attribute {name!r}")
+
+    return __getattr__

@@ -68,6 +68,7 @@ from rankbench.api import (
     Ranks,
     Site,
     Task,
+    lazy_attributes,
 )
 from rankbench.kinds.compression import CompressionTask
 from rankbench.kinds.protocol import Protocol
@@ -494,10 +495,5 @@ PROTOCOL = Protocol(
 )
 
 
-def __getattr__(name: str):
-    """``SVDAdapter`` lives in ``rankbench.kinds.layers`` (torch) and is imported from there on first use."""
-    if name == "SVDAdapter":
-        from rankbench.kinds.layers import SVDAdapter
-
-        return SVDAdapter
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# these names live in layers (torch) and stay importable from here, imported on first access
+__getattr__ = lazy_attributes(__name__, "rankbench.kinds.layers", {"SVDAdapter"})

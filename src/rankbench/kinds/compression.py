@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TYPE_CHECKING
 
 from rankbench.files import atomic_write
-from rankbench.api import COMPRESSION, PARAM_RATIO, Factorization, RankProblem, Selector, Site, Task
+from rankbench.api import COMPRESSION, PARAM_RATIO, Factorization, RankProblem, Selector, Site, Task, lazy_attributes
 from rankbench.kinds.protocol import Protocol
 from rankbench.kinds.tensor_compression import TensorFactorization, run_tensor_compression
 
@@ -722,11 +722,5 @@ PROTOCOL = Protocol(
 )
 
 
-def __getattr__(name: str):
-    """``LowRankLinear`` and ``SigmaLinear`` are this kind's layers; they live in ``rankbench.kinds.layers`` (torch)
-    and are imported from there on first use, so importing this module stays light."""
-    if name in ("LowRankLinear", "SigmaLinear"):
-        from rankbench.kinds import layers
-
-        return getattr(layers, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# these names live in layers (torch) and stay importable from here, imported on first access
+__getattr__ = lazy_attributes(__name__, "rankbench.kinds.layers", {"LowRankLinear", "SigmaLinear"})

@@ -45,7 +45,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TYPE_CHECKING
 
-from rankbench.api import COMPRESSION, PARAM_RATIO, TRAINING, Diverged, Factorization, Selector, Task
+from rankbench.api import COMPRESSION, PARAM_RATIO, TRAINING, Diverged, Factorization, Selector, Task, lazy_attributes
 from rankbench.kinds.protocol import Protocol
 from rankbench.kinds.compression import CompressionTask, cached_weights, save_weights
 
@@ -286,10 +286,5 @@ def run_training(task: TrainingTask, ctx, method: RankAdaptiveTrainer, factoriza
 PROTOCOL = Protocol(TRAINING, TrainingTask, run=run_training, reference=run_training_reference, skip=training_skip)
 
 
-def __getattr__(name: str):
-    """``RankAdaptiveLayer`` lives in ``rankbench.kinds.layers`` (torch) and is imported from there on first use."""
-    if name == "RankAdaptiveLayer":
-        from rankbench.kinds.layers import RankAdaptiveLayer
-
-        return RankAdaptiveLayer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# these names live in layers (torch) and stay importable from here, imported on first access
+__getattr__ = lazy_attributes(__name__, "rankbench.kinds.layers", {"RankAdaptiveLayer"})

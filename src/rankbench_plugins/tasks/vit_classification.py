@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
-from rankbench.api import ADAPTATION, TRAINING, PluginParams, hookimpl
+from rankbench.api import ADAPTATION, TRAINING, PluginParams, hookimpl, lazy_attributes
 from rankbench.cells import derived_seed
 from rankbench.kinds import KindChosenByParameter
 from rankbench.kinds.adaptation import AdaptsCompressionModel
@@ -234,13 +234,8 @@ class ViTClassification(KindChosenByParameter, ImageClassificationTask, AdaptsCo
             return F.cross_entropy(model(x), y)
 
 
-def __getattr__(name: str):
-    """``ViT`` lives in ``_networks`` (importing this plugin does not import torch); it stays importable from here."""
-    if name == "ViT":
-        from rankbench_plugins.tasks._networks import ViT
-
-        return ViT
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# these names live in _networks (torch) and stay importable from here, imported on first access
+__getattr__ = lazy_attributes(__name__, "rankbench_plugins.tasks._networks", {"ViT"})
 
 
 @hookimpl

@@ -171,7 +171,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from rankbench.api import PluginParams, hookimpl
+from rankbench.api import PluginParams, hookimpl, lazy_attributes
 from rankbench.kinds.training import RankAdaptiveTrainer
 
 if TYPE_CHECKING:
@@ -185,17 +185,11 @@ if TYPE_CHECKING:
     )
 
 
-# names that moved to ``_bayes_layers`` and are still read from here (PEP 562: imported on first access)
-_LAYER_NAMES = frozenset({"build_layer", "em_update", "max_ranks", "PRIORS", "TensorizedSVI",
-                          "VariationalTensorLinear"})
-
-
-def __getattr__(name: str):
-    if name in _LAYER_NAMES:
-        from rankbench_plugins.trainers import _bayes_layers
-
-        return getattr(_bayes_layers, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# these names live in _bayes_layers (torch) and stay importable from here, imported on first access
+__getattr__ = lazy_attributes(
+    __name__, "rankbench_plugins.trainers._bayes_layers",
+    {"build_layer", "em_update", "max_ranks", "PRIORS", "TensorizedSVI", "VariationalTensorLinear"},
+)
 
 
 def kl_multiplier_at(epoch: int, kl_multiplier: float, no_kl_epochs: float, warmup_epochs: float) -> float:

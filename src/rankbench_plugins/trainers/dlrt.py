@@ -48,22 +48,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from rankbench.api import hookimpl
+from rankbench.api import hookimpl, lazy_attributes
 from rankbench_plugins.trainers._integrator_trainer import IntegratorParams, IntegratorTrainer
 
 if TYPE_CHECKING:
     from rankbench_plugins.trainers._dlrt_layers import DLRTConv2d, DLRTLinear, dlrt_layer  # noqa: F401
 
-# names that moved to ``_dlrt_layers`` and are still read from here (PEP 562: imported on first access)
-_LAYER_NAMES = frozenset({"DLRTLinear", "DLRTConv2d", "dlrt_layer"})
-
-
-def __getattr__(name: str):
-    if name in _LAYER_NAMES:
-        from rankbench_plugins.trainers import _dlrt_layers
-
-        return getattr(_dlrt_layers, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# these names live in _dlrt_layers (torch) and stay importable from here, imported on first access
+__getattr__ = lazy_attributes(
+    __name__, "rankbench_plugins.trainers._dlrt_layers",
+    {"DLRTLinear", "DLRTConv2d", "dlrt_layer"},
+)
 
 
 class DLRT(IntegratorTrainer):

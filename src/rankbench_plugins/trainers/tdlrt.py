@@ -69,7 +69,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import Field
 
-from rankbench.api import hookimpl
+from rankbench.api import hookimpl, lazy_attributes
 from rankbench_plugins.trainers._integrator_trainer import IntegratorParams, IntegratorTrainer
 
 if TYPE_CHECKING:
@@ -82,17 +82,11 @@ if TYPE_CHECKING:
         tucker_apply,
     )
 
-# names that moved to ``_tdlrt_layers`` and are still read from here (PEP 562: imported on first access)
-_LAYER_NAMES = frozenset({"TuckerDLRTLinear", "TuckerDLRTConv2d", "tdlrt_layer", "tucker_apply", "mode_caps",
-                          "start_ranks"})
-
-
-def __getattr__(name: str):
-    if name in _LAYER_NAMES:
-        from rankbench_plugins.trainers import _tdlrt_layers
-
-        return getattr(_tdlrt_layers, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# these names live in _tdlrt_layers (torch) and stay importable from here, imported on first access
+__getattr__ = lazy_attributes(
+    __name__, "rankbench_plugins.trainers._tdlrt_layers",
+    {"TuckerDLRTLinear", "TuckerDLRTConv2d", "tdlrt_layer", "tucker_apply", "mode_caps", "start_ranks"},
+)
 
 
 class TDLRT(IntegratorTrainer):
