@@ -76,3 +76,20 @@ def test_too_few_configurations_or_methods_give_average_ranks_without_a_test():
     assert ranking.friedman_p is None and ranking.critical_difference is None and ranking.result is None
     two = stats.rank_methods(pd.DataFrame([{"a": 1.0, "b": 2.0}] * 8), higher_is_better=True)
     assert two.friedman_p is None and list(two.average_ranks.index) == ["b", "a"]
+
+
+@pytest.mark.parametrize("values", [[1.0, 2.0, 5.0], [0.3, 0.31, 0.29, 0.5], list(np.random.default_rng(3).normal(size=7))])
+@pytest.mark.parametrize("statistic", [np.median, np.mean])
+def test_the_bootstrap_interval_is_scipys(values, statistic):
+    """The written-out percentile bootstrap gives exactly scipy.stats.bootstrap's interval (same generator)."""
+    import warnings
+
+    from scipy.stats import bootstrap
+
+    data = np.asarray(values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = bootstrap((data,), statistic, confidence_level=stats.CONFIDENCE, n_resamples=stats.N_BOOT,
+                              method="percentile", random_state=np.random.default_rng(stats.BOOTSTRAP_SEED))
+    low, high = stats._bootstrap(data, statistic, stats.CONFIDENCE)
+    assert (low, high) == (reference.confidence_interval.low, reference.confidence_interval.high)

@@ -124,11 +124,32 @@ def _grid(n: int, width: float = 6.5, height: float = 4.5):
     return fig, axes
 
 
+def _seaborn():
+    """seaborn, imported without the scipy modules it only needs for features the report does not use.
+
+    seaborn imports ``scipy.stats`` (kernel densities) and ``scipy.cluster`` (clustered heatmaps) at load only to
+    offer features that it switches off when scipy is missing; the report uses neither, and those imports are half
+    a second of every ``bench report``. So they are hidden while seaborn loads (``None`` in ``sys.modules`` makes
+    the import fail) and put back in reach right after.
+    """
+    import sys
+
+    hidden = [name for name in ("scipy.stats", "scipy.cluster") if name not in sys.modules]
+    if "seaborn" not in sys.modules:
+        sys.modules.update(dict.fromkeys(hidden))
+    try:
+        import seaborn
+    finally:
+        for name in hidden:
+            sys.modules.pop(name, None)
+    return seaborn
+
+
 def _plot_quality(metrics: pd.DataFrame, path: Path) -> bool:
     """Median (over seeds) of the primary metric against the median parameter ratio kept, per method and budget:
     colour = factorization, marker = selector, lines join the budgets of one method."""
     import matplotlib.pyplot as plt
-    import seaborn as sns
+    sns = _seaborn()
 
     data = _primary_with_ratio(metrics)
     if data.empty:
@@ -176,7 +197,7 @@ def _plot_quality(metrics: pd.DataFrame, path: Path) -> bool:
 def _plot_quality_table(metrics: pd.DataFrame, path: Path) -> bool:
     """Heatmap of the median primary metric: rows selector (and budget), columns factorization, per task config."""
     import matplotlib.pyplot as plt
-    import seaborn as sns
+    sns = _seaborn()
 
     data = _primary_with_ratio(metrics)
     data = data[data["factorization"] != REFERENCE_FACTORIZATION]
@@ -210,7 +231,7 @@ def _plot_quality_table(metrics: pd.DataFrame, path: Path) -> bool:
 
 def _plot_time(metrics: pd.DataFrame, path: Path) -> bool:
     import matplotlib.pyplot as plt
-    import seaborn as sns
+    sns = _seaborn()
 
     ok = metrics[(metrics["status"] == "ok") & metrics["metric"].str.match(r"^time_.*_s$")]
     ok = ok[ok["metric"] != "time_total_s"]
@@ -321,7 +342,7 @@ def rank_tables(cells: pd.DataFrame, ranks: pd.DataFrame) -> dict[str, pd.DataFr
 
 def _plot_ranks(cells: pd.DataFrame, ranks: pd.DataFrame, folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
-    import seaborn as sns
+    sns = _seaborn()
 
     paths = []
     tables = rank_tables(cells, ranks)
@@ -340,7 +361,7 @@ def _plot_ranks(cells: pd.DataFrame, ranks: pd.DataFrame, folder: Path) -> list[
 
 def _plot_curves(cells: pd.DataFrame, curves: pd.DataFrame, path: Path) -> bool:
     import matplotlib.pyplot as plt
-    import seaborn as sns
+    sns = _seaborn()
 
     data = curves.merge(cells[cells["status"] == "ok"][["cell_id", "task_config", "method"]], on="cell_id")
     # per-site trajectories (``rank:<site>``) stay in the curves table: one panel per site would drown the others

@@ -1,8 +1,8 @@
 """How sure a verdict is: intervals over seeds, paired comparisons of two methods, and rankings across
 configurations. Every report, comparison and claim check uses these functions, so "A beats B" means one thing.
 
-* ``seed_interval``: the median over seeds with a percentile-bootstrap interval of the median (scipy's
-  ``stats.bootstrap``). With fewer than ``MIN_SEEDS`` values there is no interval: the text says "n too small".
+* ``seed_interval``: the median over seeds with a percentile-bootstrap interval of the median (the
+  computation of scipy's ``stats.bootstrap``, written out in NumPy). With fewer than ``MIN_SEEDS`` values there is no interval: the text says "n too small".
 * ``paired_comparison``: two methods on the same task configuration and budget, paired by seed. The difference is
   oriented so that positive means "A is better" (whatever the metric's direction); its mean over the common seeds
   gets a percentile-bootstrap interval, and the call is ``win`` (interval above 0), ``loss`` (below 0) or ``tie``
@@ -37,16 +37,21 @@ WIN, TIE, LOSS, TOO_FEW = "win", "tie", "loss", "n too small"
 
 
 def _bootstrap(values: np.ndarray, statistic, confidence: float) -> tuple[float, float]:
-    """Percentile-bootstrap interval of ``statistic`` over ``values`` (constant values: the value itself)."""
+    """Percentile-bootstrap interval of ``statistic`` over ``values`` (constant values: the value itself).
+
+    The same computation as ``scipy.stats.bootstrap(..., method="percentile")`` with the same generator: N_BOOT
+    resamples of n indices drawn at once, the statistic along the last axis, NumPy's linear percentiles at
+    (1 - confidence)/2 and its complement -- identical intervals (``tests/test_stats.py`` checks it against scipy).
+    Written out because importing ``scipy.stats`` costs a report half a second and its input checks more than the
+    resampling itself; ``statistic`` must accept ``axis``.
+    """
     if np.all(values == values[0]):
         return float(values[0]), float(values[0])
-    from scipy.stats import bootstrap
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # scipy warns about degenerate resamples of tiny samples
-        result = bootstrap((values,), statistic, confidence_level=confidence, n_resamples=N_BOOT,
-                           method="percentile", random_state=np.random.default_rng(BOOTSTRAP_SEED))
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    resamples = values[rng.integers(0, values.size, (N_BOOT, values.size))]
+    estimates = statistic(resamples, axis=-1)
+    tail = 100 * (1 - confidence) / 2
+    return float(np.percentile(estimates, tail)), float(np.percentile(estimates, 100 - tail))
 
 
 @dataclasses.dataclass(frozen=True)
