@@ -487,3 +487,28 @@ def test_decompositions_are_reused_from_disk_by_a_fresh_process_and_verified(mak
     fifth = {}
     run_cell(TinyOnDisk(), make_ctx(0.5, store=fifth), UniformSelector(), SVDLLM())
     assert fifth["counters"]["decompositions_from_disk"] == len(SITES)
+
+
+@pytest.mark.parametrize("shape", [(60, 20), (20, 60), (30, 30)])
+def test_thin_svd_equals_torch_svd(shape):
+    """``thin_svd`` (Gram eigendecomposition) gives torch.linalg.svd's spectrum, subspaces and reconstruction on a
+    conditioned matrix, and still rebuilds a rank-deficient one exactly."""
+    from rankbench.kinds.compression import thin_svd
+
+    g = torch.Generator().manual_seed(0)
+    p = min(shape)
+    left, _ = torch.linalg.qr(torch.randn(shape[0], p, generator=g, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(shape[1], p, generator=g, dtype=torch.float64))
+    planted = torch.logspace(0, -4, p, dtype=torch.float64)
+    matrix = (left * planted) @ right.T
+    U, s, Vh = thin_svd(matrix)
+    assert U.shape == (shape[0], p) and s.shape == (p,) and Vh.shape == (p, shape[1])
+    assert torch.allclose(s, planted, rtol=1e-8, atol=0)
+    assert torch.allclose((U * s) @ Vh, matrix, atol=1e-13)
+    k = p // 2  # the leading subspaces are the planted ones: the rank-k truncations agree
+    assert torch.allclose((U[:, :k] * s[:k]) @ Vh[:k], (left[:, :k] * planted[:k]) @ right[:, :k].T, atol=1e-12)
+    deficient = matrix.clone()
+    deficient[:, 0] = 0
+    deficient[0] = 0
+    U, s, Vh = thin_svd(deficient)
+    assert torch.isfinite(U).all() and torch.allclose((U * s) @ Vh, deficient, atol=1e-13)

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import yaml
 
+import smoke_reference
 from conftest import ROOT
 
 SUITES = sorted((ROOT / "suites").glob("*.yaml"))
@@ -20,8 +21,11 @@ def test_shipped_suites_are_valid(cli, suite):
 
 def test_smoke_suite_runs_every_task_and_reports(bench, tmp_path):
     out = tmp_path / "smoke"
-    run = bench("run", ROOT / "suites" / "smoke.yaml", "--out", out)
+    run = bench("run", ROOT / "suites" / "smoke.yaml", "--out", out, "--threads", "1")
     assert run.returncode == 0, run.stderr
+    # the numbers are the reference's (tests/smoke_reference.py: what may differ, and how to regenerate it)
+    failures, moved_ranks = smoke_reference.differences(out)
+    assert not failures, "smoke metrics changed:\n" + "\n".join(failures)
     metrics = pd.read_parquet(out / "metrics")
     spec = yaml.safe_load((ROOT / "suites" / "smoke.yaml").read_text())
     listed = spec["tasks"] + [t for piece in spec.get("slices", []) for t in piece["tasks"]]

@@ -107,7 +107,7 @@ def test_params_defaults_and_validation(tmp_path, text_file):
     p = LLMPerplexityParams()
     assert (p.model, p.corpus, p.calib_corpus, p.seq_len, p.max_eval_tokens, p.calib_samples) == (
         "smollm2-135m", "enwiki", None, 512, 20000, 32)
-    assert (p.lm_eval, p.max_eval_docs, p.dtype, p.sites) == (True, None, "float32", ["self_attn", "mlp"])
+    assert (p.lm_eval, p.max_eval_docs, p.dtype, p.sites) == (True, None, "float32", None)
     assert LLMPerplexityParams(corpus=str(text_file), calib_corpus=str(text_file)).corpus == str(text_file)
     assert LLMPerplexityParams(model="HuggingFaceTB/SmolLM2-135M").model  # a hub id is accepted (loaded later)
 

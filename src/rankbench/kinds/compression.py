@@ -13,7 +13,8 @@ Flow of one cell (``run_compression``; the task supplies the capabilities of ``C
    selector and every budget reuses them, and selectors see the spectrum that matters for the chosen factorization.
 4. The selector gets a ``RankProblem`` whose sites carry those spectra and the factorization's exact parameter
    cost, plus ``CompressionStatistics`` for data-aware selectors.
-5. Each site is replaced by ``LowRankLinear`` (two Linears: in -> k -> out) at its rank; the task evaluates, records
+5. Each site is replaced by ``LowRankLinear`` (two Linears: in -> k -> out) at its rank -- with the extra factors of
+   the factorization's ``compensation`` of the truncation beside them, where it offers one; the task evaluates, records
    ``params`` / ``param_ratio`` (weights of the targeted sites only; biases are unchanged and not counted) and the
    ranks; then the dense Linears are put back, so one loaded model serves every cell.
 
@@ -40,8 +41,9 @@ runs and suites under ``ctx.cache_dir/decompositions/<task key>/<factorization k
 key hashes its name, its parameters, the source of its plugin file and of this module, the device type and the
 dtype, so editing the method's code or this protocol never reuses an old result. Files are written atomically and
 carry a SHA-256 of their tensors, checked on every read: a damaged or foreign file is recomputed and replaced.
-Counter ``decompositions_from_disk`` counts the reads; ``decompositions`` still counts the computations. Size: float64
-factors, about 1.2 GB per factorization configuration for SmolLM2-135M (delete the folder to reclaim it);
+Counter ``decompositions_from_disk`` counts the reads; ``decompositions`` still counts the computations. Size: the factors
+in the factorization's ``precision``, about 1.2 GB (float64) or 0.6 GB (float32) per factorization configuration for
+SmolLM2-135M (delete the folder to reclaim it);
 ``RANKBENCH_NO_DECOMPOSITION_CACHE=1`` keeps them in memory only (the test suite sets it).
 """
 
@@ -64,6 +66,7 @@ from rankbench.files import atomic_write
 from rankbench.api import COMPRESSION, PARAM_RATIO, Factorization, RankProblem, Selector, Site, Task, lazy_attributes
 from rankbench.kinds.protocol import Protocol
 from rankbench.kinds.tensor_compression import TensorFactorization, run_tensor_compression
+from rankbench.kinds.modules import ModuleFactorization, run_module_compression
 
 if TYPE_CHECKING:
     import torch
@@ -121,6 +124,28 @@ class Decomposition:
         return self.left[:, index] * root, root[:, None] * self.right[index]
 
 
+def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, s, Vᵀ) of ``matrix`` (m x n, p = min(m, n)) through the eigendecomposition of its smaller Gram matrix.
+
+    For m >= n: Mᵀ M = V diag(s²) Vᵀ (``eigh``, descending), U diag(s) = M V; for m < n the same on Mᵀ. In float64
+    this equals ``torch.linalg.svd(matrix, full_matrices=False)``: spectra and reconstructions agree to 1e-14 on
+    SmolLM2's weights and on conditioned test matrices (``tests/test_compression_kind.py``), singular values below
+    ~1e-8 s_1 are only known to ~1e-8 s_1 (they never matter for a truncation), and U's columns for such values
+    are not orthonormal -- U diag(s) Vᵀ still rebuilds the matrix. It takes 0.32-0.64x the SVD's time on one CPU
+    thread (576 x 576 to 576 x 1536; ``benchmarks/pytest/test_decompositions.py``). Squaring the condition
+    number makes it unfit for float32 (spectrum errors of 1e-4 on SmolLM2): use it in float64 only.
+    """
+    import torch
+
+    tall = matrix.shape[0] >= matrix.shape[1]
+    A = matrix if tall else matrix.T
+    eigenvalues, V = torch.linalg.eigh(A.T @ A)
+    s = eigenvalues.flip(0).clamp_min(0).sqrt()
+    V = V.flip(1)
+    U = (A @ V) / torch.where(s > 0, s, torch.ones_like(s))
+    return (U, s, V.T) if tall else (V, s, U.T)
+
+
 @dataclasses.dataclass(frozen=True)
 class Components:
     """A selector's answer for one site that names the components to keep (see the module docstring): sorted,
@@ -150,12 +175,19 @@ class Components:
 class LowRankFactorization(Factorization):
     """Base of the matrix factorizations of Linear weights (``svd``, ``asvd``, ``fwsvd``, ``svd-llm``, ...).
 
-    ``decompose`` is called once per site (under ``torch.no_grad``) with the weight as float64 on the task's device
-    and the ``SiteStatistics`` of the kinds listed in ``needs``; it returns the full ``Decomposition``.
+    ``decompose`` is called once per site (under ``torch.no_grad``) with the weight in the factorization's
+    ``precision`` on the task's device and the ``SiteStatistics`` of the kinds listed in ``needs`` (float64; cast
+    them to the weight's dtype); it returns the full ``Decomposition`` in that precision.
+
+    ``precision``: the dtype the method needs (a float64 weight is always decomposed in float64). ``"float64"``
+    (the default, always safe) or ``"float32"`` where the spectrum's norm-wise relative error against float64 stays
+    below 1e-5 on the shipped models (``tests/test_decomposition_precision.py`` checks every float32 factorization on
+    SmolLM2's sites): a float32 SVD takes about 0.7x the time and half the memory of a float64 one.
     """
 
     problem_kinds: ClassVar[frozenset[str]] = frozenset({COMPRESSION})
     needs: ClassVar[frozenset[str]] = frozenset()  # calibration statistics it uses (STATISTIC_KINDS)
+    precision: ClassVar[str] = "float64"  # the dtype ``decompose`` works in: "float64" or "float32"
 
     def params_at_rank(self, shape: tuple[int, int], rank: int) -> int:
         out_features, in_features = shape
@@ -163,7 +195,15 @@ class LowRankFactorization(Factorization):
 
     @abc.abstractmethod
     def decompose(self, weight: torch.Tensor, stats: SiteStatistics) -> Decomposition:
-        """The full decomposition of one weight (out x in, float64) given its calibration statistics."""
+        """The full decomposition of one weight (out x in, in ``precision``) given its calibration statistics."""
+
+    def compensation(self, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                     stats: SiteStatistics) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Extra factors (C: out x r, D: r x in) a site keeps beside its truncation W' = A @ B (the factors the
+        selector's rank gave, float64), fitted from the dense ``weight`` (the site's Linear weight, any dtype) and
+        its statistics (kinds in ``needs``). The site becomes [A C] [B; D] (rank k + r); ``params_at_rank`` must
+        count C and D. None (default): no compensation."""
+        return None
 
 
 @dataclasses.dataclass
@@ -239,6 +279,11 @@ class CompressionTask(Task):
         decompositions can be reused from disk across runs and suites; None (default): memory only."""
         return None
 
+    def transformer_blocks(self, model: nn.Module) -> list | None:
+        """The model's transformer blocks as ``rankbench.kinds.modules.TransformerBlock`` (module-level
+        factorizations compress their modules jointly); None (default): not offered, those factorizations skip."""
+        return None
+
     # -- derived from the capabilities, memoised per task configuration ---------------------------------------------
     def model(self, ctx) -> nn.Module:
         """The dense model, loaded once per ``model_key`` (a new key frees the old model and its statistics)."""
@@ -291,9 +336,10 @@ class CompressionTask(Task):
     def decomposition(self, ctx, factorization: LowRankFactorization, name: str) -> Decomposition:
         """The factorization's full decomposition of site ``name``, computed once per calibration_key.
 
-        Only one factorization's decompositions are held at a time (float64, about twice the sites' weights): the
-        suite runs a task configuration's cells factorization by factorization, so switching to another one frees
-        the previous set (an LLM cell then peaks near one set instead of one per factorization decomposed so far).
+        Only one factorization's decompositions are held at a time (in its ``precision``; in float64 about twice
+        the sites' weights): the suite runs a task configuration's cells factorization by factorization, so
+        switching to another one frees the previous set (an LLM cell then peaks near one set instead of one per
+        factorization decomposed so far).
         """
         import torch
         slot = self.calibration_memo(ctx)
@@ -304,7 +350,10 @@ class CompressionTask(Task):
             slot["decomposed_by"] = owner
         key = (*owner, name)
         if key not in cache:
-            weight = self.sites(ctx)[name].weight.detach().to(torch.float64)
+            dense = self.sites(ctx)[name].weight.detach()
+            # the factorization's precision, never below the weight's own (a float64 model stays exact)
+            precision = torch.float64 if dense.dtype == torch.float64 else getattr(torch, factorization.precision)
+            weight = dense.to(precision)
             path = self._decomposition_path(ctx, factorization, name, weight)
             result = read_decomposition(path, weight.device) if path is not None else None
             from_disk = result is not None
@@ -392,7 +441,7 @@ def read_decomposition(path: Path, device: torch.device) -> Decomposition | None
 
 # -- the protocol ------------------------------------------------------------------------------------------------------
 def compression_skip(task: CompressionTask, selector: Selector, factorization: Factorization) -> str | None:
-    if not isinstance(factorization, (LowRankFactorization, TensorFactorization)):
+    if not isinstance(factorization, (LowRankFactorization, TensorFactorization, ModuleFactorization)):
         return f"factorization {factorization.name} cannot compress Linear weights"
     return None
 
@@ -415,6 +464,8 @@ def run_compression(task: CompressionTask, ctx, selector: Selector,
     before = dict(ctx.memo(_COUNTERS, dict))
     if isinstance(factorization, TensorFactorization):
         run_tensor_compression(task, ctx, selector, factorization)
+    elif isinstance(factorization, ModuleFactorization):
+        run_module_compression(task, ctx, selector, factorization)
     else:
         _run_low_rank(task, ctx, selector, factorization)
     for name, total in sorted(ctx.memo(_COUNTERS, dict).items()):
@@ -451,7 +502,8 @@ def _run_low_rank(task: CompressionTask, ctx, selector: Selector, factorization:
     with ctx.phase("select"):
         ranks = selector.select(problem)
     dense = kept = 0
-    with swapped(model, sites, factorization, decompositions, ranks) as chosen:
+    statistics = task.statistics(ctx, factorization.needs)
+    with swapped(model, sites, factorization, decompositions, ranks, statistics) as chosen:
         for name, linear in sites.items():
             shape = tuple(linear.weight.shape)
             dense += linear.weight.numel()
@@ -557,7 +609,8 @@ class CompressionStatistics:
         sites = self._sites(ranks)
         decompositions = {name: task.decomposition(ctx, self.factorization, name) for name in sites}
         _count(ctx, "calibration_evaluations")
-        with swapped(model, sites, self.factorization, decompositions, ranks), torch.no_grad():
+        statistics = task.statistics(ctx, self.factorization.needs)
+        with swapped(model, sites, self.factorization, decompositions, ranks, statistics), torch.no_grad():
             losses = [float(task.calibration_loss(model, batch))
                       for batch in _first(task.calibration_batches(ctx), max_batches)]
         if not losses:
@@ -570,9 +623,10 @@ class swapped:
     or with exactly its ``Components``, and put the dense Linears back after -- also when building or installing the
     replacements fails half-way. Entering returns the rank (number of components kept) of every site."""
 
-    def __init__(self, model, sites, factorization, decompositions, ranks):
+    def __init__(self, model, sites, factorization, decompositions, ranks, statistics=None):
         self.model, self.sites, self.factorization = model, sites, factorization
         self.decompositions, self.ranks = decompositions, ranks
+        self.statistics = statistics or {}  # site -> SiteStatistics, for the factorization's ``compensation``
 
     def __enter__(self) -> dict[str, int]:
         from rankbench.kinds.layers import LowRankLinear
@@ -597,6 +651,7 @@ class swapped:
                 rank = max(1, min(rank, decomposition.rank))
                 A, B = decomposition.factors(rank)
             weight = linear.weight
+            A, B = self._compensated(name, weight, A, B)
             bias = None if linear.bias is None else linear.bias.detach()
             module = LowRankLinear(A.to(device=weight.device, dtype=weight.dtype), B.to(weight), bias)
             module.requires_grad_(weight.requires_grad)
@@ -608,6 +663,15 @@ class swapped:
             self.__exit__()
             raise
         return chosen
+
+    def _compensated(self, name, weight, A, B):
+        """[A C], [B; D] with the factorization's ``compensation`` (C, D) of the site, or (A, B) without one."""
+        import torch
+        extra = self.factorization.compensation(weight.detach(), A, B, self.statistics.get(name, SiteStatistics()))
+        if extra is None:
+            return A, B
+        C, D = extra
+        return torch.cat([A, C.to(A)], dim=1), torch.cat([B, D.to(B)], dim=0)
 
     def __exit__(self, *exc) -> None:
         for name, linear in self.sites.items():

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from pydantic import Field
 
 from rankbench.api import PluginParams, hookimpl
-from rankbench.kinds.compression import Decomposition, LowRankFactorization, SiteStatistics
+from rankbench.kinds.compression import Decomposition, LowRankFactorization, SiteStatistics, thin_svd
 
 if TYPE_CHECKING:
     import torch
@@ -101,9 +101,9 @@ class FWSVD(LowRankFactorization):
         zero = fisher is not None and not bool(fisher.max() > 0)
         note = "zero Fisher (no calibration gradient reached the site): plain SVD" if zero else ""
         if self.params.axis == "out":
-            U, s, Vh = torch.linalg.svd(w[:, None] * weight, full_matrices=False)
+            U, s, Vh = thin_svd(w[:, None] * weight)
             return Decomposition(left=U / w[:, None], s=s, right=Vh, note=note)
-        U, s, Vh = torch.linalg.svd(weight * w[None, :], full_matrices=False)
+        U, s, Vh = thin_svd(weight * w[None, :])
         return Decomposition(left=U, s=s, right=Vh / w[None, :], note=note)
 
 

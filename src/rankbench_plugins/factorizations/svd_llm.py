@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, ClassVar
 from pydantic import Field
 
 from rankbench.api import PluginParams, hookimpl
-from rankbench.kinds.compression import Decomposition, LowRankFactorization, SiteStatistics
+from rankbench.kinds.compression import Decomposition, LowRankFactorization, SiteStatistics, thin_svd
 
 if TYPE_CHECKING:
     import torch
@@ -93,7 +93,7 @@ class SVDLLM(LowRankFactorization):
         if gram.shape != (n, n):
             raise ValueError(f"gram has shape {tuple(gram.shape)}, expected ({n}, {n})")
         S, shift = whitening_factor(gram, self.params.jitter)
-        U, d, Vh = torch.linalg.svd(weight @ S, full_matrices=False)
+        U, d, Vh = thin_svd(weight @ S)  # float64 Gram eigendecomposition: the same SVD, about half the time
         right = torch.linalg.solve_triangular(S, Vh, upper=False, left=False)  # Vᵀ S⁻¹
         note = ""
         if shift:

