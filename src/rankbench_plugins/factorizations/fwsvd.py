@@ -94,7 +94,6 @@ class FWSVD(LowRankFactorization):
         return self.channel_weights(stats, weight)
 
     def decompose(self, weight: torch.Tensor, stats: SiteStatistics) -> Decomposition:
-        import torch
 
         w = self.channel_weights(stats, weight)
         fisher = self.fisher(stats)
