@@ -295,8 +295,11 @@ def test_allocation_reads_block_influence(tmp_path):
 
 
 def test_skips():
-    assert "exposes no blocks" in ModeGPT().skip(object.__new__(type("Plain", (CompressionTask,), {
+    from rankbench.kinds.compression import compression_skip
+
+    plain = object.__new__(type("Plain", (CompressionTask,), {
         "name": "plain", "load_model": None, "target_sites": None, "calibration_batches": None,
-        "calibration_loss": None, "evaluate": None})), UniformSelector())
-    assert ModeGPT().skip(TinyLlama(), UniformSelector()) is None
+        "calibration_loss": None, "evaluate": None}))
+    assert "exposes no blocks" in compression_skip(plain, UniformSelector(), ModeGPT())
+    assert compression_skip(TinyLlama(), UniformSelector(), ModeGPT()) is None
     assert "per weight" in ModeGPTAllocation().skip(TinyLlama(), SVD())

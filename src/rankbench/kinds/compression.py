@@ -64,7 +64,7 @@ from typing import Any, ClassVar, TYPE_CHECKING
 
 from rankbench.files import atomic_write
 from rankbench.api import COMPRESSION, PARAM_RATIO, Factorization, RankProblem, Selector, Site, Task, lazy_attributes
-from rankbench.kinds.protocol import Protocol
+from rankbench.kinds.protocol import WORK_COUNTERS, Protocol, count_work
 from rankbench.kinds.tensor_compression import TensorFactorization, run_tensor_compression
 from rankbench.kinds.modules import ModuleFactorization, run_module_compression
 
@@ -76,13 +76,7 @@ STATISTIC_KINDS = ("gram", "input_abs_mean", "fisher_rows", "fisher_cols", "weig
 
 _MODEL = "compression.model"  # memo slot: {"model", "sites"} of the current model key
 _CALIBRATION = "compression.calibration"  # memo slot: {"statistics", "done", "decompositions", "stores", ...}
-_COUNTERS = "counters"  # memo: counts of the expensive work done in this process
 NO_DISK_CACHE_ENV = "RANKBENCH_NO_DECOMPOSITION_CACHE"  # set (non-empty): decompositions are kept in memory only
-
-
-def _count(ctx, name: str) -> None:
-    counters = ctx.memo(_COUNTERS, dict)
-    counters[name] = counters.get(name, 0) + 1
 
 
 @dataclasses.dataclass
@@ -328,7 +322,7 @@ class CompressionTask(Task):
         missing = wanted - slot["done"]
         if missing:
             self._check_dense(ctx, "computing calibration statistics")
-            _count(ctx, "calibration_passes")
+            count_work(ctx, "calibration_passes")
             collect_statistics(self, ctx, self.model(ctx), missing, store)
             slot["done"] |= missing
         return store
@@ -358,10 +352,10 @@ class CompressionTask(Task):
             result = read_decomposition(path, weight.device) if path is not None else None
             from_disk = result is not None
             if from_disk:
-                _count(ctx, "decompositions_from_disk")
+                count_work(ctx, "decompositions_from_disk")
             else:
                 stats = self.statistics(ctx, factorization.needs).get(name, SiteStatistics())
-                _count(ctx, "decompositions")
+                count_work(ctx, "decompositions")
                 with torch.no_grad():
                     result = factorization.decompose(weight, stats)
             out_features, in_features = weight.shape
@@ -443,6 +437,9 @@ def read_decomposition(path: Path, device: torch.device) -> Decomposition | None
 def compression_skip(task: CompressionTask, selector: Selector, factorization: Factorization) -> str | None:
     if not isinstance(factorization, (LowRankFactorization, TensorFactorization, ModuleFactorization)):
         return f"factorization {factorization.name} cannot compress Linear weights"
+    if isinstance(factorization, ModuleFactorization) and (
+            type(task).transformer_blocks is CompressionTask.transformer_blocks):
+        return f"factorization {factorization.name} compresses transformer modules; task {task.name} exposes no blocks"
     return None
 
 
@@ -461,14 +458,14 @@ def run_compression_reference(task: CompressionTask, ctx) -> None:
 
 def run_compression(task: CompressionTask, ctx, selector: Selector,
                     factorization: LowRankFactorization | TensorFactorization) -> None:
-    before = dict(ctx.memo(_COUNTERS, dict))
+    before = dict(ctx.memo(WORK_COUNTERS, dict))
     if isinstance(factorization, TensorFactorization):
         run_tensor_compression(task, ctx, selector, factorization)
     elif isinstance(factorization, ModuleFactorization):
         run_module_compression(task, ctx, selector, factorization)
     else:
         _run_low_rank(task, ctx, selector, factorization)
-    for name, total in sorted(ctx.memo(_COUNTERS, dict).items()):
+    for name, total in sorted(ctx.memo(WORK_COUNTERS, dict).items()):
         ctx.metric(f"work_{name}", total - before.get(name, 0), "", None)
 
 
@@ -581,7 +578,7 @@ class CompressionStatistics:
         model = task.model(ctx)
         sites = self._sites(sigmas)
         decompositions = {name: task.decomposition(ctx, self.factorization, name) for name in sites}
-        _count(ctx, "sigma_loss_evaluations")
+        count_work(ctx, "sigma_loss_evaluations")
         frozen = [p for p in model.parameters() if p.requires_grad]
         try:
             for p in frozen:
@@ -608,7 +605,7 @@ class CompressionStatistics:
         model = task.model(ctx)
         sites = self._sites(ranks)
         decompositions = {name: task.decomposition(ctx, self.factorization, name) for name in sites}
-        _count(ctx, "calibration_evaluations")
+        count_work(ctx, "calibration_evaluations")
         statistics = task.statistics(ctx, self.factorization.needs)
         with swapped(model, sites, self.factorization, decompositions, ranks, statistics), torch.no_grad():
             losses = [float(task.calibration_loss(model, batch))

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from rankbench.api import COMPRESSION, Factorization, RankProblem, Site, SkipCell
+from rankbench.kinds.protocol import count_work
 
 if TYPE_CHECKING:
     import torch
@@ -49,12 +50,6 @@ if TYPE_CHECKING:
 
 _MODULES = "modules.decompositions"  # key of the per-factorization store in the calibration memo
 _INFLUENCE = "modules.block_influence"  # key of the Block Influence scores in the calibration memo
-_COUNTERS = "counters"  # the compression kind's memo of expensive-work counts (its module docstring)
-
-
-def _count(ctx, name: str) -> None:
-    counters = ctx.memo(_COUNTERS, dict)
-    counters[name] = counters.get(name, 0) + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,11 +103,6 @@ class ModuleFactorization(Factorization):
     problem_kinds: ClassVar[frozenset[str]] = frozenset({COMPRESSION})
     needs: ClassVar[frozenset[str]] = frozenset()  # calibration statistics (``compression.STATISTIC_KINDS``)
 
-    def skip(self, task, selector) -> str | None:
-        if not offers_transformer_blocks(task):
-            return f"factorization {self.name} compresses transformer modules; task {task.name} exposes no blocks"
-        return None
-
     @abc.abstractmethod
     def decompose_block(self, block: TransformerBlock, linears: dict[str, nn.Linear],
                         stats: dict[str, Any]) -> list[ModuleDecomposition]:
@@ -125,14 +115,6 @@ class ModuleFactorization(Factorization):
         """The replacements of the block's modules, each at its feasible rank (``chosen``: every module of the block
         with its rank): qualified name -> module (a Linear, or a parent holding several, e.g. the attention
         module when its queries/keys and values/outputs are two modules)."""
-
-
-def offers_transformer_blocks(task) -> bool:
-    """Whether the task overrides ``CompressionTask.transformer_blocks`` (decided without loading a model)."""
-    from rankbench.kinds.compression import CompressionTask
-    return isinstance(task, CompressionTask) and (
-        type(task).transformer_blocks is not CompressionTask.transformer_blocks
-    )
 
 
 class ModuleStatistics:
@@ -180,7 +162,7 @@ def block_influence(task, ctx, blocks: list[TransformerBlock]) -> np.ndarray:
 
     handles = [model.get_submodule(block.block).register_forward_hook(hook(i), with_kwargs=True)
                for i, block in enumerate(blocks)]
-    _count(ctx, "calibration_passes")
+    count_work(ctx, "calibration_passes")
     try:
         with torch.no_grad():
             for batch in task.calibration_batches(ctx):
@@ -204,7 +186,7 @@ def module_decompositions(task, ctx, factorization: ModuleFactorization,
         modules = []
         for block in blocks:
             linears = {name: model.get_submodule(name) for name in block.linears}
-            _count(ctx, "decompositions")
+            count_work(ctx, "decompositions")
             with torch.no_grad():
                 modules += factorization.decompose_block(block, linears, {n: stats.get(n) for n in linears})
         store["modules"] = modules

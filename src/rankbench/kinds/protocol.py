@@ -9,6 +9,15 @@ from collections.abc import Callable
 from rankbench.api import Factorization, Selector, Task
 
 
+WORK_COUNTERS = "counters"  # ctx.memo slot: counts of the expensive work done in this process (per kind docstrings)
+
+
+def count_work(ctx, name: str) -> None:
+    """Count one piece of expensive work (a calibration pass, a decomposition) in the process's memo."""
+    counters = ctx.memo(WORK_COUNTERS, dict)
+    counters[name] = counters.get(name, 0) + 1
+
+
 def no_setup(task: Task, ctx) -> None:
     """A kind with no shared work of its own before a cell (the task's ``setup`` still runs)."""
 
