@@ -206,6 +206,21 @@ class TrainingRun:
     def optimizer(self, params: Iterable[nn.Parameter], lr: float | None = None):
         return make_optimizer(self.settings, params, lr)
 
+    def fit(self, *optimizers) -> None:
+        """Every epoch of the budget with plain steps: per minibatch, zero the gradients, backpropagate the task's
+        loss and step each optimiser (in the order given); the epoch's mean loss is recorded (``end_epoch``)."""
+        for epoch, batches in self.epochs():
+            losses = []
+            for batch in batches:
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+                loss = self.loss(batch)
+                loss.backward()
+                for optimizer in optimizers:
+                    optimizer.step()
+                losses.append(loss.item())
+            self.end_epoch(epoch, sum(losses) / max(len(losses), 1))
+
     def parameters_outside_layers(self) -> list[nn.Parameter]:
         """The network's parameters that no replaced layer owns (embeddings, norms, the unreplaced layers...)."""
         inside = {id(p) for layer in self.layers.values() for p in layer.parameters()}
@@ -247,16 +262,7 @@ def train_dense(task: TrainingTask, ctx, model: nn.Module) -> TrainingRun:
     model)."""
     settings = task.training_settings()
     run = TrainingRun(task, ctx, model, settings, None, dict(task.target_sites(model)))
-    optimizer = run.optimizer(model.parameters())
-    for epoch, batches in run.epochs():
-        losses = []
-        for batch in batches:
-            optimizer.zero_grad(set_to_none=True)
-            loss = run.loss(batch)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        run.end_epoch(epoch, sum(losses) / max(len(losses), 1))
+    run.fit(run.optimizer(model.parameters()))
     return run
 
 

@@ -106,20 +106,7 @@ class GaLore(RankAdaptiveTrainer):
         galore = galore_optimizer(layers, self.params, lr, run.settings.weight_decay)
         site_weights = {id(layer.weight) for layer in layers}
         others = [q for q in run.model.parameters() if id(q) not in site_weights and q.requires_grad]
-        optimizer = run.optimizer(others, lr) if others else None
-        for epoch, batches in run.epochs():
-            losses = []
-            for batch in batches:
-                galore.zero_grad(set_to_none=True)
-                if optimizer is not None:
-                    optimizer.zero_grad(set_to_none=True)
-                loss = run.loss(batch)
-                loss.backward()
-                galore.step()
-                if optimizer is not None:
-                    optimizer.step()
-                losses.append(loss.item())
-            run.end_epoch(epoch, sum(losses) / max(len(losses), 1))
+        run.fit(galore, *([run.optimizer(others, lr)] if others else []))
         held = optimizer_state_bytes(galore, [layer.weight for layer in layers])
         adam = sum(2 * layer.weight.numel() * layer.weight.element_size() for layer in layers)
         run.ctx.metric("optimizer_state_bytes", held, "bytes", False)

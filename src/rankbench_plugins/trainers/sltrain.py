@@ -88,16 +88,7 @@ class SLTrain(RankAdaptiveTrainer):
         generator = torch.Generator(device="cpu").manual_seed(int(getattr(run.ctx, "seed", 0)))
         for name, site in run.sites.items():
             run.replace(name, self.make_layer(site, generator))
-        optimizer = run.optimizer(run.model.parameters(), self.params.lr)
-        for epoch, batches in run.epochs():
-            losses = []
-            for batch in batches:
-                optimizer.zero_grad(set_to_none=True)
-                loss = run.loss(batch)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-            run.end_epoch(epoch, sum(losses) / max(len(losses), 1))
+        run.fit(run.optimizer(run.model.parameters(), self.params.lr))
 
 
 @hookimpl
