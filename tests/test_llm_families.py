@@ -18,6 +18,7 @@ from rankbench.context import CellContext
 from rankbench.kinds import run_cell
 from rankbench_plugins.tasks import _llm_assets as assets
 from rankbench_plugins.tasks.llm_perplexity import LLMPerplexity, LLMPerplexityParams
+from test_llm_task import tiny_tokenizer
 
 SEQ = 32
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 32, 64, 2, 4, 2
@@ -64,25 +65,6 @@ def family_config(family: str, tokenizer):
                                       word_embed_proj_dim=HIDDEN, **ids)
     return transformers.GPT2Config(n_embd=HIDDEN, n_inner=INTERMEDIATE, n_layer=LAYERS, n_head=HEADS,
                                    n_positions=1024, **ids)
-
-
-def tiny_tokenizer(texts: list[str]):
-    """A byte-level BPE tokenizer (vocabulary 512, SmolLM2's special tokens), as tests/test_llm_task.py builds it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    bpe.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-    )
 
 
 def randomize_biases(model: nn.Module, generator: torch.Generator) -> None:

@@ -42,10 +42,10 @@ def enwiki(llm_cache) -> assets.Corpus:
     return assets.enwiki_corpus(llm_cache)
 
 
-def save_tiny_llama(folder: Path, texts: list[str], seed: int = 0) -> Path:
-    """A byte-level BPE tokenizer (vocabulary 512, SmolLM2's special tokens) and a 2-layer Llama, saved to ``folder``."""
+def tiny_tokenizer(texts: list[str]):
+    """A byte-level BPE tokenizer (vocabulary 512, SmolLM2's special tokens) trained on ``texts``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -55,10 +55,17 @@ def save_tiny_llama(folder: Path, texts: list[str], seed: int = 0) -> Path:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
         pad_token="<|endoftext|>",
     )
+
+
+def save_tiny_llama(folder: Path, texts: list[str], seed: int = 0) -> Path:
+    """``tiny_tokenizer`` and a 2-layer Llama, saved to ``folder``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer(texts)
     config = LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=len(tokenizer), max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
