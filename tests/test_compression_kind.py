@@ -512,3 +512,19 @@ def test_thin_svd_equals_torch_svd(shape):
     deficient[0] = 0
     U, s, Vh = thin_svd(deficient)
     assert torch.isfinite(U).all() and torch.allclose((U * s) @ Vh, deficient, atol=1e-13)
+
+
+def test_a_compensation_reuses_its_base_decompositions(make_ctx, shared):
+    """EoRA at several ranks over svd-llm decomposes once, under svd-llm's identity (``decomposed_by``), and an
+    svd-llm cell after it decomposes nothing more; the compensation changes the model (rank 2 beats rank 0)."""
+    from rankbench_plugins.factorizations.eora import EoRA
+
+    task = Tiny()
+    losses = {}
+    for rank in (0, 1, 2):
+        ctx = make_ctx(0.5)
+        run_cell(task, ctx, UniformSelector(), EoRA(EoRA.Params(base="svd-llm", rank=rank)))
+        losses[rank] = metric(ctx, "loss")
+    run_cell(task, make_ctx(0.5), UniformSelector(), SVDLLM())
+    assert shared["counters"]["decompositions"] == len(SITES)
+    assert losses[2] < losses[0]

@@ -191,6 +191,13 @@ class LowRankFactorization(Factorization):
     def decompose(self, weight: torch.Tensor, stats: SiteStatistics) -> Decomposition:
         """The full decomposition of one weight (out x in, in ``precision``) given its calibration statistics."""
 
+    @property
+    def decomposed_by(self) -> LowRankFactorization:
+        """The factorization whose ``decompose`` gives this one's decompositions: itself, or another one it builds on
+        (a compensation method over a base factorization), so that they are computed, memoised and cached on disk
+        once under that one's identity, whatever this one's own parameters."""
+        return self
+
     def compensation(self, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                      stats: SiteStatistics) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Extra factors (C: out x r, D: r x in) a site keeps beside its truncation W' = A @ B (the factors the
@@ -336,6 +343,7 @@ class CompressionTask(Task):
         factorization decomposed so far).
         """
         import torch
+        factorization = factorization.decomposed_by  # a factorization may reuse another's decomposition
         slot = self.calibration_memo(ctx)
         cache = slot["decompositions"]
         owner = factorization.identity

@@ -45,6 +45,7 @@ compensation.
 from __future__ import annotations
 
 import functools
+
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
@@ -57,8 +58,10 @@ if TYPE_CHECKING:
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def registered_factorization(name: str) -> type[LowRankFactorization]:
-    """The class registered as factorization ``name`` (through the host's registry of entry points)."""
+    """The class registered as factorization ``name`` (through the host's registry of entry points; the registry
+    is loaded once per process, not once per cell)."""
     from rankbench.plugins import load_plugins
 
     registry = load_plugins()
@@ -123,6 +126,11 @@ class EoRA(LowRankFactorization):
         self.base = cls(cls.Params.model_validate(self.params.base_params))
         self.needs = frozenset(self.base.needs) | {"gram"}
         self._whitening: dict[int, tuple] = {}  # id(gram) -> (gram, Q, sqrt λ), per cell
+
+    @property
+    def decomposed_by(self) -> LowRankFactorization:
+        """The base: every compensation rank reuses its decompositions (memoised and cached on disk as the base's)."""
+        return self.base
 
     def decompose(self, weight: torch.Tensor, stats: SiteStatistics) -> Decomposition:
         return self.base.decompose(weight, stats)
