@@ -13,7 +13,8 @@ from rankbench.context import CellContext
 from rankbench_plugins.factorizations.svd import SVD
 from rankbench_plugins.factorizations.tucker import Tucker
 from rankbench.kinds.training import TrainingSettings, TrainingTask, run_training
-from rankbench_plugins.trainers._integrator import integrator_step, tail_rank
+from rankbench.kinds.layers import tail_rank
+from rankbench_plugins.trainers._integrator import integrator_step
 from rankbench_plugins.trainers.dlrt import DLRT, DLRTLinear, dlrt_layer
 from rankbench_plugins.trainers.tdlrt import TDLRT, TuckerDLRTLinear, tdlrt_layer, tucker_apply
 

@@ -211,11 +211,13 @@ def test_sora_uses_no_budget_and_prunes_only_zero_gates():
 
 
 def test_tail_rank_rule():
+    from rankbench.kinds.layers import tail_rank
+
     d = torch.tensor([3.0, 1.0, 0.3, 0.1], dtype=torch.float64)
     norm = float(torch.linalg.norm(d))
-    assert geolora.tail_rank(d, 0.15) == 2  # ||(0.3, 0.1)|| = 0.316 < 0.15 * 3.18 = 0.477; ||(1, .3, .1)|| is not
-    assert geolora.tail_rank(d, 0.0) == 4
-    assert geolora.tail_rank(d, 0.99) == 1 and 1.0 < 0.99 * norm
+    assert tail_rank(d, 0.15) == 2  # ||(0.3, 0.1)|| = 0.316 < 0.15 * 3.18 = 0.477; ||(1, .3, .1)|| is not
+    assert tail_rank(d, 0.0) == 4
+    assert tail_rank(d, 0.99) == 1 and 1.0 < 0.99 * norm
 
 
 def test_geolora_step_against_the_full_gradient():

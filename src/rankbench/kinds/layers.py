@@ -6,7 +6,9 @@ check`` never build a model).
 * ``LowRankLinear`` and ``SigmaLinear``: the compression kind's replacement of a Linear at rank k, and the same with
   a differentiable vector of singular values (``CompressionStatistics.sigma_loss``);
 * ``SVDAdapter``: the adaptation kind's frozen Linear plus an SVD-form low-rank update ``scaling * P diag(E * mask) Q``;
-* ``RankAdaptiveLayer``: the base of a rank-adaptive trainer's site replacement (training kind).
+* ``RankAdaptiveLayer``: the base of a rank-adaptive trainer's site replacement (training kind);
+* ``tail_rank`` and ``clip_rank``: the truncation rule of the dynamical low-rank integrators (DLRT and TDLRT in the
+  training kind, GeoLoRA in the adaptation kind).
 """
 
 from __future__ import annotations
@@ -141,3 +143,17 @@ class RankAdaptiveLayer(nn.Module, abc.ABC):
     @abc.abstractmethod
     def stored_params(self) -> int:
         """Parameters inference needs at the current ranks (bias excluded)."""
+
+
+def tail_rank(d: torch.Tensor, tau: float) -> int:
+    """Smallest j with ||d[j:]||_2 < tau * ||d||_2 (d: singular values, descending); len(d) when none is (tau = 0,
+    or d = 0)."""
+    d = d.detach().double().cpu()
+    tails = torch.cat([d.square().flip(0).cumsum(0).flip(0), d.new_zeros(1)]).sqrt()  # tails[j] = ||d[j:]||
+    below = torch.nonzero(tails < tau * tails[0]).flatten()
+    return int(below[0]) if below.numel() else int(d.numel())
+
+
+def clip_rank(rank: int, rank_min: int, cap: int) -> int:
+    """``rank`` clipped to [min(rank_min, cap), cap] (rank_min wins over the rule, the cap over rank_min)."""
+    return max(min(rank, cap), min(rank_min, cap))

@@ -69,15 +69,6 @@ if TYPE_CHECKING:
     from rankbench.kinds.layers import SVDAdapter
 
 
-def tail_rank(d: torch.Tensor, tau: float) -> int:
-    """Smallest j with ||d[j:]||_2 < tau ||d||_2 (d descending); len(d) when there is none (tau = 0 or d = 0)."""
-    import torch
-
-    tails = torch.cat([d.square().flip(0).cumsum(0).flip(0), d.new_zeros(1)]).sqrt()
-    below = torch.nonzero(tails < tau * tails[0]).flatten()
-    return int(below[0]) if below.numel() and tails[0] > 0 else int(d.numel())
-
-
 def core_gradients(adapter: SVDAdapter, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(G_K = scaling G V, G_L = scaling G^T U, G_S = scaling U^T G V) of the active r components, read from the
     adapter's P, Q, E gradients (see the module docstring; float64)."""
@@ -143,6 +134,8 @@ def geolora_step(adapter: SVDAdapter, steps, tau: float, rank_min: int, name: st
     are the leading ``adapter.rank`` slots."""
     import torch
 
+    from rankbench.kinds.layers import clip_rank, tail_rank
+
     cap, r = adapter.init_rank, adapter.rank
     if cap == 0 or r == 0:
         return r
@@ -162,7 +155,7 @@ def geolora_step(adapter: SVDAdapter, steps, tau: float, rank_min: int, name: st
     S_hat[r:, :r] = -U_new.T @ step_K
     S_hat[:r, r:] = -step_L.T @ V_new
     Ps, d, Qsh = torch.linalg.svd(S_hat, full_matrices=False)
-    k = max(min(tail_rank(d, tau), cap), min(rank_min, cap))
+    k = clip_rank(tail_rank(d, tau), rank_min, cap)
     write_factors(adapter, torch.cat([U, U_new], 1) @ Ps[:, :k], d[:k], Qsh[:k] @ torch.cat([V, V_new], 1).T)
     return k
 

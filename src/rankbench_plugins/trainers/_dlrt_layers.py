@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankbench.kinds.tensor_formats import conv_geometry
-from rankbench_plugins.trainers._integrator import IntegratorLayer, clip_rank, orth, svd, tail_rank
+from rankbench.kinds.layers import clip_rank, tail_rank
+from rankbench_plugins.trainers._integrator import IntegratorLayer, orth, svd
 
 if TYPE_CHECKING:
     from rankbench_plugins.trainers._integrator_trainer import IntegratorParams

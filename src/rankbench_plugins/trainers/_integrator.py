@@ -11,7 +11,8 @@ Both methods (Schotthöfer et al., NeurIPS 2022; Zangrando et al., NeurIPS 2024;
    of the task's optimiser with this second pass's gradient (the reference steps everything that is not a low-rank
    factor once per minibatch, in its S phase, with the same gradient);
 3. *truncation* -- by the SVD of the augmented core: the smallest rank whose discarded singular tail has 2-norm below
-   ``tau`` times the norm of all singular values (``tail_rank``), clipped to [rank_min, rank cap] (``truncate``).
+   ``tau`` times the norm of all singular values (``rankbench.kinds.layers.tail_rank``), clipped to [rank_min, rank
+   cap] (``truncate``).
 
 The loss of an epoch is the mean of the first pass's minibatch losses (the loss at the weights the step starts from,
 as the reference logs it).
@@ -44,19 +45,6 @@ import torch
 
 from rankbench.api import Diverged
 from rankbench.kinds.training import RankAdaptiveLayer
-
-
-def tail_rank(d: torch.Tensor, tau: float) -> int:
-    """Smallest j with ||d[j:]||_2 < tau * ||d||_2 (d: singular values, descending); len(d) when none is (tau = 0)."""
-    d = d.detach().double().cpu()
-    tails = torch.cat([d.square().flip(0).cumsum(0).flip(0), d.new_zeros(1)]).sqrt()  # tails[j] = ||d[j:]||
-    below = torch.nonzero(tails < tau * tails[0]).flatten()
-    return int(below[0]) if below.numel() else int(d.numel())
-
-
-def clip_rank(rank: int, rank_min: int, cap: int) -> int:
-    """``rank`` clipped to [min(rank_min, cap), cap] (rank_min wins over the rule, the cap over rank_min)."""
-    return max(min(rank, cap), min(rank_min, cap))
 
 
 def _work_dtype(t: torch.Tensor) -> torch.dtype:

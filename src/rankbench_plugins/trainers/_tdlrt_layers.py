@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankbench.kinds.tensor_formats import clip_tucker_ranks, conv_geometry, mode_dot, params_tucker, unfold
-from rankbench_plugins.trainers._integrator import IntegratorLayer, clip_rank, orth, svd, tail_rank
+from rankbench.kinds.layers import clip_rank, tail_rank
+from rankbench_plugins.trainers._integrator import IntegratorLayer, orth, svd
 
 if TYPE_CHECKING:
     from rankbench_plugins.trainers._integrator_trainer import IntegratorParams
