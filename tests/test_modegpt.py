@@ -17,9 +17,9 @@ from rankbench.kinds import run_cell
 from rankbench.kinds.compression import CompressionTask, iter_named_linears
 from rankbench.kinds.modules import block_influence
 from rankbench_plugins.factorizations.modegpt import (
-    ModeGPT, ModeGPTAllocation, allocate_sparsity, fill_budget, nystrom_down, qk_unit_scores,
-    ridge_leverage_scores, ridge_shift, symmetric_sqrt, value_output_svd,
+    ModeGPT, nystrom_down, qk_unit_scores, ridge_leverage_scores, ridge_shift, symmetric_sqrt, value_output_svd,
 )
+from rankbench_plugins.selectors.modegpt_allocation import ModeGPTAllocation, allocate_sparsity, fill_budget
 from rankbench_plugins.factorizations.svd import SVD
 from rankbench_plugins.selectors.uniform import UniformSelector
 from rankbench_plugins.tasks.llm_perplexity import LLMPerplexity
