@@ -35,12 +35,25 @@ Counters of the expensive work are kept in the memo ``"counters"``: ``calibratio
 ``calibration_evaluations`` and ``sigma_loss_evaluations``; every cell records what it performed itself as metrics
 ``work_<counter>`` (so their sum over a results folder is the suite's total).
 
+Streaming (``CompressionTask.decompositions``). A task that names its model's sequential blocks (``site_blocks``:
+the LLM task's decoder layers) has the input statistics of a factorization (XᵀX, mean |x|) computed block by block
+from the residual stream (``streamed_input_statistics``); each block's sites are decomposed as soon as their
+statistics exist, and the statistics are dropped before the next block. A cell therefore holds one block's Gram
+matrices instead of every site's (for an 8B Llama: ~0.5 GB in float64 instead of ~20 GB). Sites fed the same input
+(q/k/v, gate/up) share one Gram matrix in either pass (``InputStatistics``). The streamed statistics equal the
+whole-model pass's, so streamed and unstreamed cells give the same numbers (``tests/test_streamed_compression.py``).
+Gradient statistics (FWSVD's Fisher vectors, first-order scores' ``weight_grad``) still take one whole pass, and a
+factorization with a ``compensation`` (EoRA) asks for its statistics of every site at once.
+
 Decompositions on disk. A task that can name its model and calibration data by content (``decomposition_cache_key``:
 the LLM task hashes the checkpoint's sha256 with its parameters) gets its decompositions cached across processes,
 runs and suites under ``ctx.cache_dir/decompositions/<task key>/<factorization key>/<site>.pt``. The factorization
 key hashes its name, its parameters, the source of its plugin file and of this module, the device type and the
-dtype, so editing the method's code or this protocol never reuses an old result. Files are written atomically and
-carry a SHA-256 of their tensors, checked on every read: a damaged or foreign file is recomputed and replaced.
+dtype, so editing the method's code or this protocol never reuses an old result. Files are written atomically, with
+the SHA-256 of the file beside it (``<site>.pt.sha256``), checked on every read: a damaged or foreign file is
+recomputed and replaced. The factors are held memory-mapped from the file (``torch.load(mmap=True)``; the left factor
+is stored transposed, so the leading k components of both factors are contiguous): a cell reads from disk only the
+components it keeps, and the decompositions of all sites never need to be resident at once.
 Counter ``decompositions_from_disk`` counts the reads; ``decompositions`` still counts the computations. Size: the factors
 in the factorization's ``precision``, about 1.2 GB (float64) or 0.6 GB (float32) per factorization configuration for
 SmolLM2-135M (delete the folder to reclaim it);
@@ -93,18 +106,23 @@ class Decomposition:
         """p: the largest rank this decomposition offers."""
         return int(self.s.shape[0])
 
+    def _here(self, t: torch.Tensor) -> torch.Tensor:
+        """A slice of ``left``/``right`` on the spectrum's device: factors read from the disk cache stay memory-mapped
+        on the CPU (only the slices used are read), the spectrum lives on the task's device."""
+        return t.to(self.s.device)
+
     def factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) with W_k = A @ B, A: out x k, B: k x in; the singular values are split evenly (sqrt) between them."""
         k = int(k)
         if k < 0:
             raise ValueError(f"rank must be >= 0, got {k}")
         root = self.s[:k].clamp_min(0).sqrt()
-        return self.left[:, :k] * root, root[:, None] * self.right[:k]
+        return self._here(self.left[:, :k]) * root, root[:, None] * self._here(self.right[:k])
 
     def matrix(self, k: int | None = None) -> torch.Tensor:
         """The rank-k approximation W_k = left[:, :k] diag(s[:k]) right[:k] (k = None: all of it)."""
         k = self.rank if k is None else int(k)
-        return (self.left[:, :k] * self.s[:k]) @ self.right[:k]
+        return (self._here(self.left[:, :k]) * self.s[:k]) @ self._here(self.right[:k])
 
     def factors_of(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) with A @ B = sum over the given components i of s_i left[:, i] right[i] (split as ``factors``)."""
@@ -115,7 +133,8 @@ class Decomposition:
         if int(index.min()) < 0 or int(index.max()) >= self.rank:
             raise ValueError(f"component indices must lie in 0..{self.rank - 1}, got {index.tolist()}")
         root = self.s[index].clamp_min(0).sqrt()
-        return self.left[:, index] * root, root[:, None] * self.right[index]
+        cpu_index = index.to(self.left.device)
+        return self._here(self.left[:, cpu_index]) * root, root[:, None] * self._here(self.right[cpu_index])
 
 
 def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -334,52 +353,119 @@ class CompressionTask(Task):
             slot["done"] |= missing
         return store
 
+    def site_blocks(self, model: nn.Module) -> list[str] | None:
+        """Qualified names of the model's sequential blocks, in order (a transformer's decoder layers: each takes the
+        residual stream the previous one returns as its first input). Offered, they let the protocol stream a
+        factorization's input statistics and decompositions block by block (``decompositions``) instead of holding
+        every site's Gram matrix at once. None (default): one pass over the whole model."""
+        return None
+
+    def decompositions(self, ctx, factorization: LowRankFactorization) -> dict[str, Decomposition]:
+        """The factorization's decomposition of every site (``decomposition``), timing phases ``calibrate`` and
+        ``decompose``.
+
+        Streamed when the factorization needs input statistics (``gram``, ``input_abs_mean``) not yet computed and the
+        task offers ``site_blocks`` covering every site still to decompose: block by block, the block's statistics are
+        computed (``streamed_input_statistics``), its sites decomposed, and the statistics dropped; gradient statistics
+        (vectors, except ``weight_grad``) still come from one whole pass. With the disk cache, each decomposition is
+        written as soon as it is computed and kept memory-mapped, so a cell holds the model, one block's statistics
+        and decompositions, and the spectra. The results equal the unstreamed ones (same statistics).
+        """
+        sites = self.sites(ctx)
+        base = factorization.decomposed_by
+        slot = self.calibration_memo(ctx)
+        self._hold_decompositions_of(slot, base)
+        todo = [name for name in sites if (*base.identity, name) not in slot["decompositions"]
+                and not self._load_decomposition(ctx, base, name)]
+        streamed_kinds = INPUT_KINDS & set(base.needs) - slot["done"]
+        blocks = self.site_blocks(self.model(ctx)) if todo and streamed_kinds else None
+        if blocks and all(any(name.startswith(block + ".") for block in blocks) for name in todo):
+            with ctx.phase("calibrate"):
+                whole = self.statistics(ctx, set(base.needs) - INPUT_KINDS)
+            self._check_dense(ctx, "streaming calibration statistics")
+            count_work(ctx, "calibration_passes")
+            stream = streamed_input_statistics(self, ctx, self.model(ctx), blocks,
+                                               {name: sites[name] for name in todo}, streamed_kinds)
+            while True:
+                with ctx.phase("calibrate"):
+                    block = next(stream, None)
+                if block is None:
+                    break
+                with ctx.phase("decompose"):
+                    for name, stats in block[1].items():
+                        merged = dataclasses.replace(whole.get(name, SiteStatistics()), **{
+                            kind: getattr(stats, kind) for kind in streamed_kinds}, tokens=stats.tokens)
+                        self._decompose_site(ctx, base, name, merged)
+        else:
+            with ctx.phase("calibrate"):
+                self.statistics(ctx, base.needs)
+        with ctx.phase("decompose"):
+            return {name: self.decomposition(ctx, factorization, name) for name in sites}
+
+    def _hold_decompositions_of(self, slot: dict, factorization: LowRankFactorization) -> None:
+        """Only one factorization's decompositions are held at a time: switching frees the previous set."""
+        if slot.get("decomposed_by") != factorization.identity:
+            slot["decompositions"].clear()
+            slot["decomposed_by"] = factorization.identity
+
     def decomposition(self, ctx, factorization: LowRankFactorization, name: str) -> Decomposition:
         """The factorization's full decomposition of site ``name``, computed once per calibration_key.
 
         Only one factorization's decompositions are held at a time (in its ``precision``; in float64 about twice
-        the sites' weights): the suite runs a task configuration's cells factorization by factorization, so
-        switching to another one frees the previous set (an LLM cell then peaks near one set instead of one per
-        factorization decomposed so far).
+        the sites' weights, unless read memory-mapped from the disk cache): the suite runs a task configuration's
+        cells factorization by factorization, so switching to another one frees the previous set (an LLM cell then
+        peaks near one set instead of one per factorization decomposed so far).
         """
-        import torch
         factorization = factorization.decomposed_by  # a factorization may reuse another's decomposition
         slot = self.calibration_memo(ctx)
-        cache = slot["decompositions"]
-        owner = factorization.identity
-        if slot.get("decomposed_by") != owner:
-            cache.clear()
-            slot["decomposed_by"] = owner
-        key = (*owner, name)
-        if key not in cache:
-            dense = self.sites(ctx)[name].weight.detach()
-            # the factorization's precision, never below the weight's own (a float64 model stays exact)
-            precision = torch.float64 if dense.dtype == torch.float64 else getattr(torch, factorization.precision)
-            weight = dense.to(precision)
-            path = self._decomposition_path(ctx, factorization, name, weight)
-            result = read_decomposition(path, weight.device) if path is not None else None
-            from_disk = result is not None
-            if from_disk:
-                count_work(ctx, "decompositions_from_disk")
-            else:
-                stats = self.statistics(ctx, factorization.needs).get(name, SiteStatistics())
-                count_work(ctx, "decompositions")
-                with torch.no_grad():
-                    result = factorization.decompose(weight, stats)
-            out_features, in_features = weight.shape
-            p = result.s.shape[0]
-            if result.left.shape != (out_features, p) or result.right.shape != (p, in_features):
-                raise ValueError(
-                    f"{factorization.name} returned factors {tuple(result.left.shape)}, {tuple(result.s.shape)}, "
-                    f"{tuple(result.right.shape)} for a {out_features} x {in_features} weight"
-                )
-            if path is not None and not from_disk:
-                write_decomposition(path, result)
-            cache[key] = result
-        return cache[key]
+        self._hold_decompositions_of(slot, factorization)
+        key = (*factorization.identity, name)
+        if key not in slot["decompositions"] and not self._load_decomposition(ctx, factorization, name):
+            stats = self.statistics(ctx, factorization.needs).get(name, SiteStatistics())
+            self._decompose_site(ctx, factorization, name, stats)
+        return slot["decompositions"][key]
 
-    def _decomposition_path(self, ctx, factorization: LowRankFactorization, name: str,
-                            weight: torch.Tensor) -> Path | None:
+    def _site_weight(self, ctx, factorization: LowRankFactorization, name: str) -> torch.Tensor:
+        """The site's dense weight in the factorization's precision, never below the weight's own."""
+        import torch
+        dense = self.sites(ctx)[name].weight.detach()
+        return dense.to(torch.float64 if dense.dtype == torch.float64 else getattr(torch, factorization.precision))
+
+    def _load_decomposition(self, ctx, factorization: LowRankFactorization, name: str) -> bool:
+        """Memoise the site's decomposition from the disk cache if a verified one is there."""
+        import torch
+        dense = self.sites(ctx)[name].weight
+        precision = torch.float64 if dense.dtype == torch.float64 else getattr(torch, factorization.precision)
+        path = self._decomposition_path(ctx, factorization, name, dense.device, precision)
+        result = read_decomposition(path, dense.device) if path is not None else None
+        if result is None:
+            return False
+        count_work(ctx, "decompositions_from_disk")
+        self.calibration_memo(ctx)["decompositions"][(*factorization.identity, name)] = result
+        return True
+
+    def _decompose_site(self, ctx, factorization: LowRankFactorization, name: str, stats: SiteStatistics) -> None:
+        """Decompose one site, check the factors' shapes, write them to the disk cache (then hold them
+        memory-mapped from there) and memoise them."""
+        import torch
+        weight = self._site_weight(ctx, factorization, name)
+        count_work(ctx, "decompositions")
+        with torch.no_grad():
+            result = factorization.decompose(weight, stats)
+        out_features, in_features = weight.shape
+        p = result.s.shape[0]
+        if result.left.shape != (out_features, p) or result.right.shape != (p, in_features):
+            raise ValueError(
+                f"{factorization.name} returned factors {tuple(result.left.shape)}, {tuple(result.s.shape)}, "
+                f"{tuple(result.right.shape)} for a {out_features} x {in_features} weight"
+            )
+        path = self._decomposition_path(ctx, factorization, name, weight.device, weight.dtype)
+        if path is not None and write_decomposition(path, result):
+            result = read_decomposition(path, weight.device, verify=False) or result
+        self.calibration_memo(ctx)["decompositions"][(*factorization.identity, name)] = result
+
+    def _decomposition_path(self, ctx, factorization: LowRankFactorization, name: str, device,
+                            dtype) -> Path | None:
         if os.environ.get(NO_DISK_CACHE_ENV):
             return None
         slot = self.calibration_memo(ctx)
@@ -389,7 +475,7 @@ class CompressionTask(Task):
         if task_key is None or getattr(ctx, "cache_dir", None) is None:
             return None
         method = json.dumps([*factorization.identity, _source_hash(type(factorization)),
-                             _source_hash(CompressionTask), weight.device.type, str(weight.dtype)])
+                             _source_hash(CompressionTask), device.type, str(dtype)])
         method_key = hashlib.sha256(method.encode()).hexdigest()[:20]
         site = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
         return Path(ctx.cache_dir) / "decompositions" / task_key[:24] / method_key / f"{site}.pt"
@@ -403,42 +489,47 @@ def _source_hash(cls: type) -> str:
         return "unknown"
 
 
-def _tensors_digest(tensors: Iterable[torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for t in tensors:
-        digest.update(str((tuple(t.shape), str(t.dtype))).encode())
-        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def write_decomposition(path: Path, result: Decomposition) -> None:
-    """Save a decomposition atomically with a SHA-256 of its tensors (a full disk only costs the cache)."""
+def write_decomposition(path: Path, result: Decomposition) -> bool:
+    """Save a decomposition atomically, and then its file's SHA-256 beside it (``<site>.pt.sha256``); False when it
+    could not be written (a full disk only costs the cache). ``left`` is stored transposed (p x out, like
+    ``right``), so that the leading k components of both factors are contiguous on disk."""
     import torch
-    tensors = (result.left, result.s, result.right)
-    payload = {"left": result.left.cpu(), "s": result.s.cpu(), "right": result.right.cpu(), "note": result.note,
-               "sha256": _tensors_digest(tensors)}
+    payload = {"left_t": result.left.T.contiguous().cpu(), "s": result.s.cpu(), "right": result.right.contiguous().cpu(),
+               "note": result.note}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
+    data = buffer.getvalue()
     try:
-        atomic_write(path, buffer.getvalue())
+        atomic_write(path, data)
+        atomic_write(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest())
     except OSError:
-        pass
+        return False
+    return True
 
 
-def read_decomposition(path: Path, device: torch.device) -> Decomposition | None:
-    """The decomposition at ``path`` if it exists and its tensors match their recorded SHA-256; else None."""
+def read_decomposition(path: Path, device: torch.device, verify: bool = True) -> Decomposition | None:
+    """The decomposition at ``path`` if it exists and its file matches its recorded SHA-256 (``verify``); else None.
+
+    The factors are memory-mapped on the CPU (only the slices a cell uses are read from disk, and the OS may drop
+    them again); the spectrum is loaded onto ``device``.
+    """
     import torch
-    if not path.is_file():
+    digest = path.with_name(path.name + ".sha256")
+    if not path.is_file() or not digest.is_file():
         return None
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        tensors = (payload["left"], payload["s"], payload["right"])
-        if _tensors_digest(tensors) != payload["sha256"]:
+        if verify and _file_digest(path) != digest.read_text().strip():
             return None
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        left_t, s, right = payload["left_t"], payload["s"], payload["right"]
     except Exception:  # truncated, foreign or unpicklable: recompute and replace
         return None
-    left, s, right = (t.to(device) for t in tensors)
-    return Decomposition(left=left, s=s, right=right, note=str(payload.get("note") or ""))
+    return Decomposition(left=left_t.T, s=s.to(device), right=right, note=str(payload.get("note") or ""))
 
 
 # -- the protocol ------------------------------------------------------------------------------------------------------
@@ -480,10 +571,7 @@ def run_compression(task: CompressionTask, ctx, selector: Selector,
 def _run_low_rank(task: CompressionTask, ctx, selector: Selector, factorization: LowRankFactorization) -> None:
     model = task.model(ctx)
     sites = task.sites(ctx)
-    with ctx.phase("calibrate"):
-        task.statistics(ctx, factorization.needs)
-    with ctx.phase("decompose"):
-        decompositions = {name: task.decomposition(ctx, factorization, name) for name in sites}
+    decompositions = task.decompositions(ctx, factorization)
     fallbacks = {name: d.note for name, d in decompositions.items() if d.note}
     if fallbacks:
         ctx.note(f"{factorization.name}_fallbacks", json.dumps(fallbacks, sort_keys=True))
@@ -507,8 +595,8 @@ def _run_low_rank(task: CompressionTask, ctx, selector: Selector, factorization:
     with ctx.phase("select"):
         ranks = selector.select(problem)
     dense = kept = 0
-    statistics = task.statistics(ctx, factorization.needs)
-    with swapped(model, sites, factorization, decompositions, ranks, statistics) as chosen:
+    with swapped(model, sites, factorization, decompositions, ranks, compensation_statistics(task, ctx, factorization)
+                 ) as chosen:
         for name, linear in sites.items():
             shape = tuple(linear.weight.shape)
             dense += linear.weight.numel()
@@ -614,13 +702,22 @@ class CompressionStatistics:
         sites = self._sites(ranks)
         decompositions = {name: task.decomposition(ctx, self.factorization, name) for name in sites}
         count_work(ctx, "calibration_evaluations")
-        statistics = task.statistics(ctx, self.factorization.needs)
+        statistics = compensation_statistics(task, ctx, self.factorization)
         with swapped(model, sites, self.factorization, decompositions, ranks, statistics), torch.no_grad():
             losses = [float(task.calibration_loss(model, batch))
                       for batch in _first(task.calibration_batches(ctx), max_batches)]
         if not losses:
             raise ValueError("the task yielded no calibration batches")
         return sum(losses) / len(losses)
+
+
+def compensation_statistics(task: CompressionTask, ctx, factorization: LowRankFactorization
+                            ) -> dict[str, SiteStatistics] | None:
+    """The statistics a factorization's ``compensation`` fits from (its ``needs``); None for a factorization
+    without one (its decompositions may have been streamed: nothing asks for every site's statistics at once)."""
+    if type(factorization).compensation is LowRankFactorization.compensation:
+        return None
+    return task.statistics(ctx, factorization.needs)
 
 
 class swapped:
@@ -689,11 +786,85 @@ def _first(batches: Iterable[Any], max_batches: int | None) -> Iterable[Any]:
     return batches if max_batches is None else itertools.islice(batches, max_batches)
 
 
+INPUT_KINDS = frozenset({"gram", "input_abs_mean"})  # statistics of a site's inputs: forward hooks only
+GRADIENT_KINDS = frozenset({"fisher_rows", "fisher_cols", "weight_grad"})  # need the calibration loss's gradient
+
+
+class InputStatistics:
+    """Forward hooks accumulating, in float64, XᵀX (``gram``) and Σ|x| (``input_abs_mean``) of the inputs of some
+    sites (all leading dimensions are tokens).
+
+    Sites fed the *same* input tensor in a forward pass -- a transformer's q/k/v projections, gate/up -- share one
+    accumulator (the tensor's identity, seen through a weak reference, decides on the first batch), so their Gram
+    matrix is computed and held once and their ``SiteStatistics`` hold the same tensor: 4 Gram matrices per Llama
+    layer instead of 7. The numbers are those of separate accumulators (the same inputs, summed in the same order).
+    """
+
+    def __init__(self, sites: dict[str, nn.Linear], kinds: Iterable[str]):
+        self.sites, self.kinds = sites, INPUT_KINDS & set(kinds)
+        self.owner: dict[str, str] = {}  # site -> the site whose accumulator it shares (itself for the first one)
+        self.sums: dict[str, dict[str, torch.Tensor]] = {}
+        self.counts: dict[str, int] = {}
+        self._seen: dict[str, Any] = {}  # site -> weak reference to its latest input
+        self._handles: list = []
+
+    def __enter__(self) -> InputStatistics:
+        if self.kinds:
+            self._handles = [linear.register_forward_hook(self._hook(name)) for name, linear in self.sites.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, name: str):
+        import weakref
+
+        import torch
+
+        def record(module, inputs, output):
+            x_in = inputs[0]
+            if name not in self.owner:
+                self.owner[name] = next(
+                    (other for other, ref in self._seen.items() if ref() is x_in and self.owner[other] == other), name
+                )
+                self._seen[name] = weakref.ref(x_in)
+            if self.owner[name] != name:
+                return
+            self._seen[name] = weakref.ref(x_in)
+            x = x_in.detach().reshape(-1, x_in.shape[-1]).to(torch.float64)
+            acc = self.sums.setdefault(name, {})
+            if "gram" in self.kinds:
+                acc["gram"] = acc["gram"].addmm_(x.T, x) if "gram" in acc else x.T @ x
+            if "input_abs_mean" in self.kinds:
+                acc["abs"] = acc.get("abs", 0) + x.abs().sum(dim=0)
+            self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+
+        return record
+
+    def fill(self, store: dict[str, SiteStatistics]) -> None:
+        """Write the accumulated statistics into ``store[site]`` (zeros for a site no input reached)."""
+        import torch
+
+        for name, linear in self.sites.items():
+            owner = self.owner.get(name, name)
+            acc, stats = self.sums.get(owner, {}), store.setdefault(name, SiteStatistics())
+            in_features = linear.weight.shape[1]
+            zeros = {"dtype": torch.float64, "device": linear.weight.device}
+            if "gram" in self.kinds:
+                stats.gram = acc.get("gram", torch.zeros(in_features, in_features, **zeros))
+            if "input_abs_mean" in self.kinds:
+                stats.input_abs_mean = acc.get("abs", torch.zeros(in_features, **zeros)) / max(self.counts.get(owner, 0), 1)
+            if self.kinds:
+                stats.tokens = self.counts.get(owner, 0)
+
+
 def collect_statistics(task: CompressionTask, ctx, model: nn.Module, kinds: set[str], store: dict) -> None:
     """One calibration pass over ``task.calibration_batches(ctx)``, filling ``store[site]`` for ``kinds``.
 
-    Forward hooks accumulate, in float64, XᵀX and Σ|x| of every site's input (all leading dimensions are tokens).
-    With ``fisher_rows``/``fisher_cols``/``weight_grad`` each batch's loss is also differentiated with respect to the
+    Input statistics (``gram``, ``input_abs_mean``) come from ``InputStatistics``' forward hooks. With
+    ``fisher_rows``/``fisher_cols``/``weight_grad`` each batch's loss is also differentiated with respect to the
     site weights only (every other parameter is frozen for the pass): ``fisher_rows`` = the per-batch empirical Fisher
     summed over each output row, Σ_j (∂L_batch/∂W_ij)² averaged over batches; ``fisher_cols`` = the same summed over
     each input column, Σ_i (∂L_batch/∂W_ij)² averaged over batches (FWSVD's two axes); ``weight_grad`` = the mean of
@@ -705,75 +876,124 @@ def collect_statistics(task: CompressionTask, ctx, model: nn.Module, kinds: set[
     sites = dict(task.target_sites(model))
     for name in sites:
         store.setdefault(name, SiteStatistics())
-    need_inputs = bool(kinds & {"gram", "input_abs_mean"})
-    need_grads = bool(kinds & {"fisher_rows", "fisher_cols", "weight_grad"})
+    need_grads = bool(kinds & GRADIENT_KINDS)
     sums: dict[str, dict[str, torch.Tensor]] = {name: {} for name in sites}
-    counts = dict.fromkeys(sites, 0)
-
-    def hook(name):
-        def record(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
-            acc = sums[name]
-            if "gram" in kinds:
-                acc["gram"] = acc.get("gram", 0) + x.T @ x
-            if "input_abs_mean" in kinds:
-                acc["abs"] = acc.get("abs", 0) + x.abs().sum(dim=0)
-            counts[name] += x.shape[0]
-
-        return record
-
     site_params = [linear.weight for linear in sites.values()]
     site_ids = {id(p) for p in site_params}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in site_ids] if need_grads else []
     flags = [p.requires_grad for p in site_params]
-    handles = [linear.register_forward_hook(hook(name)) for name, linear in sites.items()] if need_inputs else []
     batches = 0
+    inputs = InputStatistics(sites, kinds)
     try:
         for p in site_params:
             p.requires_grad_(need_grads)
         for p in others:
             p.requires_grad_(False)
-        for batch in task.calibration_batches(ctx):
-            batches += 1
-            if need_grads:
-                loss = task.calibration_loss(model, batch)
-                grads = torch.autograd.grad(loss, site_params, allow_unused=True)
-                for (name, linear), grad in zip(sites.items(), grads):
-                    if grad is None:
-                        grad = torch.zeros_like(linear.weight)
-                    g = grad.detach().to(torch.float64)
-                    acc = sums[name]
-                    acc["fisher"] = acc.get("fisher", 0) + (g * g).sum(dim=1)
-                    acc["fisher_cols"] = acc.get("fisher_cols", 0) + (g * g).sum(dim=0)
-                    acc["grad"] = acc.get("grad", 0) + g
-            else:
-                with torch.no_grad():
-                    task.calibration_loss(model, batch)
+        with inputs:
+            for batch in task.calibration_batches(ctx):
+                batches += 1
+                if need_grads:
+                    loss = task.calibration_loss(model, batch)
+                    grads = torch.autograd.grad(loss, site_params, allow_unused=True)
+                    for (name, linear), grad in zip(sites.items(), grads):
+                        if grad is None:
+                            grad = torch.zeros_like(linear.weight)
+                        g = grad.detach().to(torch.float64)
+                        acc = sums[name]
+                        acc["fisher"] = acc.get("fisher", 0) + (g * g).sum(dim=1)
+                        acc["fisher_cols"] = acc.get("fisher_cols", 0) + (g * g).sum(dim=0)
+                        acc["grad"] = acc.get("grad", 0) + g
+                else:
+                    with torch.no_grad():
+                        task.calibration_loss(model, batch)
     finally:
-        for handle in handles:
-            handle.remove()
         for p, flag in zip(site_params, flags):
             p.requires_grad_(flag)
         for p in others:
             p.requires_grad_(True)
     if batches == 0:
         raise ValueError("the task yielded no calibration batches")
-    for name, linear in sites.items():
+    inputs.fill(store)
+    for name in sites:
         acc, stats = sums[name], store[name]
-        out_features, in_features = linear.weight.shape
-        zeros = {"dtype": torch.float64, "device": linear.weight.device}
-        if "gram" in kinds:
-            stats.gram = acc.get("gram", torch.zeros(in_features, in_features, **zeros))
-        if "input_abs_mean" in kinds:
-            stats.input_abs_mean = acc.get("abs", torch.zeros(in_features, **zeros)) / max(counts[name], 1)
         if "fisher_rows" in kinds:
             stats.fisher_rows = acc["fisher"] / batches
         if "fisher_cols" in kinds:
             stats.fisher_cols = acc["fisher_cols"] / batches
         if "weight_grad" in kinds:
             stats.weight_grad = acc["grad"] / batches
-        if need_inputs:
-            stats.tokens = counts[name]
+
+
+class _BlockInputs(Exception):
+    """Raised by the pre-hook on the last block once every block's call arguments of a batch are recorded."""
+
+
+def streamed_input_statistics(task: CompressionTask, ctx, model: nn.Module, blocks: list[str],
+                              sites: dict[str, nn.Linear], kinds: Iterable[str]
+                              ) -> Iterator[tuple[str, dict[str, SiteStatistics]]]:
+    """Input statistics (``INPUT_KINDS``) of ``sites`` block by block: yields (block, {site: SiteStatistics}) for each
+    of ``blocks`` (qualified names of the model's sequential blocks, in order) holding sites, computing only that
+    block's statistics, which the caller uses and drops before the next block is computed.
+
+    The calibration batches run through the model once with pre-hooks recording every block's call arguments (the
+    first block's input, and each block's other positional and keyword arguments: attention masks, rotary position
+    embeddings -- references, no copies); then each block runs alone on the previous block's outputs for every batch
+    (the residual stream of all calibration batches, batches x tokens x hidden, is the only thing carried between
+    blocks). The dense blocks compute exactly what the whole model computes, so the statistics equal those of one
+    whole pass (``collect_statistics``) -- the cost is one extra forward pass of the calibration batches.
+    """
+    import torch
+
+    modules = [model.get_submodule(name) for name in blocks]
+    per_block = {name: {site: linear for site, linear in sites.items() if site.startswith(name + ".")}
+                 for name in blocks}
+    calls: list[list[tuple[tuple, dict]]] = []  # per batch: per block (args, kwargs)
+    hidden: list[torch.Tensor] = []  # per batch: the residual stream entering the current block
+
+    def recorder(index: int):
+        def pre_hook(module, args, kwargs):
+            calls[-1].append((args[1:], kwargs))
+            if index == 0:
+                hidden.append(args[0])
+            if index == len(modules) - 1:
+                raise _BlockInputs
+        return pre_hook
+
+    handles = [module.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, module in enumerate(modules)]
+    try:
+        with torch.no_grad():
+            for batch in task.calibration_batches(ctx):
+                calls.append([])
+                try:
+                    task.calibration_loss(model, batch)
+                except _BlockInputs:
+                    pass
+                if len(calls[-1]) != len(modules):
+                    raise RuntimeError(
+                        f"task {task.name!r}: a calibration batch reached {len(calls[-1])} of the {len(modules)} "
+                        "blocks in order; site_blocks must name the model's sequential blocks"
+                    )
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not calls:
+        raise ValueError("the task yielded no calibration batches")
+    for index, (name, module) in enumerate(zip(blocks, modules)):
+        block_sites = per_block[name]
+        inputs = InputStatistics(block_sites, kinds)
+        last = index == len(modules) - 1 or not any(per_block[later] for later in blocks[index + 1:])
+        with inputs, torch.no_grad():
+            for b, batch_calls in enumerate(calls):
+                args, kwargs = batch_calls[index]
+                out = module(hidden[b], *args, **kwargs)
+                if not last:
+                    hidden[b] = out[0] if isinstance(out, (tuple, list)) else out
+        if block_sites:
+            store: dict[str, SiteStatistics] = {}
+            inputs.fill(store)
+            yield name, store
+        if last:
+            break
 
 
 def iter_named_linears(module: nn.Module, include: Iterable[str]) -> Iterator[tuple[str, nn.Linear]]:

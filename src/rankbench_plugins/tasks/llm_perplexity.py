@@ -326,6 +326,15 @@ class LLMPerplexity(CompressionTask):
             sites[name] = linear
         return sites
 
+    def site_blocks(self, model: nn.Module) -> list[str] | None:
+        """The decoder layers of a known family (``FAMILY_SITES``' container: ``model.layers.<i>`` ...), so the
+        compression kind streams calibration statistics and decompositions layer by layer."""
+        family = FAMILY_SITES.get(getattr(getattr(model, "config", None), "model_type", None))
+        if family is None:
+            return None
+        container = family[0]
+        return [f"{container}.{i}" for i in range(len(model.get_submodule(container)))]
+
     def transformer_blocks(self, model: nn.Module) -> list | None:
         """The decoder layers of a Llama-architecture model (``model.model.layers``: self_attn q/k/v/o_proj with
         rotate-half RoPE, mlp gate/up/down_proj); None for other architectures."""
