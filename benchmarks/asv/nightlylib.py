@@ -207,8 +207,10 @@ def plan(suite_path: str | Path) -> Plan:
 
     registry = load_plugins()
     suite = load_suite(suite_path)
-    device = resolve_device(bench_option("device") or suite.spec.device)  # as `bench run` will decide it
-    cells = [c for c in expand(suite, registry, device, suite.spec.timeout) if not c.skip_reason]
+    requested = bench_option("device") or suite.spec.device or "auto"
+    device = resolve_device(requested)  # as `bench run` will decide it (auto keeps gpu_benefit = False tasks on cpu)
+    cells = [c for c in expand(suite, registry, device, suite.spec.timeout, device_is_auto=requested == "auto")
+             if not c.skip_reason]
     defaults = {(kind, name): _defaults(registry.get(kind, name))
                 for c in cells if not c.is_reference
                 for kind, name in (("selector", c.selector), ("factorization", c.factorization))}

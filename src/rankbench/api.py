@@ -87,6 +87,11 @@ class Task(Plugin):
     problem_kind: ClassVar[str]
     budget_kind: ClassVar[str | None]  # how the suite's budgets are read for this task (None: budget-free task)
     primary_metric: str  # the quality metric the report puts first (a property where it depends on parameters)
+    # Whether a GPU can pay off for this task. ``device: auto`` (the default) runs the cells of a task that says
+    # False on the CPU even where torch sees a GPU: problems this small spend more time launching kernels and
+    # synchronising than computing (``rankbench.envinfo.task_device``). An explicit ``--device cuda`` / ``device: cuda``
+    # is always honoured. A property where it depends on parameters (read from the configured instance).
+    gpu_benefit: ClassVar[bool] = True
 
     @property
     def problem_kinds(self) -> frozenset[str]:

@@ -38,11 +38,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("suite", help="suite YAML file")
     run.add_argument("--out", help="output folder (default: results/<suite name>/)")
     run.add_argument("--force", action="store_true", help="re-run cells that already finished")
-    run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: the suite's, else auto")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                     help="default: the suite's, else auto: cuda when torch sees a GPU, except for tasks too small "
+                          "to gain from one (gpu_benefit = False), which stay on the cpu; cuda runs every task there")
     run.add_argument("--executor", help="executor plugin (default: the suite's, else the one `bench plugins` marks)")
     run.add_argument("--plugins-dir", help="also load every *.py plugin file in this folder")
     run.add_argument("--timeout", type=float, help="seconds per cell (overrides the suite); 0 disables the limit")
     run.add_argument("--threads", type=int, help="torch CPU threads in the process that runs cells (default: torch's)")
+    run.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                     help="deterministic torch where cells run: torch.use_deterministic_algorithms(True) (an op "
+                          "without a deterministic version fails its cell), CUBLAS_WORKSPACE_CONFIG=:4096:8, cudnn "
+                          "deterministic, no cudnn benchmark; recorded in the run's environment (default: the "
+                          "suite's `deterministic`, else off)")
 
     check = sub.add_parser("check", help="validate a suite without running it; print cells per task")
     check.add_argument("suite")
@@ -101,8 +108,9 @@ def _prepare(args):
     plugins_dir = _plugins_dir(args.plugins_dir)
     suite = load_suite(args.suite)
     registry = load_plugins(plugins_dir)
+    requested = args.device or suite.spec.device or "auto"
     try:
-        device = resolve_device(args.device or suite.spec.device)
+        device = resolve_device(requested)
     except ValueError as exc:
         raise BadInput(f"--device: {exc}") from None
     timeout = suite.spec.timeout
@@ -110,7 +118,7 @@ def _prepare(args):
         if not (args.timeout >= 0 and math.isfinite(args.timeout)):
             raise BadInput(f"--timeout: expected finite seconds >= 0, 0 for no limit (got {args.timeout})")
         timeout = args.timeout or None
-    cells = expand(suite, registry, device, timeout)
+    cells = expand(suite, registry, device, timeout, device_is_auto=requested == "auto")
     return suite, registry, device, timeout, cells, plugins_dir
 
 
@@ -124,7 +132,9 @@ def cmd_check(args) -> int:
         counts = rows.setdefault(cell.task, [0, 0, 0])
         counts[0 if cell.is_reference else (2 if cell.skip_reason else 1)] += 1
     table = [[task, ref, run, skip, ref + run + skip] for task, (ref, run, skip) in rows.items()]
-    print(f"{suite.path}: suite {suite.name!r} is valid: {len(cells)} cells on {device}")
+    on_cpu = sorted({cell.task for cell in cells if cell.device != device})
+    kept = f" (auto keeps {', '.join(on_cpu)} on the cpu: gpu_benefit = False)" if on_cpu else ""
+    print(f"{suite.path}: suite {suite.name!r} is valid: {len(cells)} cells on {device}{kept}")
     print(tabulate(table, headers=["task", "reference", "to run", "skipped", "cells"]))
     for failure in registry.failures:
         print(f"warning: plugin {failure.plugin} failed to load: {failure.error}", file=sys.stderr)
@@ -165,11 +175,12 @@ def cmd_run(args) -> int:
     from rich.console import Console
 
     from rankbench.envinfo import environment
-    from rankbench.runner import Runtime, pending_cells, run_cells, summarize, write_run_info
+    from rankbench.runner import Runtime, pending_cells, run_cells, summarize, use_deterministic_torch, write_run_info
 
     if args.threads is not None and args.threads < 1:
         raise BadInput(f"--threads: expected a positive integer (got {args.threads})")
     threads = args.threads or suite.spec.threads
+    deterministic = suite.spec.deterministic if args.deterministic is None else args.deterministic
     console = Console(stderr=True)
     for failure in registry.failures:
         console.print(f"[yellow]warning[/]: plugin {failure.plugin} failed to load: {failure.error}")
@@ -194,10 +205,12 @@ def cmd_run(args) -> int:
             import torch
 
             torch.set_num_threads(threads)  # in-process cells; the subprocess worker applies it itself
-        env = environment(device, registry)
+        if deterministic:  # before `environment` initialises CUDA; spawned workers inherit the variable (and apply it)
+            use_deterministic_torch()
+        env = environment(device, registry, deterministic)
         write_run_info(out, env, suite.path, {k: v for k, v in vars(args).items() if k != "func"})
         runtime = Runtime(registry=registry, device=device, timeout=timeout, plugins_dir=plugins_dir,
-                          threads=threads)
+                          threads=threads, deterministic=deterministic)
         counts = run_cells(
             cells, out, runtime, executor, {"git_sha": env["git_sha"], "device": device}, args.force, console, scan
         )

@@ -13,7 +13,10 @@ PACKAGES = ("rankbench", "torch", "numpy", "scipy", "pandas", "pyarrow", "pluggy
 
 
 def resolve_device(requested: str | None) -> str:
-    """``auto`` picks CUDA when torch sees a GPU, else the CPU. Asking for ``cuda`` without one is bad input."""
+    """The run's device. ``auto`` (also ``None``) picks ``cuda`` exactly when a GPU driver file is visible
+    (``gpu_driver_present``) and ``torch.cuda.is_available()`` is true -- torch was built with CUDA and sees at least
+    one device -- else ``cpu``. Asking for ``cuda`` without one is bad input. Under ``auto`` a task may still keep its
+    cells on the CPU (``task_device``)."""
     requested = requested or "auto"
     if requested == "cpu" or (requested == "auto" and not gpu_driver_present()):
         return "cpu"  # without a GPU driver torch sees no device: no need to import it to ask
@@ -24,6 +27,15 @@ def resolve_device(requested: str | None) -> str:
     if not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
     return "cuda"
+
+
+def task_device(task, requested: str | None, resolved: str) -> str:
+    """Where the cells of ``task`` (a configured ``Task``) run, given the requested device (``auto``/``None``, ``cpu``,
+    ``cuda``) and the run's device ``resolved`` from it by ``resolve_device``: the run's device, except that under
+    ``auto`` a task whose ``gpu_benefit`` is False stays on the CPU. An explicit ``cuda`` is honoured for every task."""
+    if (requested or "auto") == "auto" and resolved.startswith("cuda") and not getattr(task, "gpu_benefit", True):
+        return "cpu"
+    return resolved
 
 
 GPU_DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
@@ -71,7 +83,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(device: str, registry=None) -> dict:
+def environment(device: str, registry=None, deterministic: bool = False) -> dict:
+    """The run record's environment. ``device``: the run's resolved device (``resolve_device``; under ``auto`` the
+    cells of tasks with ``gpu_benefit = False`` run on the CPU); ``deterministic``: ``bench run --deterministic``."""
     import torch
 
     versions = {}
@@ -89,6 +103,7 @@ def environment(device: str, registry=None) -> dict:
         "device": device,
         "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else cpu_model(),
         "cuda": torch.version.cuda,
+        "deterministic": bool(deterministic),
         "packages": versions,
         "git_sha": git_sha(),
     }

@@ -133,7 +133,7 @@ def write_cell(out: Path, cell: Cell, record: CellRecord, run: dict, primary_met
     run_fields = {
         "started_at": record.started_at,
         "git_sha": run.get("git_sha", ""),
-        "device": run.get("device", cell.device),
+        "device": cell.device or run.get("device", ""),  # where the cell ran (auto may keep a small task on the cpu)
     }
     metrics = [
         {

@@ -56,6 +56,8 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def _seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's generators. ``torch.manual_seed`` seeds the CPU generator and, through
+    ``torch.cuda.manual_seed_all``, the default generator of every CUDA device (queued until CUDA initialises)."""
     random.seed(seed)
     np.random.seed(seed)
     try:
@@ -64,6 +66,42 @@ def _seed_everything(seed: int) -> None:
         torch.manual_seed(seed)
     except ImportError:  # pragma: no cover
         pass
+
+
+CUBLAS_WORKSPACE_ENV = "CUBLAS_WORKSPACE_CONFIG"
+DETERMINISTIC_CUBLAS_WORKSPACES = (":4096:8", ":16:8")  # the values cuBLAS is reproducible with (CUDA >= 10.2)
+
+
+def use_deterministic_torch() -> None:
+    """``bench run --deterministic`` in a process that runs cells: ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (unless it
+    already holds a reproducible value), ``torch.use_deterministic_algorithms(True)`` (an op without a deterministic
+    implementation then raises, and its cell is an ``error``, instead of varying silently),
+    ``torch.backends.cudnn.deterministic = True`` and ``torch.backends.cudnn.benchmark = False``. cuBLAS reads the
+    variable when CUDA creates its handles, so this must run before CUDA initialises: ``bench run`` calls it before
+    ``envinfo.environment`` asks CUDA for the device name, a worker before it loads plugins, and ``execute_cell``
+    before ``init_cuda``. Seeds need nothing more (``_seed_everything`` seeds the CUDA generators too)."""
+    if os.environ.get(CUBLAS_WORKSPACE_ENV) not in DETERMINISTIC_CUBLAS_WORKSPACES:
+        os.environ[CUBLAS_WORKSPACE_ENV] = DETERMINISTIC_CUBLAS_WORKSPACES[0]
+    import torch
+
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def init_cuda(device: str) -> None:
+    """Initialise CUDA in this process (and select ``cuda:N`` where the device names one) before a CUDA cell's first
+    phase. ``measure`` reads CUDA memory only once CUDA is initialised (it never initialises it itself), so without
+    this the first cells of a process -- those before anything touched CUDA -- would have no ``peak_cuda_mb``.
+    Once per process: later calls find CUDA initialised."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        return
+    index = torch.device(device).index
+    if index is not None:
+        torch.cuda.set_device(index)
+    torch.cuda.init()
 
 
 @dataclasses.dataclass
@@ -75,6 +113,7 @@ class Runtime:
     timeout: float | None
     plugins_dir: str | None = None
     threads: int | None = None  # torch CPU threads of the process that runs cells
+    deterministic: bool = False  # bench run --deterministic: ``use_deterministic_torch`` where cells run
     shared: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # task_key -> shared store
     tasks: dict[str, Any] = dataclasses.field(default_factory=dict)  # task_key -> task instance
     # Set by ``run_cells``: the results folder and the run fields of every part, for executors whose jobs write
@@ -86,17 +125,21 @@ class Runtime:
         return execute_cell(cell, self, alarm=alarm)
 
 
-def worker_runtime(plugins_dir: str | None, device: str, timeout: float | None, threads: int | None) -> Runtime:
+def worker_runtime(plugins_dir: str | None, device: str, timeout: float | None, threads: int | None,
+                   deterministic: bool = False) -> Runtime:
     """The runtime of a process that runs cells for a host (the subprocess worker, a submitit or Ray job): it
-    rebuilds the plugin registry and sets the torch CPU threads."""
+    applies ``--deterministic`` (before anything can initialise CUDA), rebuilds the plugin registry and sets the
+    torch CPU threads."""
     from rankbench.plugins import load_plugins
 
+    if deterministic:
+        use_deterministic_torch()
     if threads:
         import torch
 
         torch.set_num_threads(int(threads))
     return Runtime(registry=load_plugins(plugins_dir), device=device, timeout=timeout, plugins_dir=plugins_dir,
-                   threads=threads)
+                   threads=threads, deterministic=deterministic)
 
 
 def execute_cell(cell: Cell, runtime: Runtime, alarm: bool = False) -> CellRecord:
@@ -129,6 +172,10 @@ def execute_cell(cell: Cell, runtime: Runtime, alarm: bool = False) -> CellRecor
     try:
         if use_alarm:
             signal.setitimer(signal.ITIMER_REAL, cell.timeout)
+        if runtime.deterministic:
+            use_deterministic_torch()
+        if cell.device.startswith("cuda"):
+            init_cuda(cell.device)  # before the first phase, so that every phase reads its CUDA peak
         _seed_everything(cell.cell_seed)
         task = runtime.tasks.get(cell.task_key)
         if task is None:

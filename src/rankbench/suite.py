@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rankbench.api import PARAM_RATIO, RANK_CAP, RANK_TOTAL, Plugin
 from rankbench.cells import Cell, make_cell
+from rankbench.envinfo import task_device
 from rankbench.files import InputFileError, excerpt, read_yaml_mapping
 from rankbench.kinds import cell_kind, pairing_skip
 from rankbench.plugins import Registry
@@ -66,6 +67,7 @@ class SuiteFile(BaseModel):
     executor: PluginRef | None = None  # a name, or {name: {param: value}} (e.g. {submitit: {cells_per_job: 16}})
     device: Literal["auto", "cpu", "cuda"] | None = None
     threads: int | None = Field(default=None, ge=1)  # torch CPU threads for the cells (bench run --threads wins)
+    deterministic: bool = False  # deterministic torch algorithms for the cells (bench run --[no-]deterministic wins)
 
 
 @dataclasses.dataclass
@@ -214,10 +216,12 @@ def pairing_skip_reason(task: PluginSpec, selector: PluginSpec, factorization: P
     return pairing_skip(task.instance, selector.instance, factorization.instance)
 
 
-def expand(suite: Suite, registry: Registry, device: str, timeout: float | None) -> list[Cell]:
+def expand(suite: Suite, registry: Registry, device: str, timeout: float | None,
+           device_is_auto: bool = False) -> list[Cell]:
     """The cartesian product tasks x factorizations x selectors x budgets x seeds, plus one dense reference cell
     per task configuration and seed. Budget-free selectors run once (budget null); incompatible pairs become cells
-    with a skip reason."""
+    with a skip reason. ``device``: the run's resolved device; with ``device_is_auto`` (it came from ``auto``) the
+    cells of a task with ``gpu_benefit = False`` run on the CPU (``envinfo.task_device``)."""
     spec = suite.spec
     cells: list[Cell] = []
     seen: set[str] = set()
@@ -228,12 +232,12 @@ def expand(suite: Suite, registry: Registry, device: str, timeout: float | None)
             cells.append(cell)
 
     for prefix, product in _products(spec):
-        _expand_product(suite, registry, device, timeout, product, prefix, add)
+        _expand_product(suite, registry, device, timeout, product, prefix, add, device_is_auto)
     return cells
 
 
 def _expand_product(suite: Suite, registry: Registry, device: str, timeout: float | None,
-                    product: SuiteFile | SliceFile, prefix: str, add) -> None:
+                    product: SuiteFile | SliceFile, prefix: str, add, device_is_auto: bool = False) -> None:
     spec, file = suite.spec, suite.path
     tasks = [resolve_ref(registry, "task", r, file, f"{prefix}tasks[{i}]") for i, r in enumerate(product.tasks)]
     selectors = [
@@ -247,6 +251,7 @@ def _expand_product(suite: Suite, registry: Registry, device: str, timeout: floa
                                                                                           f"{prefix}budgets")
     seeds = spec.seeds if product.seeds is None else product.seeds
     for task in tasks:
+        cell_device = task_device(task.instance, "auto" if device_is_auto else device, device)
         budget_kind = task.instance.budget_kind
         if isinstance(all_budgets, dict):
             raw, key = all_budgets.get(budget_kind, []), f"{budgets_key}.{budget_kind}"
@@ -254,7 +259,7 @@ def _expand_product(suite: Suite, registry: Registry, device: str, timeout: floa
             raw, key = all_budgets, budgets_key
         budgets = [_check_budget(b, budget_kind, file, f"{key}[{i}]") for i, b in enumerate(raw)]
         for seed in seeds:
-            add(make_cell(suite.name, task, None, None, None, None, seed, device, timeout,
+            add(make_cell(suite.name, task, None, None, None, None, seed, cell_device, timeout,
                           problem_kind=cell_kind(task.instance)))
             for factorization in factorizations:
                 for selector in selectors:
@@ -277,7 +282,7 @@ def _expand_product(suite: Suite, registry: Registry, device: str, timeout: floa
                                 budget,
                                 budget_kind if budget is not None else None,
                                 seed,
-                                device,
+                                cell_device,
                                 timeout,
                                 reason,
                                 cell_kind(task.instance, selector.instance, factorization.instance),

@@ -35,6 +35,7 @@ def job_settings(runtime, threads: int | None = None) -> dict[str, Any]:
         "device": runtime.device,
         "timeout": runtime.timeout,
         "threads": runtime.threads or threads,
+        "deterministic": runtime.deterministic,  # bench run --deterministic
         "results_dir": runtime.results_dir,
         "run_info": dict(runtime.run_info),
         # the cache folder, the plugin filter: a job on another node or in a reused worker must see the host's
@@ -45,12 +46,13 @@ def job_settings(runtime, threads: int | None = None) -> dict[str, Any]:
 def _runtime(settings: dict[str, Any]):
     from rankbench.runner import worker_runtime
 
+    deterministic = bool(settings.get("deterministic", False))
     key = (settings["plugins_dir"], settings["device"], settings["timeout"], settings["threads"],
-           settings["env"].get("RANKBENCH_LOAD_PLUGINS"))
+           settings["env"].get("RANKBENCH_LOAD_PLUGINS"), deterministic)
     if key not in _RUNTIMES:
         _RUNTIMES.clear()  # one warm runtime per process
         _RUNTIMES[key] = worker_runtime(settings["plugins_dir"], settings["device"], settings["timeout"],
-                                        settings["threads"])
+                                        settings["threads"], deterministic)
     return _RUNTIMES[key]
 
 

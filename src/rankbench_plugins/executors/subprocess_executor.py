@@ -43,15 +43,17 @@ def _die_with_parent() -> None:
             pass
 
 
-def worker_main(conn, plugins_dir: str | None, device: str, timeout: float | None, threads: int | None = None) -> None:
-    """The worker's loop: rebuild the registry, say ready, then run each cell received (JSON) and send its record
-    back, until the parent sends None or the pipe closes."""
+def worker_main(conn, plugins_dir: str | None, device: str, timeout: float | None, threads: int | None = None,
+                deterministic: bool = False) -> None:
+    """The worker's loop: rebuild the registry (``deterministic``: ``bench run --deterministic``, applied first), say
+    ready, then run each cell received (JSON) and send its record back, until the parent sends None or the pipe
+    closes."""
     from rankbench.runner import worker_runtime
 
     _die_with_parent()
     os.setsid()  # its own process group: a kill at the limit ends whatever the cell started too
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    runtime = worker_runtime(plugins_dir, device, timeout, threads)
+    runtime = worker_runtime(plugins_dir, device, timeout, threads, deterministic)
     conn.send(("ready", os.getpid()))
     while True:
         try:
@@ -121,7 +123,8 @@ class _Worker:
         self.conn, child = context.Pipe()
         self.process = context.Process(
             target=worker_main,
-            args=(child, runtime.plugins_dir, runtime.device, runtime.timeout, runtime.threads),
+            args=(child, runtime.plugins_dir, runtime.device, runtime.timeout, runtime.threads,
+                  runtime.deterministic),
             daemon=True,
             name="rankbench-worker",
         )

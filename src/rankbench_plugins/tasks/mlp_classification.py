@@ -46,6 +46,9 @@ class MLPClassification(ImageClassificationTask):
     version = "1"
     description = "Fully connected classifier trained from scratch on MNIST / Fashion-MNIST / digits"
     Params = MLPParams
+    # device auto keeps it on the CPU: a few small dense layers at batch 64-128 are launch-bound on a GPU (a small
+    # ViT, a larger model, trained 2.4-15x slower on an H200 than on 8 CPU threads); --device cuda still runs it there
+    gpu_benefit = False
 
     @classmethod
     def conformance_params(cls) -> list[dict]:
