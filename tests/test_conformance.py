@@ -176,9 +176,29 @@ def test_task_runs_its_reference_and_every_kind(cli):
     }
 
 
-def test_task_without_tiny_configurations_is_a_warning(cli):
-    result = cli("test-plugin", "llm-perplexity")  # its only model is a 135M LLM: no conformance configuration
-    assert result.returncode == 0
+UNTESTED_TASK = '''
+from rankbench import hookimpl
+from rankbench_plugins.tasks.matrix_recovery import MatrixRecovery
+
+
+class Untested(MatrixRecovery):
+    name = "untested-task"
+
+    @classmethod
+    def conformance_params(cls):
+        return []
+
+
+@hookimpl
+def rankbench_register_tasks(register):
+    register(Untested)
+'''
+
+
+def test_task_without_tiny_configurations_is_a_warning(cli, tmp_path):
+    (tmp_path / "untested_task.py").write_text(textwrap.dedent(UNTESTED_TASK))
+    result = cli("test-plugin", "untested-task", "--plugins-dir", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
     (row,) = _rows(result.stdout, "configurations")
     assert "warn" in row and not _rows(result.stdout, "runs")
 
@@ -228,7 +248,10 @@ def test_conformance_configurations_of_builtin_tasks_are_valid():
     assert {("vit-classification", k) for k in ("compression", "adaptation", "training")} <= kinds
     assert {("pinn", k) for k in ("compression", "adaptation", "training")} <= kinds
     assert ("mlp-classification", "training") in kinds and ("matrix-recovery", "recovery") in kinds
-    assert not any(c.spec.name == "llm-perplexity" for c in configs)
+    # the LLM task's tiny configuration: the locally built random Llama, so methods meet a real transformer
+    assert ("llm-perplexity", "compression") in kinds
+    (llm,) = [c for c in configs if c.spec.name == "llm-perplexity"]
+    assert llm.spec.params["model"] == "tiny-random-llama" and llm.spec.params["seq_len"] <= 64
 
 
 def test_budget_and_metric_rules():

@@ -18,7 +18,6 @@ from rankbench.context import CellContext
 from rankbench.kinds import run_cell
 from rankbench_plugins.tasks import _llm_assets as assets
 from rankbench_plugins.tasks.llm_perplexity import LLMPerplexity, LLMPerplexityParams
-from test_llm_task import tiny_tokenizer
 
 SEQ = 32
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 32, 64, 2, 4, 2
@@ -103,7 +102,7 @@ def text_file(tmp_path_factory, llm_cache) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer(text_file):
-    return tiny_tokenizer([text_file.read_text(encoding="utf-8")])
+    return assets.train_tiny_tokenizer([text_file.read_text(encoding="utf-8")])
 
 
 @pytest.fixture(scope="module")

@@ -42,38 +42,16 @@ def enwiki(llm_cache) -> assets.Corpus:
     return assets.enwiki_corpus(llm_cache)
 
 
-def tiny_tokenizer(texts: list[str]):
-    """A byte-level BPE tokenizer (vocabulary 512, SmolLM2's special tokens) trained on ``texts``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+tiny_tokenizer = assets.train_tiny_tokenizer  # byte-level BPE, vocabulary 512, SmolLM2's special tokens
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    bpe.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-    )
+TINY_SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": None, "max_position_embeddings": 2048}
 
 
 def save_tiny_llama(folder: Path, texts: list[str], seed: int = 0) -> Path:
-    """``tiny_tokenizer`` and a 2-layer Llama, saved to ``folder``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = tiny_tokenizer(texts)
-    config = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tokenizer), max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    """``tiny_tokenizer`` and a 2-layer Llama (hidden 32, LlamaConfig's other defaults), saved to ``folder`` by the
+    task's own builder (``assets.build_random_llama``)."""
+    assets.build_random_llama(folder, TINY_SHAPE, tiny_tokenizer(texts), seed)
     return folder
 
 

@@ -20,7 +20,7 @@ def _eager_attention(module, query, key, value, attention_mask, scaling, dropout
 
 
 class ReducedAttention(nn.Module):
-    """Llama attention with ``qk_dims`` query/key and ``v_dims`` value dimensions per head.
+    """Llama (or Mistral) attention with ``qk_dims`` query/key and ``v_dims`` value dimensions per head.
 
     ``rotary_index`` (key/value heads x ``qk_dims``): per key/value head (and its query heads) the original head
     dimensions the kept query/key dimensions are, ordered (kept pairs' first halves, then the same pairs' second
@@ -39,6 +39,10 @@ class ReducedAttention(nn.Module):
         self.scaling = dense.scaling
         self.is_causal = True
         self.attention_dropout = getattr(dense, "attention_dropout", 0.0)
+        # Mistral: the window is in the attention mask the model builds, and passed on for flash attention as the
+        # dense Mistral/Qwen2 attention passes it (per layer where the dense module holds one); Llama: None
+        self.sliding_window = (dense.sliding_window if hasattr(dense, "sliding_window")
+                               else getattr(dense.config, "sliding_window", None))
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.num_key_value_groups = num_heads // num_kv_heads
         self.qk_dims = q.out_features // num_heads
@@ -65,7 +69,7 @@ class ReducedAttention(nn.Module):
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_attention)
         output, weights = attend(self, query, key, value, attention_mask,
                                  dropout=0.0 if not self.training else self.attention_dropout,
-                                 scaling=self.scaling, **kwargs)
+                                 scaling=self.scaling, sliding_window=self.sliding_window, **kwargs)
         return self.o_proj(output.reshape(*shape, -1).contiguous()), weights
 
 

@@ -9,6 +9,15 @@ Models
                       plain Hugging Face folder under ``<cache>/models/smollm2-135m-<sha256 of the GGUF>[:16]``
                       (built in a temporary folder, renamed into place when complete, under a file lock), and every
                       later load reads that folder. The checksum is the GGUF file's sha256.
+    ``tiny-random-llama``  a seeded randomly initialised ``LlamaForCausalLM`` (``RANDOM_LLAMA_SHAPES["tiny"]``: 2
+                      layers, hidden 64, 4 query heads sharing 2 key/value heads of dimension 16, intermediate 128,
+                      tied embeddings, 106,816 parameters) with a 512-token byte-level BPE tokenizer trained on the
+                      built-in enwiki train split (``train_tiny_tokenizer``). Built once by ``build_random_llama``
+                      into ``<cache>/models/tiny-random-llama-<sha256 of the recipe>[:16]-v1`` (``build_once``:
+                      temporary folder, renamed when complete, under a file lock); the recipe is the shape, seed 0,
+                      the tokenizer settings, the corpus's sha256 and the torch/transformers/tokenizers versions.
+                      Every build of a recipe gives the same bytes; its checksum is the weights file's sha256 (as
+                      for a local folder).
     a local folder    ``from_pretrained(folder)`` (no network). Checksum: sha256 of the weights file, or for several
                       (sharded) files sha256 of the sorted lines ``"<file name> <file sha256>"``.
     a hub id          ``from_pretrained(id)``; checksum: the hub commit the files came from, else the sha256 of the
@@ -150,15 +159,15 @@ class LoadedModel:
     tokenizer: Any
     sha256: str  # model checksum (hex)
     source: str  # what was loaded, in words
-    folder: Path | None  # the folder read (the cached conversion for smollm2-135m)
+    folder: Path | None  # the folder read (the cached conversion / build for the built-in models)
     load_s: float
-    converted: bool = False  # True when this call converted the GGUF (first use)
+    converted: bool = False  # True when this call converted the GGUF / built the tiny model (first use)
     convert_s: float = 0.0
 
 
 def model_kind(spec: str) -> str:
     """``builtin``, ``folder`` or ``hub`` for a ``model`` parameter (see the task's parameter validation)."""
-    if spec == BUILTIN_MODEL:
+    if spec in BUILTIN_MODELS:
         return "builtin"
     if Path(spec).expanduser().exists() or looks_like_path(spec):
         return "folder"
@@ -224,14 +233,27 @@ def cached_conversion(gguf_path: Path, cache_dir: Path, prefix: str, converter=N
     leaves a half cache and concurrent workers convert once. Leftover temporary folders of dead processes are removed.
     """
     converter = converter if converter is not None else convert_gguf_checkpoint
-    models = Path(cache_dir) / "models"
     sha = sha256_file(gguf_path, Path(cache_dir))
-    final = models / f"{prefix}-{sha[:16]}-v{CONVERSION_VERSION}"
+    final = Path(cache_dir) / "models" / f"{prefix}-{sha[:16]}-v{CONVERSION_VERSION}"
+    info = {"source": str(gguf_path), "sha256": sha, "version": CONVERSION_VERSION}
+    folder, built, seconds = build_once(final, lambda tmp: converter(Path(gguf_path), tmp), info)
+    return folder, sha, built, seconds
+
+
+def build_once(final: Path, build, info: dict) -> tuple[Path, bool, float]:
+    """``final`` built by ``build(tmp_folder)`` unless it is already complete: (folder, built now, seconds).
+
+    Built in a temporary sibling folder and renamed into place only once complete (with the marker file ``MARKER``
+    holding ``info`` and the build time), under a file lock, so a killed build never leaves a half cache and
+    concurrent workers build once. Leftover temporary folders of dead processes are removed.
+    """
+    final = Path(final)
+    models = final.parent
     if (final / MARKER).is_file():
-        return final, sha, False, 0.0
+        return final, False, 0.0
     with _file_lock(models / f".{final.name}.lock"):
         if (final / MARKER).is_file():
-            return final, sha, False, 0.0
+            return final, False, 0.0
         for stale in models.glob(f".{final.name}.tmp-*"):
             pid = stale.name.rsplit("-", 2)[-2]
             if not pid.isdigit() or not _pid_alive(int(pid)):
@@ -242,15 +264,14 @@ def cached_conversion(gguf_path: Path, cache_dir: Path, prefix: str, converter=N
         tmp.mkdir(parents=True)
         start = time.perf_counter()
         try:
-            converter(Path(gguf_path), tmp)
+            build(tmp)
             seconds = time.perf_counter() - start
-            info = {"source": str(gguf_path), "sha256": sha, "version": CONVERSION_VERSION, "seconds": seconds}
-            (tmp / MARKER).write_text(json.dumps(info, indent=1))
+            (tmp / MARKER).write_text(json.dumps({**info, "seconds": seconds}, indent=1))
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return final, sha, True, seconds
+    return final, True, seconds
 
 
 def _torch_dtype(name: str):
@@ -281,8 +302,139 @@ def conv1d_as_linear(model) -> list[str]:
     return names
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Randomly initialised Llamas (the built-in ``tiny-random-llama``; ``benchmarks/make_random_llama.py`` for larger
+# shapes)
+
+TINY_MODEL = "tiny-random-llama"
+BUILTIN_MODELS = (BUILTIN_MODEL, TINY_MODEL)
+RANDOM_LLAMA_VERSION = "1"  # bump when the builder changes: the cache key includes it
+TINY_MODEL_SEED = 0
+TOKENIZER_VOCAB = 512
+TOKENIZER_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # SmolLM2's: unk/pad, bos, eos
+
+# Shapes of ``build_random_llama`` (LlamaConfig fields). ``vocab_size`` None: the tokenizer's size.
+RANDOM_LLAMA_SHAPES: dict[str, dict[str, Any]] = {
+    # a few seconds on a CPU: 2 layers, grouped-query attention (4 query heads share 2 key/value heads),
+    # tied embeddings; initializer_range 0.1 (Llama's 0.02 gives near-uniform logits at width 64)
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 16, "vocab_size": None, "max_position_embeddings": 2048,
+             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "rms_norm_eps": 1e-5,
+             "tie_word_embeddings": True, "initializer_range": 0.1},
+    # meta-llama/Llama-3.2-1B's config.json (1,235,814,400 parameters with tied embeddings)
+    "llama-3.2-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256,
+                     "max_position_embeddings": 131072,
+                     "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                         "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                         "original_max_position_embeddings": 8192},
+                     "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "initializer_range": 0.02},
+}
+
+
+def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int = TOKENIZER_VOCAB):
+    """A byte-level BPE tokenizer (``vocab_size`` tokens with SmolLM2's three special tokens: ``<|im_start|>`` bos,
+    ``<|im_end|>`` eos, ``<|endoftext|>`` unk and pad) trained on ``texts``, as a ``PreTrainedTokenizerFast``.
+    Training is deterministic: the same texts give the same ``tokenizer.json``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(TOKENIZER_SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    bpe.train_from_iterator(list(texts), trainer)
+    unk, bos, eos = TOKENIZER_SPECIALS
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos, unk_token=unk, pad_token=unk)
+
+
+def random_llama_config(shape: str | dict, tokenizer):
+    """The ``LlamaConfig`` of ``shape`` (a name in ``RANDOM_LLAMA_SHAPES`` or a dict of LlamaConfig fields), with the
+    tokenizer's special token ids (and its size as the vocabulary where the shape leaves it None)."""
+    from transformers import LlamaConfig
+
+    if isinstance(shape, str):
+        if shape not in RANDOM_LLAMA_SHAPES:
+            raise AssetError(f"unknown random Llama shape {shape!r} (known: {', '.join(RANDOM_LLAMA_SHAPES)})")
+        shape = RANDOM_LLAMA_SHAPES[shape]
+    fields = dict(shape)
+    if fields.get("vocab_size") is None:
+        fields["vocab_size"] = len(tokenizer)
+    if fields["vocab_size"] < len(tokenizer):
+        raise AssetError(f"vocab_size {fields['vocab_size']} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    return LlamaConfig(**fields, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+
+
+def build_random_llama(out_dir: Path, shape: str | dict, tokenizer, seed: int = 0,
+                       max_shard_size: str = "2GB") -> dict[str, Any]:
+    """Save a ``LlamaForCausalLM`` of ``shape`` initialised by transformers' own ``_init_weights`` (normal(0,
+    initializer_range) weights, RMSNorm weights 1) from ``torch.manual_seed(seed)`` -- on a forked RNG, so the
+    caller's global RNG state is untouched -- as float32 safetensors (shards of at most ``max_shard_size``) with
+    ``tokenizer`` in ``out_dir``. Deterministic for a given seed, shape, torch and transformers version.
+
+    Memory: the model is built once, in float32, on the CPU (each tensor allocated and initialised in place); saving
+    writes shard by shard, so the peak is about the model plus one shard. Returns the parameter count, the number of
+    tied tensors and the seconds of building and saving."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    config = random_llama_config(shape, tokenizer)
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).to(torch.float32).eval()
+    init_s = time.perf_counter() - start
+    params = sum(p.numel() for p in model.parameters())  # tied embeddings count once
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(out_dir)
+    del model
+    return {"parameters": params, "init_s": init_s, "total_s": time.perf_counter() - start}
+
+
+def tiny_model_texts(cache_dir: Path) -> tuple[list[str], str]:
+    """The tokenizer training texts of ``tiny-random-llama``: the built-in corpus's train split (its pages, in order),
+    with the corpus's sha256."""
+    corpus = enwiki_corpus(cache_dir)
+    return [d.page for d in corpus.train], corpus.sha256
+
+
+def tiny_model_recipe(corpus_sha256: str, seed: int = TINY_MODEL_SEED) -> dict[str, Any]:
+    """Everything the built ``tiny-random-llama`` depends on; its sha256 names the cache folder."""
+    import tokenizers
+    import torch
+    import transformers
+
+    return {"model": TINY_MODEL, "version": RANDOM_LLAMA_VERSION, "shape": RANDOM_LLAMA_SHAPES["tiny"],
+            "seed": seed, "tokenizer": {"vocab_size": TOKENIZER_VOCAB, "specials": list(TOKENIZER_SPECIALS),
+                                        "corpus": BUILTIN_CORPUS, "corpus_sha256": corpus_sha256},
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "tokenizers": tokenizers.__version__}}
+
+
+def cached_tiny_model(cache_dir: Path, seed: int = TINY_MODEL_SEED) -> tuple[Path, str, bool, float]:
+    """The ``tiny-random-llama`` folder under ``cache_dir/models``, built once (``build_once``: in a temporary folder,
+    renamed when complete, under a lock): (folder, recipe sha256, built now, seconds). The folder is named by the
+    sha256 of ``tiny_model_recipe`` (shape, seed, tokenizer settings, the corpus's sha256, and the torch,
+    transformers and tokenizers versions, whose initialisation and training code it depends on)."""
+    texts, corpus_sha = tiny_model_texts(cache_dir)
+    recipe = tiny_model_recipe(corpus_sha, seed)
+    sha = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+    final = Path(cache_dir) / "models" / f"{TINY_MODEL}-{sha[:16]}-v{RANDOM_LLAMA_VERSION}"
+
+    def build(tmp: Path) -> None:
+        build_random_llama(tmp, "tiny", train_tiny_tokenizer(texts), seed)
+
+    folder, built, seconds = build_once(final, build, {"recipe": recipe, "sha256": sha})
+    return folder, sha, built, seconds
+
+
 def load_causal_lm(spec: str, cache_dir: Path, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """Load ``spec`` (``smollm2-135m``, a local HF folder, or a hub id) as (model in eval mode, tokenizer, sha)."""
+    """Load ``spec`` (``smollm2-135m``, ``tiny-random-llama``, a local HF folder, or a hub id) as (model in eval
+    mode, tokenizer, sha)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind = model_kind(spec)
@@ -290,7 +442,11 @@ def load_causal_lm(spec: str, cache_dir: Path, dtype: str = "float32", device: s
     torch_dtype = _torch_dtype(dtype)
     converted, convert_s = False, 0.0
     start = time.perf_counter()
-    if kind == "builtin":
+    if kind == "builtin" and spec == TINY_MODEL:
+        folder, _, converted, convert_s = cached_tiny_model(cache_dir)
+        sha = folder_weights_sha(folder, Path(cache_dir))
+        source = f"{TINY_MODEL} (seeded random LlamaForCausalLM, built in {folder})"
+    elif kind == "builtin":
         gguf = smollm2_gguf_path()
         folder, sha, converted, convert_s = cached_conversion(gguf, cache_dir, BUILTIN_MODEL)
         source = f"{BUILTIN_MODEL} ({gguf.name}, converted to {folder})"
@@ -312,8 +468,9 @@ def load_causal_lm(spec: str, cache_dir: Path, dtype: str = "float32", device: s
             model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype)
         except Exception as exc:  # network, unknown id, offline mode: one clear message
             raise AssetError(
-                f"model: {spec!r} is neither 'smollm2-135m' nor an existing local folder, and loading it as a "
-                f"Hugging Face Hub id failed (the hub is unreachable here, or the id is wrong): "
+                f"model: {spec!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor an existing local "
+                f"folder, and loading it as a Hugging Face Hub id failed (the hub is unreachable here, or the id is "
+                f"wrong): "
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             ) from None
         sha = getattr(model.config, "_commit_hash", None) or state_dict_sha(model)

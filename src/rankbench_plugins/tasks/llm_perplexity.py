@@ -28,7 +28,19 @@ Model (``model``; loading in ``_llm_assets``)
     dequantised to float by transformers and converted once to a plain Hugging Face folder cached under
     ``$RANKBENCH_CACHE/llm-perplexity/models/`` (keyed by the GGUF's sha256): ``LlamaForCausalLM``, 30 layers,
     hidden 576, vocabulary 49,152, tied embeddings, 134,515,008 parameters, 210 sites. The weights carry the 4-bit
-    quantisation noise of the GGUF, so perplexities are not comparable with published SmolLM2 numbers. Or a local
+    quantisation noise of the GGUF, so perplexities are not comparable with published SmolLM2 numbers.
+    ``tiny-random-llama``: built here, no download: a ``LlamaForCausalLM`` with seeded random weights (seed 0,
+    transformers' own initialisation with initializer_range 0.1), 2 layers, hidden 64, 4 query heads sharing 2
+    key/value heads (grouped-query) of dimension 16, intermediate 128, RoPE, tied embeddings, 106,816 parameters, 14
+    sites; its tokenizer is a 512-token byte-level BPE trained on the built-in enwiki train split
+    (``_llm_assets.train_tiny_tokenizer``). Built once (about a second) into
+    ``$RANKBENCH_CACHE/llm-perplexity/models/tiny-random-llama-<sha256 of the recipe>[:16]-v1`` (a temporary folder
+    renamed when complete); every build gives the same bytes (the recipe: shape, seed, tokenizer settings, corpus
+    sha256, torch/transformers/tokenizers versions), and ``model_sha256`` is its weights file's sha256. Its
+    perplexity (near or above the vocabulary size: 693 on the conformance windows) means nothing; it is the task's
+    conformance model (``conformance_params``: every compression method, module factorizations included, runs on a
+    real transformer in seconds).
+    ``benchmarks/make_random_llama.py`` builds the same kind of model at Llama-3.2-1B's shape. Or a local
     Hugging Face folder, or a hub id (``from_pretrained``; only where the hub is reachable).
 
 Text (``corpus``, ``calib_corpus``)
@@ -36,7 +48,10 @@ Text (``corpus``, ``calib_corpus``)
     articles, 3.04M characters) and split by article: the 21 articles with the smallest sha256(title) are the test
     split (694k characters, 107,347 words; 161,438 SmolLM2 tokens), the other 85 the train split (2.35M characters).
     A path to a UTF-8 ``.txt`` file is one document used whole as the test text. Calibration text: the built-in
-    corpus's train split unless ``calib_corpus`` names a ``.txt`` file (or ``enwiki``).
+    corpus's train split unless ``calib_corpus`` names a ``.txt`` file (or ``enwiki``). ``max_text_chars`` (default
+    null) cuts the joined test text (for ``ppl_token``; lm-eval's documents are capped by ``max_eval_docs`` /
+    ``max_eval_words``) and the joined calibration text to their first characters before tokenizing (the whole
+    enwiki train split takes seconds to tokenize; the conformance configuration reads 20,000 characters of each).
 
 Metrics (the two protocols: ``docs/algorithms.md#perplexity-protocols``)
     ``ppl_token`` (protocol A): ``tokenizer(text)`` on the test documents joined with ``"\\n\\n"``, non-overlapping
@@ -100,6 +115,9 @@ FAMILY_SITES: dict[str, tuple[str, tuple[str, ...]]] = {
     "gpt2": ("transformer.h", ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")),
 }
 
+# model_types whose decoder layers ``transformer_blocks`` offers to module factorizations (see its docstring)
+MODULE_FAMILIES = ("llama", "mistral")
+
 
 def _check_text_source(value: str | None, key: str) -> str | None:
     if value is None or value == assets.BUILTIN_CORPUS:
@@ -115,7 +133,8 @@ def _check_text_source(value: str | None, key: str) -> str | None:
 
 class LLMPerplexityParams(PluginParams):
     model: str = Field(
-        assets.BUILTIN_MODEL, description="'smollm2-135m', a local Hugging Face model folder, or a hub id"
+        assets.BUILTIN_MODEL,
+        description="'smollm2-135m', 'tiny-random-llama' (built here), a local Hugging Face model folder, or a hub id"
     )
     corpus: str = Field(assets.BUILTIN_CORPUS, description="'enwiki' or a UTF-8 .txt file (one test document)")
     calib_corpus: str | None = Field(None, description="None: the built-in corpus's train split; or 'enwiki' / .txt")
@@ -137,13 +156,17 @@ class LLMPerplexityParams(PluginParams):
         description="null: the model family's attention and MLP projections (FAMILY_SITES); or name fragments",
     )
     eval_batch_size: int = Field(4, ge=1, description="windows per forward pass in evaluation (speed only)")
+    max_text_chars: int | None = Field(
+        None, ge=1, description="tokenize only the first max_text_chars characters of the joined test text and of the "
+        "joined calibration text (null: all; for seconds-long runs such as the conformance configuration)")
 
     @field_validator("model")
     @classmethod
     def _model(cls, value: str) -> str:
         if not value.strip():
-            raise ValueError("model: expected 'smollm2-135m', a local model folder or a hub id, got an empty string")
-        if value == assets.BUILTIN_MODEL:
+            raise ValueError("model: expected 'smollm2-135m', 'tiny-random-llama', a local model folder or a hub id, "
+                             "got an empty string")
+        if value in assets.BUILTIN_MODELS:
             return value
         path = Path(value).expanduser()
         if path.exists():
@@ -191,9 +214,13 @@ class LLMPerplexity(CompressionTask):
 
     @classmethod
     def conformance_params(cls) -> list[dict]:
-        # No tiny configuration: the only built-in model is a 135M-parameter LLM (a minute of conversion and calibration on a CPU),
-        # far from a seconds-long conformance cell; methods are exercised on the other tasks' compression configs.
-        return []
+        """The built-in ``tiny-random-llama`` (a 2-layer grouped-query Llama, built in about a second) on 32-token
+        windows: 4 calibration windows, 8 evaluation windows, lm-eval on the first 200 words of one test document
+        (0.3 s a cell); a real transformer on which every compression method, module factorizations included, runs
+        in seconds."""
+        return [{"model": assets.TINY_MODEL, "seq_len": 32, "calib_samples": 4, "calib_batch_size": 2,
+                 "max_eval_tokens": 256, "eval_batch_size": 8, "max_text_chars": 20000, "lm_eval": True,
+                 "max_eval_docs": 1, "max_eval_words": 200}]
 
     def __init__(self, params: PluginParams | None = None):
         super().__init__(params)
@@ -257,12 +284,15 @@ class LLMPerplexity(CompressionTask):
         return test, calib
 
     def _token_ids(self, ctx, key: str, docs) -> torch.Tensor:
-        """Documents joined with blank lines and tokenized once (as ``tokenizer(text)`` does), memoised by ``key``."""
+        """Documents joined with blank lines (cut to ``max_text_chars``) and tokenized once (as ``tokenizer(text)``
+        does), memoised by ``key``."""
         def tokenize() -> torch.Tensor:
             import torch
 
             tokenizer = self._loaded(ctx).tokenizer
             text = "\n\n".join(d.page for d in docs)
+            if self.params.max_text_chars is not None:
+                text = text[: self.params.max_text_chars]
             return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
 
         return ctx.memo(key, tokenize)
@@ -336,12 +366,22 @@ class LLMPerplexity(CompressionTask):
         return [f"{container}.{i}" for i in range(len(model.get_submodule(container)))]
 
     def transformer_blocks(self, model: nn.Module) -> list | None:
-        """The decoder layers of a Llama-architecture model (``model.model.layers``: self_attn q/k/v/o_proj with
-        rotate-half RoPE, mlp gate/up/down_proj); None for other architectures."""
+        """The decoder layers of a Llama or Mistral model (``model.model.layers``: self_attn q/k/v/o_proj, bias-free,
+        grouped-query, with rotate-half RoPE; mlp gate/up/down_proj), for module factorizations (``modegpt``); None
+        for other architectures (``MODULE_FAMILIES``).
+
+        Mistral is Llama's layout plus a sliding attention window, which lives in the attention mask the model builds
+        (and the ``sliding_window`` argument ``modegpt``'s reduced attention passes on, for flash attention), so the
+        CR/Nyström/SVD decompositions apply unchanged. Qwen2 is not offered: its q/k/v projections carry biases.
+        A value bias b_V could be folded exactly into o_proj's bias (attention rows sum to 1, so it adds
+        b_V W_O to every output), but the query/key biases enter the CR scores ||Q_c|| ||K_c|| through
+        (X W + 1 b)ᵀ(X W + 1 b), which needs the calibration inputs' column sums, a statistic the compression kind does
+        not collect (only the uncentred Gram XᵀX); ``modegpt`` scores from the weights alone and refuses a value
+        bias, so on Qwen2 it would rank query/key dimensions by the wrong objective."""
         from rankbench.kinds.modules import TransformerBlock
 
         config = model.config
-        if getattr(config, "model_type", None) != "llama":
+        if getattr(config, "model_type", None) not in MODULE_FAMILIES:
             return None
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
