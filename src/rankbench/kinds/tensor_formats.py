@@ -1,9 +1,10 @@
 """Tensor-format factorizations of a Linear layer's weight: CP, Tucker, tensor train (TT) and TT-matrix (TTM).
 
 A helper module (no plugin is registered here): it fits a weight ``W`` (out x in) in one of four tensor formats and
-returns an ``nn.Module`` whose forward pass works on the factors directly -- the dense weight is never formed
-(``to_dense()`` exists for tests and diagnostics only). All fitting runs in float64 on W's device; the returned layer
-keeps W's dtype and device.
+returns an ``nn.Module`` (``TensorLinear``) whose forward takes, per layer and batch size, the cheapest by FLOPs of
+reconstruct-then-GEMM (the dense weight cached while no gradient is needed), the format's hand-written contraction and
+an opt_einsum-planned contraction (see ``TensorLinear``). All fitting runs in float64 on W's device; the returned
+layer keeps W's dtype and device.
 
 Reshaping convention
 --------------------
@@ -58,7 +59,7 @@ Formats, papers, equations
   TT-SVD of the permuted tensor; the forward pass contracts x reshaped (batch, i_1..i_d) core by core.
   Stored: sum_k r_{k-1} o_k i_k r_k.
 
-Forward passes (batch B; no dense W is formed, every step is a GEMM):
+Contraction routes (batch B; no dense W is formed, every step is a GEMM) -- ``_apply_weight``:
 * CP: z = (x @ KR(B_1..B_q)) * lambda, y = z @ KR(A_1..A_p)^T, the Khatri-Rao products (in x R, out x R) rebuilt per
   call -- B R (in + out) multiply-adds, like a rank-R matrix factorization (at equal parameters R is ~ (in + out) /
   sum(dims) times larger, so CP is the slowest format per parameter).
@@ -83,6 +84,7 @@ module needs nothing beyond torch and numpy. tensorly serves only as the referen
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import numpy as np
@@ -296,23 +298,42 @@ def tt_spectra(
 class TensorLinear(nn.Module):
     """Base: y = W x + bias with W held in a tensor format; x (..., in) -> y (..., out).
 
-    Subclasses implement ``_apply_weight`` (x as (batch, in) -> (batch, out), without bias) and ``to_dense``.
+    Subclasses implement ``_apply_weight`` (x as (batch, in) -> (batch, out), without bias), ``to_dense``,
+    ``_factor_tensors`` (the tensors W is a function of) and ``_einsum_operands`` (the same as einsum operands).
     ``weight_params``: stored numbers of the factorized weight; ``params``: that plus the bias.
 
-    The forward takes the cheaper of two exact routes by a cost model (``route``): the format's own contraction
-    (``_apply_weight``, FLOPs linear in the rows of the batch) or reconstruct-then-GEMM (``to_dense`` once per call,
-    then one dense GEMM). FLOPs come from ``torch.utils.flop_counter`` on a one-row batch and on ``to_dense``, once per
-    layer; the contraction's are weighted by ``CONTRACTION_COST``, the time per FLOP of its chain of small GEMMs and
-    permutations relative to one large GEMM -- measured 2.4-6.5x on the shipped ViT layers (the tensor-forward
-    benchmark), where Tucker and TT contractions take 25 % fewer FLOPs than the dense product yet 1.5-5x its time.
-    The rule is deterministic (no timing at run time), so repeated CPU runs stay identical. Before it, the
-    contraction always ran and the layers' ``latency_ms`` measured our contraction order (3-19x dense), not the
-    format. Both routes are differentiable and agree up to floating-point association.
+    Routes (all exact; they agree up to floating-point association):
+
+    * ``reconstruct``: ``to_dense`` then one dense GEMM. When no gradient is needed (``torch.no_grad`` /
+      ``inference_mode``, or factors that do not require grad) the dense weight is built once and kept (``_dense
+      cache``, not a parameter or buffer: ``state_dict``, ``weight_params``, ``params`` and pickles do not see it),
+      so an inference forward is exactly the dense ``F.linear`` of the same size. The cache is keyed on the identity,
+      ``_version`` counter and storage pointer of every tensor in ``_factor_tensors()``: an optimizer step, any
+      in-place edit under ``no_grad``, ``load_state_dict``, ``.to()`` / ``.half()`` or a factor list swapped for other
+      tensors all rebuild it. (Edits through ``param.data`` bypass the version counter: call ``clear_caches()``.)
+      Memory: one out x in weight per layer while cached -- the price of inference at dense speed.
+    * ``contraction``: the format's hand-written chain of GEMMs (``_apply_weight``), FLOPs linear in the rows.
+    * ``planned``: one einsum of the factors and x (batch, i_1..i_q) whose pairwise contraction order is searched
+      by opt_einsum (``contract_expression(..., optimize="auto-hq")``: exhaustive for up to 6 operands, dynamic
+      programming above), planned once per (layer, batch rows) and kept. Absent when opt_einsum is not installed.
+
+    Choice (``route``), once per (layer, batch rows, whether the weight may be cached), deterministic (no timing at
+    run time, so repeated runs stay bit-identical): the route with the smallest cost, where the costs are FLOPs from
+    ``torch.utils.flop_counter`` (``flop_counts``) -- reconstruct: ``to_dense``'s FLOPs (0 when cached) plus rows x
+    2 in out; contraction: rows x its per-row FLOPs x ``CONTRACTION_COST``; planned: its FLOPs at that batch x
+    ``CONTRACTION_COST``. ``CONTRACTION_COST`` is the time per FLOP of a chain of small GEMMs and permutations
+    relative to one large GEMM: 2.4-6.5x for the hand-written contractions on the shipped ViT layers, and 1.5-7x for
+    the planned ones (the tensor-forward benchmark reports both, ``benchmarks/pytest/test_tensor_layers.py``). Ties
+    go to reconstruct. On the shipped ViT and MLP shapes at param_ratio 0.5 no contraction is 3x cheaper in FLOPs
+    than the dense product, so both training (uncached) and inference (cached) take reconstruct there.
     """
 
     CONTRACTION_COST = 3.0
 
     format_name = "tensor"
+
+    # instance-__dict__ caches, dropped on pickling / deepcopy and by ``clear_caches`` / ``_apply`` (.to, .half, ...)
+    _CACHE_KEYS = ("_dense_cache", "_routes", "_plans", "_flop_counts")
 
     def __init__(self, out_dims: Dims, in_dims: Dims, bias: torch.Tensor | None):
         super().__init__()
@@ -343,27 +364,109 @@ class TensorLinear(nn.Module):
         raise NotImplementedError
 
     def to_dense(self) -> torch.Tensor:
-        """The dense out x in weight the factors represent (differentiable; for tests and diagnostics)."""
+        """The dense out x in weight the factors represent (differentiable; built afresh on every call)."""
         raise NotImplementedError
 
+    def _factor_tensors(self) -> list[torch.Tensor]:
+        """Every tensor the weight depends on (read at call time: a caller may swap a factor list for other tensors)."""
+        raise NotImplementedError
+
+    def _einsum_operands(self) -> tuple[list[str], list[torch.Tensor]]:
+        """Subscripts and tensors of the factors as einsum operands; output modes are letters 0..p-1 of
+        ``_LETTERS``, input modes p..p+q-1, internal (rank) modes after them."""
+        raise NotImplementedError
+
+    def _member(self, name: str):
+        """``getattr(self, name)`` without ``nn.Module.__getattr__`` (~1 us a call, as much as the rest of a cached
+        forward's bookkeeping): the instance ``__dict__`` first (a list swapped in for a factor list), then the
+        parameters, buffers and submodules."""
+        d = self.__dict__
+        if name in d:
+            return d[name]
+        for store in ("_parameters", "_buffers", "_modules"):
+            if name in d[store]:
+                return d[store][name]
+        return getattr(self, name)  # the usual AttributeError
+
+    # -- caches ----------------------------------------------------------------------------------------------------
+    def clear_caches(self) -> None:
+        """Drop the cached dense weight, routes and contraction plans (needed only after edits through ``.data``)."""
+        for key in self._CACHE_KEYS:
+            self.__dict__.pop(key, None)
+
+    def _apply(self, fn, *args, **kwargs):  # .to / .half / .cuda / ...: new dtype or device, nothing cached holds
+        self.clear_caches()
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        for key in self._CACHE_KEYS:
+            state.pop(key, None)
+        return state
+
+    def cached_dense(self) -> torch.Tensor:
+        """``to_dense()`` built once and reused while every factor tensor is the same object at the same version
+        (class docstring). Only for forwards that need no gradient: the cached tensor carries no graph."""
+        tensors = self._factor_tensors()
+        state = [(t._version, t.data_ptr()) for t in tensors]
+        entry = self.__dict__.get("_dense_cache")
+        if (entry is not None and entry[1] == state and len(entry[0]) == len(tensors)
+                and all(map(operator.is_, entry[0], tensors))):
+            return entry[2]
+        with torch.no_grad():
+            weight = self.to_dense()
+        self.__dict__["_dense_cache"] = (tensors, state, weight)  # holding the tensors: their ids stay unique
+        return weight
+
+    # -- forward -----------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected inputs (..., {self.in_features}), got {tuple(x.shape)}")
+        n = x.numel() // self.in_features
+        cacheable = not (torch.is_grad_enabled() and any(t.requires_grad for t in self._factor_tensors()))
+        route = self.route(n, cached=cacheable)
+        if route == "reconstruct":  # the bias fused into the GEMM (addmm), as nn.Linear does
+            weight = self.cached_dense() if cacheable else self.to_dense()
+            return torch.nn.functional.linear(x, weight, self._member("bias"))
         rows = x.reshape(-1, self.in_features)
-        if self.route(rows.shape[0]) == "reconstruct":
-            y = torch.nn.functional.linear(rows, self.to_dense())
-        else:
-            y = self._apply_weight(rows)
-        y = y.reshape(*lead, self.out_features)
+        y = self._planned(rows) if route == "planned" else self._apply_weight(rows)
+        y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
-    def flop_counts(self) -> dict[str, int]:
-        """FLOPs (2 x multiply-adds of the matrix products) of the contraction for one row, of ``to_dense``, and of
-        one dense row (2 in out); counted once per layer (the factors' shapes never change)."""
+    def _plan(self, rows: int):
+        """The opt_einsum expression of y (rows, o_1..o_p) from the factors and x (rows, i_1..i_q), planned once per
+        batch size; None without opt_einsum."""
+        plans = self.__dict__.setdefault("_plans", {})
+        if rows not in plans:
+            try:
+                import opt_einsum
+            except ImportError:
+                plans[rows] = None
+            else:
+                subscripts, tensors = self._einsum_operands()
+                p, q = len(self.out_dims), len(self.in_dims)
+                batch = _LETTERS[-1]
+                equation = (",".join([*subscripts, batch + _LETTERS[p:p + q]]) + "->" + batch + _LETTERS[:p])
+                shapes = [tuple(t.shape) for t in tensors] + [(rows, *self.in_dims)]
+                plans[rows] = opt_einsum.contract_expression(equation, *shapes, optimize="auto-hq")
+        return plans[rows]
+
+    def _planned(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        _, tensors = self._einsum_operands()
+        y = self._plan(n)(*tensors, x.reshape(n, *self.in_dims), backend="torch")
+        return y.reshape(n, self.out_features)
+
+    def flop_counts(self, rows: int | None = None) -> dict[str, int]:
+        """FLOPs (2 x multiply-adds of the matrix products, ``torch.utils.flop_counter``) of the hand-written
+        contraction for one row, of ``to_dense``, of one dense row (2 in out), and -- given ``rows`` -- of the planned
+        contraction of that many rows (``planned``; absent without opt_einsum). Counted once per layer (and batch size:
+        the factors' shapes never change)."""
         counts = self.__dict__.get("_flop_counts")
+        some = next(iter(self._factor_tensors()))
         if counts is None:
             from torch.utils.flop_counter import FlopCounterMode
 
-            some = next(self.parameters())
             with torch.no_grad():
                 with FlopCounterMode(display=False) as contraction:
                     self._apply_weight(torch.zeros(1, self.in_features, dtype=some.dtype, device=some.device))
@@ -371,15 +474,42 @@ class TensorLinear(nn.Module):
                     self.to_dense()
             counts = {"contraction_per_row": contraction.get_total_flops(),
                       "reconstruct": reconstruction.get_total_flops(),
-                      "dense_per_row": 2 * self.in_features * self.out_features}
+                      "dense_per_row": 2 * self.in_features * self.out_features, "planned": {}}
             self.__dict__["_flop_counts"] = counts
-        return counts
+        out = {k: v for k, v in counts.items() if k != "planned"}
+        if rows is not None:
+            rows = int(rows)
+            if rows not in counts["planned"]:
+                flops = None
+                if self._plan(rows) is not None:
+                    from torch.utils.flop_counter import FlopCounterMode
 
-    def route(self, rows: int) -> str:
-        """``contraction`` or ``reconstruct`` for a batch of ``rows``: the one with fewer FLOPs (class docstring)."""
-        c = self.flop_counts()
-        reconstruct = c["reconstruct"] + rows * c["dense_per_row"]
-        return "reconstruct" if reconstruct < self.CONTRACTION_COST * rows * c["contraction_per_row"] else "contraction"
+                    with torch.no_grad(), FlopCounterMode(display=False) as planned:
+                        self._planned(torch.zeros(rows, self.in_features, dtype=some.dtype, device=some.device))
+                    flops = planned.get_total_flops()
+                counts["planned"][rows] = flops
+            if counts["planned"][rows] is not None:
+                out["planned"] = counts["planned"][rows]
+        return out
+
+    def route_costs(self, rows: int, cached: bool = False) -> dict[str, float]:
+        """Each route's cost for a batch of ``rows`` (class docstring); ``cached``: the dense weight may be reused."""
+        c = self.flop_counts(rows)
+        costs = {"reconstruct": (0 if cached else c["reconstruct"]) + rows * c["dense_per_row"],
+                 "contraction": self.CONTRACTION_COST * rows * c["contraction_per_row"]}
+        if "planned" in c:
+            costs["planned"] = self.CONTRACTION_COST * c["planned"]
+        return costs
+
+    def route(self, rows: int, cached: bool = False) -> str:
+        """``reconstruct``, ``contraction`` or ``planned`` for a batch of ``rows``: the cheapest by ``route_costs``
+        (ties to the earlier of that order); decided once per (rows, cached, ``CONTRACTION_COST``)."""
+        routes = self.__dict__.setdefault("_routes", {})
+        key = (rows, cached, self.CONTRACTION_COST)
+        if key not in routes:
+            costs = self.route_costs(rows, cached)
+            routes[key] = min(costs, key=costs.__getitem__)  # dicts keep order: ties go to reconstruct
+        return routes[key]
 
     def extra_repr(self) -> str:
         return (
@@ -389,6 +519,17 @@ class TensorLinear(nn.Module):
 
     def _rank_repr(self) -> str:
         return ""
+
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"  # einsum subscripts; the last one is the batch
+
+
+def _tensors(items) -> list[torch.Tensor]:
+    """The tensors of a ParameterList (read from its ``_parameters``: slicing a ParameterList builds a new module,
+    ~30 us, and iterating it ~10 us -- as much as a small GEMM) or of a plain list standing in for one."""
+    if isinstance(items, nn.ParameterList):
+        return list(items._parameters.values())
+    return list(items)
 
 
 def _khatri_rao(mats: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -422,14 +563,21 @@ class CPLinear(TensorLinear):
         # y[b, o] = sum_r z[b, r] KR(A_1..A_p)[o, r]. The Khatri-Rao products (in x R and out x R, rebuilt per call at
         # (in + out) R multiplications) turn both contractions into one GEMM each: B (in + out) R multiply-adds for a
         # batch of B, like a rank-R matrix factorization, and no (batch, in / i_q, R) intermediate.
-        p = len(self.out_dims)
-        z = (x @ _khatri_rao(list(self.factors[p:]))) * self.weights
-        return z @ _khatri_rao(list(self.factors[:p])).T
+        p, factors = len(self.out_dims), _tensors(self.factors)
+        z = (x @ _khatri_rao(factors[p:])) * self.weights
+        return z @ _khatri_rao(factors[:p]).T
 
     def to_dense(self) -> torch.Tensor:
-        p = len(self.out_dims)
-        left = _khatri_rao(list(self.factors[:p])) * self.weights  # (out, R)
-        return left @ _khatri_rao(list(self.factors[p:])).T
+        p, factors = len(self.out_dims), _tensors(self.factors)
+        left = _khatri_rao(factors[:p]) * self.weights  # (out, R)
+        return left @ _khatri_rao(factors[p:]).T
+
+    def _factor_tensors(self) -> list[torch.Tensor]:
+        return [*_tensors(self._member("factors")), self._member("weights")]
+
+    def _einsum_operands(self) -> tuple[list[str], list[torch.Tensor]]:
+        modes, r = len(self.out_dims) + len(self.in_dims), _LETTERS[-2]  # A_k[n_k, r], lambda[r]
+        return [_LETTERS[k] + r for k in range(modes)] + [r], self._factor_tensors()
 
 
 class TuckerLinear(TensorLinear):
@@ -455,19 +603,28 @@ class TuckerLinear(TensorLinear):
     def _apply_weight(self, x: torch.Tensor) -> torch.Tensor:
         p, n = len(self.out_dims), x.shape[0]
         t = x.reshape(n, *self.in_dims)
-        for k, U in enumerate(self.factors[p:]):  # project each input mode: i_k -> r_k
+        factors = _tensors(self.factors)
+        for k, U in enumerate(factors[p:]):  # project each input mode: i_k -> r_k
             t = mode_dot(t, U, 1 + k)
         r_out, r_in = math.prod(self.ranks[:p]), math.prod(self.ranks[p:])
         t = (t.reshape(n, r_in) @ self.core.reshape(r_out, r_in).T).reshape(n, *self.ranks[:p])  # contract the core
-        for k, U in enumerate(self.factors[:p]):  # expand each output mode: r_k -> o_k
+        for k, U in enumerate(factors[:p]):  # expand each output mode: r_k -> o_k
             t = mode_dot(t, U.T, 1 + k)
         return t.reshape(n, self.out_features)
 
     def to_dense(self) -> torch.Tensor:
         t = self.core
-        for k, U in enumerate(self.factors):
+        for k, U in enumerate(_tensors(self.factors)):
             t = mode_dot(t, U.T, k)
         return t.reshape(self.out_features, self.in_features)
+
+    def _factor_tensors(self) -> list[torch.Tensor]:
+        return [self._member("core"), *_tensors(self._member("factors"))]
+
+    def _einsum_operands(self) -> tuple[list[str], list[torch.Tensor]]:
+        modes = len(self.out_dims) + len(self.in_dims)  # core[r_1..r_N], U_k[n_k, r_k]
+        ranks = _LETTERS[modes:2 * modes]
+        return [ranks] + [_LETTERS[k] + ranks[k] for k in range(modes)], self._factor_tensors()
 
 
 def _tt_full(cores: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -498,19 +655,26 @@ class TTLinear(TensorLinear):
         # Input cores, last first. State t: (n, P, i_k * r_k) with P = i_1..i_{k-1}; each step is one GEMM with the
         # core reshaped (r_{k-1}, i_k r_k), and the result (n, P', i_{k-1}, r_{k-1}) is already the next state.
         t = x.reshape(n, self.in_features, 1)
-        for G in reversed(self.cores[p:]):
+        cores = _tensors(self.cores)
+        for G in reversed(cores[p:]):
             r_prev, i_k, r_k = G.shape
             t = t.reshape(n, -1, i_k * r_k) @ G.reshape(r_prev, i_k * r_k).T
         # Output cores, last first. State t: (n, r_k, Q) with Q = o_{k+1}..o_p; G_k reshaped (r_{k-1} o_k, r_k) @ t
         # gives (n, r_{k-1}, o_k Q). At the end r_0 = 1 and the output index is row-major in (o_1..o_p).
         t = t.reshape(n, -1, 1)
-        for G in reversed(self.cores[:p]):
+        for G in reversed(cores[:p]):
             r_prev, o_k, r_k = G.shape
             t = (G.reshape(r_prev * o_k, r_k) @ t).reshape(n, r_prev, -1)
         return t.reshape(n, self.out_features)
 
     def to_dense(self) -> torch.Tensor:
-        return _tt_full(list(self.cores)).reshape(self.out_features, self.in_features)
+        return _tt_full(_tensors(self.cores)).reshape(self.out_features, self.in_features)
+
+    def _factor_tensors(self) -> list[torch.Tensor]:
+        return _tensors(self._member("cores"))
+
+    def _einsum_operands(self) -> tuple[list[str], list[torch.Tensor]]:
+        return _tt_operands(self._factor_tensors(), [[k] for k in range(len(self.out_dims) + len(self.in_dims))])
 
 
 class TTMLinear(TensorLinear):
@@ -537,13 +701,14 @@ class TTMLinear(TensorLinear):
         # Novikov et al. 2015: contract x (batch, i_1..i_d) with the cores, last first. State t: (Q, n P, i_k r_k),
         # Q = o_{k+1}..o_d (the output modes done so far, o_{k+1} slowest), P = i_1..i_{k-1}. One GEMM with the core
         # as (i_k r_k) x (o_k r_{k-1}), then o_k moves to the front (one permute-copy) and (i_{k-1}, r_{k-1}) merge.
-        n, d = x.shape[0], len(self.cores)
+        cores = _tensors(self.cores)
+        n, d = x.shape[0], len(cores)
         t = x.reshape(1, n * self.in_features, 1)
         for k in range(d - 1, -1, -1):
-            r_prev, o_k, i_k, r_k = self.cores[k].shape
+            r_prev, o_k, i_k, r_k = cores[k].shape
             i_prev = self.in_dims[k - 1] if k > 0 else 1
             q, rows = t.shape[0], t.numel() // (t.shape[0] * i_prev * i_k * r_k)  # rows = n P'
-            core = self.cores[k].permute(2, 3, 1, 0).reshape(i_k * r_k, o_k * r_prev).contiguous()
+            core = cores[k].permute(2, 3, 1, 0).reshape(i_k * r_k, o_k * r_prev).contiguous()
             y = t.reshape(-1, i_k * r_k) @ core  # a contiguous operand keeps the GEMM output row-major
             y = y.reshape(q, rows, i_prev, o_k, r_prev).permute(3, 0, 1, 2, 4)  # (o_k, Q, n P', i_{k-1}, r_{k-1})
             t = y.reshape(o_k * q, rows, i_prev * r_prev)
@@ -551,11 +716,35 @@ class TTMLinear(TensorLinear):
         return t.reshape(self.out_features, n).T.contiguous()
 
     def to_dense(self) -> torch.Tensor:
-        d = len(self.cores)
-        full = _tt_full([G.reshape(G.shape[0], -1, G.shape[-1]) for G in self.cores])
+        cores = _tensors(self.cores)
+        d = len(cores)
+        full = _tt_full([G.reshape(G.shape[0], -1, G.shape[-1]) for G in cores])
         full = full.reshape([s for o, i in zip(self.out_dims, self.in_dims) for s in (o, i)])
         order = [2 * k for k in range(d)] + [2 * k + 1 for k in range(d)]
         return full.permute(*order).reshape(self.out_features, self.in_features)
+
+    def _factor_tensors(self) -> list[torch.Tensor]:
+        return _tensors(self._member("cores"))
+
+    def _einsum_operands(self) -> tuple[list[str], list[torch.Tensor]]:
+        d = len(self.out_dims)
+        return _tt_operands(self._factor_tensors(), [[k, d + k] for k in range(d)])
+
+
+def _tt_operands(cores: list[torch.Tensor], modes: list[list[int]]) -> tuple[list[str], list[torch.Tensor]]:
+    """einsum operands of TT cores (r_{k-1}, *physical, r_k): core k's physical modes are the letters ``modes[k]``,
+    its bonds letters after all physical ones; the boundary bonds (r_0 = r_N = 1) are squeezed away."""
+    first_bond = 1 + max(m for ms in modes for m in ms)
+    bond = ["", *_LETTERS[first_bond:first_bond + len(cores) - 1], ""]
+    subscripts, tensors = [], []
+    for k, (G, ms) in enumerate(zip(cores, modes)):
+        if k == 0:
+            G = G.squeeze(0)
+        if k == len(cores) - 1:
+            G = G.squeeze(-1)
+        subscripts.append(bond[k] + "".join(_LETTERS[m] for m in ms) + bond[k + 1])
+        tensors.append(G)
+    return subscripts, tensors
 
 
 def _check_tt_cores(cores: Sequence[torch.Tensor], dims: Dims) -> None:
