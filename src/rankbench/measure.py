@@ -53,6 +53,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
+def release_freed_memory() -> None:
+    """Hand the C heap's freed pages back to the OS (glibc ``malloc_trim``; nothing elsewhere). Tensors of a few MB
+    come from the heap, and a loop that frees them between long-lived allocations (a streamed compression's
+    per-block statistics and decompositions) otherwise keeps the freed memory resident."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PhaseTimer:
     """Accumulates wall time (and CUDA peaks) per named phase of one cell."""
 

@@ -76,6 +76,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TYPE_CHECKING
 
 from rankbench.files import atomic_write
+from rankbench.measure import release_freed_memory
 from rankbench.api import COMPRESSION, PARAM_RATIO, Factorization, RankProblem, Selector, Site, Task, lazy_attributes
 from rankbench.kinds.protocol import WORK_COUNTERS, Protocol, count_work
 from rankbench.kinds.tensor_compression import TensorFactorization, run_tensor_compression
@@ -135,6 +136,28 @@ class Decomposition:
         root = self.s[index].clamp_min(0).sqrt()
         cpu_index = index.to(self.left.device)
         return self._here(self.left[:, cpu_index]) * root, root[:, None] * self._here(self.right[cpu_index])
+
+
+class MappedDecomposition(Decomposition):
+    """A decomposition in the disk cache (``write_decomposition``): the spectrum held in memory, the factors
+    memory-mapped from the file afresh at each access of ``left``/``right`` -- only the rows a caller slices are
+    read, and the mapping goes away with the slice, so the decompositions of every site never count towards the
+    process's resident memory at once."""
+
+    def __init__(self, path: Path, s: torch.Tensor, note: str = ""):
+        self.path, self.s, self.note = path, s, note
+
+    def _mapped(self, key: str) -> torch.Tensor:
+        import torch
+        return torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)[key]
+
+    @property
+    def left(self) -> torch.Tensor:
+        return self._mapped("left_t").T
+
+    @property
+    def right(self) -> torch.Tensor:
+        return self._mapped("right")
 
 
 def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -396,6 +419,8 @@ class CompressionTask(Task):
                         merged = dataclasses.replace(whole.get(name, SiteStatistics()), **{
                             kind: getattr(stats, kind) for kind in streamed_kinds}, tokens=stats.tokens)
                         self._decompose_site(ctx, base, name, merged)
+                del block, stats, merged
+                release_freed_memory()
         else:
             with ctx.phase("calibrate"):
                 self.statistics(ctx, base.needs)
@@ -515,8 +540,7 @@ def write_decomposition(path: Path, result: Decomposition) -> bool:
 def read_decomposition(path: Path, device: torch.device, verify: bool = True) -> Decomposition | None:
     """The decomposition at ``path`` if it exists and its file matches its recorded SHA-256 (``verify``); else None.
 
-    The factors are memory-mapped on the CPU (only the slices a cell uses are read from disk, and the OS may drop
-    them again); the spectrum is loaded onto ``device``.
+    The factors stay in the file (``MappedDecomposition``); the spectrum is loaded onto ``device``.
     """
     import torch
     digest = path.with_name(path.name + ".sha256")
@@ -526,10 +550,13 @@ def read_decomposition(path: Path, device: torch.device, verify: bool = True) ->
         if verify and _file_digest(path) != digest.read_text().strip():
             return None
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        left_t, s, right = payload["left_t"], payload["s"], payload["right"]
+        s, note = payload["s"].to(device, copy=True), str(payload.get("note") or "")
+        shapes = (payload["left_t"].shape[0], payload["right"].shape[0], s.shape[0])
     except Exception:  # truncated, foreign or unpicklable: recompute and replace
         return None
-    return Decomposition(left=left_t.T, s=s.to(device), right=right, note=str(payload.get("note") or ""))
+    if len(set(shapes)) != 1:
+        return None
+    return MappedDecomposition(path, s, note)
 
 
 # -- the protocol ------------------------------------------------------------------------------------------------------

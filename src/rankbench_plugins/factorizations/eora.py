@@ -58,7 +58,6 @@ if TYPE_CHECKING:
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
 def registered_factorization(name: str) -> type[LowRankFactorization]:
     """The class registered as factorization ``name`` (through the host's registry of entry points; the registry
     is loaded once per process, not once per cell)."""
