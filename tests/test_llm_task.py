@@ -402,6 +402,26 @@ def test_calibration_is_fixed_by_the_task_configuration(tiny_dir, calib_file, ll
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
+def test_calibration_resampled_by_seed(tiny_dir, calib_file, llm_cache):
+    """``calib_resample: seed``: each task seed draws its own windows (and keys its statistics and decompositions by
+    them); the same seed draws the same windows; the fixed default ignores the seed."""
+    params = dict(model=str(tiny_dir), calib_corpus=str(calib_file), seq_len=SEQ, calib_samples=6, lm_eval=False,
+                  calib_resample="seed")
+    shared: dict = {}
+    task = make_task(**params)
+    ctx_1, ctx_2 = make_ctx(llm_cache, shared, task_seed=11), make_ctx(llm_cache, shared, task_seed=22)
+    w_1, w_2 = task.calibration_windows(ctx_1), task.calibration_windows(ctx_2)
+    assert w_1.shape == w_2.shape == (6, SEQ) and not torch.equal(w_1, w_2)
+    again = make_task(**params).calibration_windows(make_ctx(llm_cache, task_seed=11))
+    assert torch.equal(again, w_1)
+    assert task.calibration_key(ctx_1) != task.calibration_key(ctx_2)
+    assert task.decomposition_cache_key(ctx_1) != task.decomposition_cache_key(ctx_2)
+    fixed = make_task(**{**params, "calib_resample": "fixed"})
+    assert fixed.calibration_key(ctx_1) == fixed.calibration_key(ctx_2) == "fixed"
+    assert torch.equal(fixed.calibration_windows(make_ctx(llm_cache, task_seed=11)),
+                       fixed.calibration_windows(make_ctx(llm_cache, task_seed=22)))
+
+
 def test_default_calibration_text_is_the_enwiki_train_split(tiny_dir, text_file, enwiki, llm_cache):
     for corpus in ("enwiki", str(text_file)):
         task = make_task(model=str(tiny_dir), corpus=corpus, lm_eval=False)

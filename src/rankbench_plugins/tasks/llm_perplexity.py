@@ -74,7 +74,10 @@ Calibration: ``calib_samples`` windows of ``seq_len`` tokens of the calibration 
 generator seeded from the task configuration (not the cell seed, so every cell shares the statistics): distinct
 non-overlapping windows when the text holds enough of them, random offsets otherwise; batches of
 ``calib_batch_size`` windows (per-batch statistics -- FWSVD's Fisher -- and the selectors' ``calib_batches`` count
-these batches); the calibration loss is the mean next-token NLL.
+these batches); the calibration loss is the mean next-token NLL. With ``calib_resample: seed`` the generator is also
+seeded by the suite seed: each seed is a calibration resample (its own statistics and decompositions), the only
+source of spread in a training-free cell, so the reports' paired intervals over seeds measure how much a verdict
+depends on the calibration sample.
 """
 
 from __future__ import annotations
@@ -145,6 +148,9 @@ class LLMPerplexityParams(PluginParams):
     calib_batch_size: int = Field(
         4, ge=1, description="calibration windows per batch (per-batch Fisher; what selectors' calib_batches count)"
     )
+    calib_resample: Literal["fixed", "seed"] = Field(
+        "fixed", description="'fixed': the calibration windows depend on the task configuration only; 'seed': on the "
+        "suite seed too, so seeds are calibration resamples (the spread a verdict's intervals then show)")
     lm_eval: bool = Field(True, description="compute word/byte perplexity and bits per byte through lm-eval")
     max_eval_docs: int | None = Field(None, ge=1, description="cap on the test documents given to lm-eval")
     max_eval_words: int | None = Field(None, ge=1, description="cap on the words given to lm-eval (cut at a paragraph)")
@@ -240,7 +246,9 @@ class LLMPerplexity(CompressionTask):
         return "pretrained"  # the checkpoint does not depend on the seed: every suite seed shares it
 
     def calibration_key(self, ctx) -> str:
-        return "fixed"  # calibration windows come from the task configuration, never the seed
+        """'fixed' (the windows come from the task configuration; every suite seed shares them and their statistics
+        and decompositions) or, with ``calib_resample: seed``, 'seed-<task seed>' (one resample per suite seed)."""
+        return "fixed" if self.params.calib_resample == "fixed" else f"seed-{ctx.task_seed}"
 
     def decomposition_cache_key(self, ctx) -> str:
         """The checkpoint's and the calibration corpus's sha256 with every task parameter: decompositions are reused
@@ -248,6 +256,8 @@ class LLMPerplexity(CompressionTask):
         loaded = self._loaded(ctx)
         _, calib = self._corpora(ctx)
         material = [loaded.sha256, calib.sha256, self.params.model_dump_json()]
+        if self.params.calib_resample == "seed":
+            material.append(self.calibration_key(ctx))
         return hashlib.sha256(json.dumps(material).encode()).hexdigest()
 
     def _loaded(self, ctx) -> assets.LoadedModel:
@@ -305,14 +315,17 @@ class LLMPerplexity(CompressionTask):
         """The whole calibration text, tokenized once."""
         return self._token_ids(ctx, "llm_calib_ids", self._corpora(ctx)[1].train)
 
-    def calibration_seed(self) -> int:
+    def calibration_seed(self, ctx) -> int:
         p = self.params
         key = {"model": p.model, "corpus": p.corpus, "calib_corpus": p.calib_corpus, "seq_len": p.seq_len,
                "calib_samples": p.calib_samples}
+        if p.calib_resample == "seed":
+            key["resample"] = self.calibration_key(ctx)
         return int(hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16], 16)
 
     def calibration_windows(self, ctx) -> torch.Tensor:
-        """``calib_samples`` x ``seq_len`` token windows (CPU), fixed for the task configuration."""
+        """``calib_samples`` x ``seq_len`` token windows (CPU), fixed for the task configuration (and, with
+        ``calib_resample: seed``, the suite seed)."""
         def draw() -> torch.Tensor:
             import torch
 
@@ -321,7 +334,7 @@ class LLMPerplexity(CompressionTask):
             n = int(ids.numel())
             if n < p.seq_len:
                 raise CellFailure(f"the calibration text has {n} tokens, fewer than seq_len = {p.seq_len}")
-            gen = torch.Generator().manual_seed(self.calibration_seed() % (2**63))
+            gen = torch.Generator().manual_seed(self.calibration_seed(ctx) % (2**63))
             slots = n // p.seq_len
             if p.calib_samples <= slots:  # distinct non-overlapping windows
                 starts = torch.randperm(slots, generator=gen)[: p.calib_samples].sort().values * p.seq_len
@@ -329,7 +342,7 @@ class LLMPerplexity(CompressionTask):
                 starts = torch.randint(0, n - p.seq_len + 1, (p.calib_samples,), generator=gen)
             return torch.stack([ids[s : s + p.seq_len] for s in starts.tolist()])
 
-        return ctx.memo("llm_calib_windows", draw)
+        return ctx.memo(f"llm_calib_windows:{self.calibration_key(ctx)}", draw)
 
     def setup(self, ctx) -> None:
         _quiet_library_progress_bars()
