@@ -18,6 +18,8 @@ folder in use by another ``bench run``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import math
 import os
 import sys
@@ -251,9 +253,7 @@ def cmd_plugins(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from rankbench.html_report import write_html_report
-    from rankbench.leaderboard import summarise
-    from rankbench.report import make_report
+    from rankbench import report_freshness
 
     out = Path(args.dir)
     if not (out / "cells").is_dir():
@@ -264,19 +264,59 @@ def cmd_report(args) -> int:
     if not scan.markers:
         damaged = f" ({len(scan.damaged)} damaged: `bench check-results {args.dir}`)" if scan.damaged else ""
         raise BadInput(f"{args.dir}: expected a results folder with finished cells (no finished cells{damaged})")
+    if args.claims and not Path(args.claims).is_file():
+        raise BadInput(f"{args.claims}: claims file not found (--claims expects a claims YAML file)")
+    digest = report_freshness.inputs_digest(scan.markers, args.claims)
+    stored = report_freshness.fresh(out / "report", digest)
+    if stored is not None:  # the folder, claims and code are those of the report already there
+        print(stored, end="")
+        print(f"(up to date: {out / 'report'} is the report of these cells; nothing redrawn)")
+        return EXIT_OK
+    with _tee_stdout() as printed:
+        _write_report(out, args.claims)
+    files = [p.name for p in (out / "report").iterdir() if p.is_file() and p.name != report_freshness.STATE]
+    report_freshness.record(out / "report", digest, printed.getvalue(), files)
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def _tee_stdout():
+    """Everything printed inside, also kept (a StringIO) -- the text a fresh report prints again."""
+    kept = io.StringIO()
+    real = sys.stdout
+
+    class Tee(io.TextIOBase):
+        def write(self, text: str) -> int:
+            kept.write(text)
+            return real.write(text)
+
+        def flush(self) -> None:
+            real.flush()
+
+    sys.stdout = Tee()
+    try:
+        yield kept
+    finally:
+        sys.stdout = real
+
+
+def _write_report(out: Path, claims_file: str | None) -> None:
+    from rankbench.html_report import write_html_report
+    from rankbench.leaderboard import summarise
+    from rankbench.report import make_report
+
     claims = None
-    if args.claims:
+    if claims_file:
         from rankbench.verify import ClaimsError, check_claims, load_claims, verdict_frame
 
         try:
-            claims = verdict_frame(check_claims(load_claims(args.claims), [out]))
+            claims = verdict_frame(check_claims(load_claims(claims_file), [out]))
         except ClaimsError as exc:
             raise BadInput(str(exc)) from None
     data = summarise(out)  # leaderboard, pairwise calls and rankings, once for both reports
     report_path = make_report(out, claims=claims, data=data)
     print(f"report: {report_path}")
     print(f"html report: {write_html_report(out, claims=claims, data=data)}")  # one page that opens offline
-    return EXIT_OK
 
 
 def cmd_check_results(args) -> int:
