@@ -4,7 +4,8 @@
 #   2. the streamed memory bound of one svd-llm compression cell on CUDA (benchmarks/memory/streamed_llm_memory.py:
 #      peak torch.cuda.max_memory_allocated against 1.5 x (weights + one block's work + one evaluation batch));
 #   3. ppl_token throughput against a raw batched forward on CUDA (benchmarks/pytest/test_ppl_throughput.py);
-#   4. a slice of suites/llm-gpu.yaml (svd and svd-llm x uniform x 0.8/0.4) with the model replaced by the random
+#   4. a slice of suites/llm-gpu.yaml (svd and svd-llm x uniform x 0.8/0.4, dtype bfloat16 as Llama-3.2-1B's
+#      checkpoint declares: the random folder's config declares float32, which dtype auto would keep) with the model replaced by the random
 #      folder: per-phase times, peak_cuda_mb on every cell, device = cuda in every row;
 #   5. --deterministic: two CUDA runs of suites/smoke.yaml's training slice give bit-identical metrics.
 # Results go to $OUT (the device tool's output folder) or ./gpu-check. Budget: about 10 minutes on an H100/H200.
@@ -24,7 +25,7 @@ RANKBENCH_BENCH_DEVICE=cuda timeout 240 $PY -m pytest benchmarks/pytest/test_ppl
     --benchmark-only --benchmark-json "$OUT/ppl_throughput_cuda.json" || echo "ppl throughput benchmark failed"
 
 sed -e "s#meta-llama/Llama-3.2-1B#$MODEL#" -e "s#^selectors:#selectors:#" suites/llm-gpu.yaml \
-  | $PY -c "import sys, yaml; s = yaml.safe_load(sys.stdin); s['name'] = 'llm-gpu-check'; s['selectors'] = ['uniform']; s['factorizations'] = ['svd', 'svd-llm']; s['budgets'] = [0.8, 0.4]; s['tasks'][0]['llm-perplexity']['max_eval_tokens'] = 16384; print(yaml.safe_dump(s))" \
+  | $PY -c "import sys, yaml; s = yaml.safe_load(sys.stdin); s['name'] = 'llm-gpu-check'; s['selectors'] = ['uniform']; s['factorizations'] = ['svd', 'svd-llm']; s['budgets'] = [0.8, 0.4]; s['tasks'][0]['llm-perplexity']['max_eval_tokens'] = 16384; s['tasks'][0]['llm-perplexity']['dtype'] = 'bfloat16'; print(yaml.safe_dump(s))" \
   > "$OUT/llm-gpu-check.yaml"
 $BENCH run "$OUT/llm-gpu-check.yaml" --out "$OUT/llm-gpu-check" --device cuda
 $BENCH report "$OUT/llm-gpu-check" > "$OUT/llm-gpu-check.txt" || true

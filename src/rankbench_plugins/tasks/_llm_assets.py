@@ -25,6 +25,8 @@ Models
     Every model, once loaded, has its ``transformers.pytorch_utils.Conv1D`` modules (GPT-2's c_attn, c_proj, c_fc:
     ``y = x W + b`` with W stored input x output) replaced by ``nn.Linear`` modules holding Wᵀ and the same bias
     (``conv1d_as_linear``), so that the compression protocol, which swaps Linears, sees every projection as one.
+    The weights load in the requested type; ``auto`` is resolved per device by ``resolve_dtype`` (float32 except on
+    CUDA, where a bfloat16 / float16 checkpoint keeps its type), and ``LoadedModel`` says what was chosen and why.
 
 Corpora
     ``enwiki``        the MediaWiki dump excerpt in gensim's test data
@@ -163,6 +165,8 @@ class LoadedModel:
     load_s: float
     converted: bool = False  # True when this call converted the GGUF / built the tiny model (first use)
     convert_s: float = 0.0
+    dtype: str = "float32"  # the weights' type the model was loaded in (``resolve_dtype``'s answer)
+    dtype_choice: str = "requested"  # why that type (``resolve_dtype``): what a cell records beside it
 
 
 def model_kind(spec: str) -> str:
@@ -279,6 +283,48 @@ def _torch_dtype(name: str):
 
     return {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
             "float16": torch.float16}[name]
+
+
+HALF_DTYPES = ("bfloat16", "float16")
+
+
+def declared_dtype(config) -> str | None:
+    """The weight type a checkpoint's config declares (``dtype``, formerly ``torch_dtype``) as a name such as
+    ``"bfloat16"``, or None when it declares none."""
+    value = getattr(config, "dtype", None)
+    if value is None and "torch_dtype" in getattr(config, "__dict__", {}):  # transformers < 4.56
+        value = config.torch_dtype
+    if value is None:
+        return None
+    return str(value).removeprefix("torch.")
+
+
+def resolve_dtype(requested: str, config, device) -> tuple[str, str]:
+    """(the weights' type to load, why): the task's ``dtype`` parameter resolved for ``device``.
+
+    An explicit type is used as given. ``auto``: float32 on every device but CUDA (the CPU numbers never change);
+    on CUDA the checkpoint's declared type (``declared_dtype``) when it is float16, or bfloat16 where
+    ``torch.cuda.is_bf16_supported()``; a bfloat16 checkpoint on a GPU without bfloat16 falls back to float32 (every
+    bfloat16 value is exact in float32, while float16's narrower exponent range could overflow), and the reason says
+    so; any other declared type (float32, none) gives float32. ``config`` is the checkpoint's config or a function
+    returning it, called only when the answer depends on it (auto on CUDA).
+    """
+    import torch
+
+    if requested != "auto":
+        return requested, "requested"
+    device_type = torch.device(device).type
+    if device_type != "cuda":
+        return "float32", f"auto: float32 on {device_type}"
+    declared = declared_dtype(config() if callable(config) else config)
+    if declared == "bfloat16":
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "auto: the checkpoint's bfloat16 on cuda"
+        return "float32", ("auto: the checkpoint is bfloat16 but this GPU does not support bfloat16; "
+                           "float32 (fallback)")
+    if declared == "float16":
+        return "float16", "auto: the checkpoint's float16 on cuda"
+    return "float32", f"auto: float32 (the checkpoint declares {declared or 'no type'})"
 
 
 def conv1d_as_linear(model) -> list[str]:
@@ -434,12 +480,11 @@ def cached_tiny_model(cache_dir: Path, seed: int = TINY_MODEL_SEED) -> tuple[Pat
 
 def load_causal_lm(spec: str, cache_dir: Path, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
     """Load ``spec`` (``smollm2-135m``, ``tiny-random-llama``, a local HF folder, or a hub id) as (model in eval
-    mode, tokenizer, sha)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    mode, tokenizer, sha), its weights in ``dtype`` (``"auto"``: ``resolve_dtype`` for ``device``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kind = model_kind(spec)
     set_offline(hub=kind != "hub")
-    torch_dtype = _torch_dtype(dtype)
     converted, convert_s = False, 0.0
     start = time.perf_counter()
     if kind == "builtin" and spec == TINY_MODEL:
@@ -461,11 +506,13 @@ def load_causal_lm(spec: str, cache_dir: Path, dtype: str = "float32", device: s
     start_load = time.perf_counter()
     if folder is not None:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
+        name, choice = resolve_dtype(dtype, lambda: AutoConfig.from_pretrained(folder, local_files_only=True), device)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=_torch_dtype(name), local_files_only=True)
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(spec)
-            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype)
+            name, choice = resolve_dtype(dtype, lambda: AutoConfig.from_pretrained(spec), device)
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=_torch_dtype(name))
         except Exception as exc:  # network, unknown id, offline mode: one clear message
             raise AssetError(
                 f"model: {spec!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor an existing local "
@@ -478,7 +525,7 @@ def load_causal_lm(spec: str, cache_dir: Path, dtype: str = "float32", device: s
     model.eval()
     model.to(device)
     load_s = time.perf_counter() - start_load if converted else time.perf_counter() - start
-    return LoadedModel(model, tokenizer, sha, source, folder, load_s, converted, convert_s)
+    return LoadedModel(model, tokenizer, sha, source, folder, load_s, converted, convert_s, name, choice)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

