@@ -32,7 +32,8 @@ the seed (a pretrained checkpoint) overrides ``model_key`` to return a constant,
 not depend on it overrides ``calibration_key`` likewise, so a second suite seed reuses them. One model and one set of
 statistics are held at a time: a new key replaces the old entry (the runner groups cells by task and seed).
 Counters of the expensive work are kept in the memo ``"counters"``: ``calibration_passes``, ``decompositions``,
-``calibration_evaluations`` and ``sigma_loss_evaluations``; every cell records what it performed itself as metrics
+``calibration_evaluations``, ``replayed_blocks`` (blocks not run in them, ``PrefixReplay``) and
+``sigma_loss_evaluations``; every cell records what it performed itself as metrics
 ``work_<counter>`` (so their sum over a results folder is the suite's total).
 
 Streaming (``CompressionTask.decompositions``). A task that names its model's sequential blocks (``site_blocks``:
@@ -63,6 +64,7 @@ SmolLM2-135M (delete the folder to reclaim it);
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -723,6 +725,10 @@ class CompressionStatistics:
         return torch.stack(losses).mean()
 
     def calibration_loss(self, ranks: dict[str, int], max_batches: int | None = None) -> float:
+        """The mean calibration loss with ``ranks``' sites compressed. Where the task names its blocks
+        (``site_blocks``), the blocks before the first one holding a compressed site are not run: they compute what
+        the dense model computes, so their recorded outputs are replayed (``PrefixReplay``) -- the same loss, for
+        the cost of the blocks from that one on (about half a forward pass on average over a model's sites)."""
         import torch
         task, ctx = self.task, self.ctx
         model = task.model(ctx)
@@ -730,12 +736,138 @@ class CompressionStatistics:
         decompositions = {name: task.decomposition(ctx, self.factorization, name) for name in sites}
         count_work(ctx, "calibration_evaluations")
         statistics = compensation_statistics(task, ctx, self.factorization)
+        batches = list(_first(task.calibration_batches(ctx), max_batches))
+        replay = PrefixReplay.of(task, ctx, batches, max_batches)
+        losses = []
         with swapped(model, sites, self.factorization, decompositions, ranks, statistics), torch.no_grad():
-            losses = [float(task.calibration_loss(model, batch))
-                      for batch in _first(task.calibration_batches(ctx), max_batches)]
+            with replay.skipping(model, sites) as cursor:
+                for index, batch in enumerate(batches):
+                    cursor.batch = index
+                    losses.append(float(task.calibration_loss(model, batch)))
         if not losses:
             raise ValueError("the task yielded no calibration batches")
         return sum(losses) / len(losses)
+
+
+class PrefixReplay:
+    """The dense model's output of every block (``site_blocks``) for the first calibration batches, recorded once
+    per calibration key and batch count, so an evaluation that compresses only sites of blocks i, i+1, ... replays
+    blocks 0..i-1 instead of running them (``skipping``). Exact: those blocks are dense and see the same inputs, so
+    their outputs are the recorded ones (the last replayed output is handed out as a copy, so nothing downstream can
+    modify the record). Not offered (``skipping`` runs everything) when the task names no blocks or when the record
+    would exceed ``MEMORY_LIMIT`` bytes (batches x blocks x the residual stream: 18 MB for SmolLM2-135M's 30 blocks and
+    one 256-token window; 270 MB for a 1B Llama's 16 blocks and eight such windows). Counter ``replayed_blocks``."""
+
+    MEMORY_LIMIT = 2 * 1024**3
+
+    def __init__(self, blocks: list[str] | None, outputs: list[list] | None):
+        self.blocks, self.outputs = blocks, outputs  # outputs[block][batch]
+        self.batch = 0
+        self.ctx = None
+
+    @classmethod
+    def of(cls, task: CompressionTask, ctx, batches: list, max_batches: int | None) -> PrefixReplay:
+        """The record for these batches, computed on first use (a forward pass of the dense model) and memoised."""
+        slot = task.calibration_memo(ctx).setdefault("prefix_replay", {})
+        if max_batches not in slot:
+            blocks = task.site_blocks(task.model(ctx))
+            outputs = None
+            if blocks and len(blocks) > 1:
+                task._check_dense(ctx, "recording block outputs")
+                outputs = _record_block_outputs(task, task.model(ctx), blocks[:-1], batches, cls.MEMORY_LIMIT)
+            slot[max_batches] = cls(blocks if outputs is not None else None, outputs)
+        replay = slot[max_batches]
+        replay.ctx = ctx
+        return replay
+
+    def first_block(self, sites: Iterable[str]) -> int:
+        """Index of the first block holding one of ``sites`` (0: nothing to skip, also for a site in no block)."""
+        if self.blocks is None:
+            return 0
+        first = len(self.blocks)
+        for site in sites:
+            index = next((i for i, b in enumerate(self.blocks) if site.startswith(b + ".")), 0)
+            first = min(first, index)
+        return min(first, len(self.outputs))
+
+    @contextlib.contextmanager
+    def skipping(self, model: nn.Module, sites: Iterable[str]):
+        """Blocks before the first one holding ``sites`` replaced by their recorded outputs (for batch
+        ``cursor.batch``), put back on exit. Yields the cursor (this object)."""
+        from rankbench.kinds.layers import ReplayedBlock
+
+        first = self.first_block(sites)
+        originals = {name: model.get_submodule(name) for name in (self.blocks or [])[:first]}
+        try:
+            for index, name in enumerate(originals):
+                model.set_submodule(name, ReplayedBlock(functools.partial(self._output, index, index == first - 1)))
+            if first:
+                count_work(self.ctx, "replayed_blocks", first)
+            yield self
+        finally:
+            for name, module in originals.items():
+                model.set_submodule(name, module)
+
+
+    def _output(self, index: int, last: bool):
+        """Block ``index``'s recorded output for the current batch (a copy for the last replayed block, whose output
+        the first running block reads: nothing downstream can then modify the record)."""
+        recorded = self.outputs[index][self.batch]
+        return _detached(recorded, clone=True) if last else recorded
+
+
+def _record_block_outputs(task: CompressionTask, model: nn.Module, blocks: list[str], batches: list,
+                          limit: int) -> list[list] | None:
+    """Per block, per batch: the block's output in a dense forward of each batch (None past ``limit`` bytes)."""
+    import torch
+
+    outputs: list[list] = [[] for _ in blocks]
+    size = [0]
+
+    def recorder(index: int):
+        def hook(module, args, output):
+            kept = _detached(output)
+            outputs[index].append(kept)
+            size[0] += sum(t.numel() * t.element_size() for t in _tensors(kept))
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_hook(recorder(i)) for i, name in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                task.calibration_loss(model, batch)
+                if size[0] > limit:
+                    return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    if any(len(per_block) != len(batches) for per_block in outputs):
+        return None  # a block ran more or less than once per batch: not a sequential stack
+    return outputs
+
+
+def _detached(value, clone: bool = False):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        return value.clone() if clone else value
+    if isinstance(value, tuple):
+        return type(value)(*(_detached(v, clone) for v in value)) if hasattr(value, "_fields") else tuple(
+            _detached(v, clone) for v in value)
+    if isinstance(value, list):
+        return [_detached(v, clone) for v in value]
+    return value
+
+
+def _tensors(value):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
 
 
 def compensation_statistics(task: CompressionTask, ctx, factorization: LowRankFactorization

@@ -46,6 +46,18 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+class ReplayedBlock(nn.Module):
+    """Stands in for one of a model's sequential blocks, whatever it is called with: returns ``output()`` -- the
+    block's recorded output (``compression.PrefixReplay``), computed by the dense block on the same input earlier."""
+
+    def __init__(self, output):
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args, **kwargs):
+        return self.output()
+
+
 class SigmaLinear(nn.Module):
     """A Linear whose weight is left[:, :k] diag(sigma) right[:k] with ``sigma`` a (differentiable) input."""
 

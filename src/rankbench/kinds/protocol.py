@@ -12,10 +12,10 @@ from rankbench.api import Factorization, Selector, Task
 WORK_COUNTERS = "counters"  # ctx.memo slot: counts of the expensive work done in this process (per kind docstrings)
 
 
-def count_work(ctx, name: str) -> None:
-    """Count one piece of expensive work (a calibration pass, a decomposition) in the process's memo."""
+def count_work(ctx, name: str, amount: int = 1) -> None:
+    """Count ``amount`` pieces of expensive work (calibration passes, decompositions) in the process's memo."""
     counters = ctx.memo(WORK_COUNTERS, dict)
-    counters[name] = counters.get(name, 0) + 1
+    counters[name] = counters.get(name, 0) + amount
 
 
 def no_setup(task: Task, ctx) -> None:
