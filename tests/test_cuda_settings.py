@@ -371,6 +371,46 @@ def test_scale_out_jobs_get_the_switch(tmp_path, probe_dir, torch_settings):
         _remote._RUNTIMES.clear()
 
 
+
+def test_a_reused_job_process_drops_an_earlier_jobs_switch(tmp_path, probe_dir, torch_settings):
+    """A Ray worker process is reused across jobs: a job without --deterministic after one with it runs with the
+    default (nondeterministic) settings again."""
+    from rankbench_plugins.executors import _remote
+
+    registry, _ = _probe_cells(tmp_path, probe_dir, "cpu")
+    _remote._RUNTIMES.clear()
+    try:
+        for deterministic in (True, False):
+            runtime = runner.Runtime(registry=registry, device="cpu", timeout=60, plugins_dir=str(probe_dir),
+                                     deterministic=deterministic)
+            job_runtime = _remote._runtime(_remote.job_settings(runtime))
+            assert job_runtime.deterministic is deterministic
+            assert torch_settings.are_deterministic_algorithms_enabled() is deterministic
+            assert torch_settings.backends.cudnn.deterministic is deterministic
+    finally:
+        _remote._RUNTIMES.clear()
+
+
+def test_test_plugin_cells_under_auto_follow_gpu_benefit(monkeypatch):
+    """``bench test-plugin --device auto`` places its tiny cells as ``bench run`` does: on a GPU machine the tasks
+    that declare ``gpu_benefit = False`` stay on the CPU; ``cuda`` puts every one on the GPU."""
+    import torch
+
+    from rankbench import conformance
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("rankbench.envinfo.gpu_driver_present", lambda: True)
+    configs, problems = conformance.task_configs(load_plugins(None))
+    assert configs and not problems
+    exercises = [conformance.Exercise("reference", config) for config in configs]
+    for requested in ("auto", "cuda"):
+        by_task: dict[str, set] = {}
+        for cell in conformance.build_cells(exercises, requested, 60.0):
+            by_task.setdefault(cell.task, set()).add(cell.device)
+        small = {"cpu"} if requested == "auto" else {"cuda"}
+        assert SMALL_TASKS <= set(by_task) and GPU_TASKS & set(by_task)
+        assert all(devices == (small if task in SMALL_TASKS else {"cuda"}) for task, devices in by_task.items())
+
 # -- bit-identical training under --deterministic ------------------------------------------------------------------
 
 MLP = ("{mlp-classification: {dataset: digits, max_train: 200, max_test: 100, hidden: [16], epochs: 2, "

@@ -394,9 +394,10 @@ def cmd_test_plugin(args) -> int:
 
     plugins_dir = _plugins_dir(args.plugins_dir)
     try:
-        device = resolve_device(args.device)
+        resolve_device(args.device)  # cuda without a GPU: bad input now, not a failed check later
     except ValueError as exc:
         raise BadInput(f"--device: {exc}") from None
+    device = args.device  # as asked: under auto, tasks with gpu_benefit = False stay on the CPU
     if args.timeout is not None and not (args.timeout > 0 and math.isfinite(args.timeout)):
         raise BadInput(f"--timeout: expected finite seconds > 0 (got {args.timeout})")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():

@@ -394,10 +394,16 @@ def find_pair(config: TaskConfig, partners: Partners, kind: str) -> Exercise | N
 
 
 def build_cells(exercises: list[Exercise], device: str, timeout: float | None) -> list[Cell]:
-    """The cells of the exercises (each with its own ``cells``) plus one reference cell per task configuration."""
+    """The cells of the exercises (each with its own ``cells``) plus one reference cell per task configuration.
+    ``device`` as asked for (``auto``, ``cpu``, ``cuda``): under ``auto`` a task too small to gain from a GPU
+    (``gpu_benefit = False``) stays on the CPU, as in ``bench run`` (``envinfo.task_device``)."""
+    from rankbench.envinfo import resolve_device, task_device
+
+    requested, resolved = device, resolve_device(device)
     cells: dict[str, Cell] = {}
     for ex in exercises:
         task = ex.config.spec
+        device = task_device(task.instance, requested, resolved)
         ref = make_cell(SUITE, task, None, None, None, None, SEED, device, timeout, problem_kind=cell_kind(task.instance))
         cells.setdefault(ref.cell_id, ref)
         if ex.selector is None:
@@ -485,6 +491,7 @@ def run_tiny(
     from rich.console import Console
 
     from rankbench import results
+    from rankbench.envinfo import resolve_device
     from rankbench.runner import CACHE_ENV, Runtime, run_cells
 
     out, cache = folder / "results", folder / "cache"
@@ -494,7 +501,7 @@ def run_tiny(
         executor = executor or in_process_executor(registry)
         if executor is None:
             raise RuntimeError(NO_IN_PROCESS_EXECUTOR)
-        run_cells(cells, out, runtime, executor, {"git_sha": "", "device": device}, force=True,
+        run_cells(cells, out, runtime, executor, {"git_sha": "", "device": resolve_device(device)}, force=True,
                   console=Console(stderr=True, quiet=True))
     table = results.read_table(out, "cells")
     metrics = results.read_table(out, "metrics")

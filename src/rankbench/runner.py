@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import os
 import random
+import sys
 import signal
 import threading
 import time
@@ -134,6 +135,11 @@ def worker_runtime(plugins_dir: str | None, device: str, timeout: float | None, 
 
     if deterministic:
         use_deterministic_torch()
+    elif "torch" in sys.modules:  # a reused process (a Ray worker) whose earlier job was deterministic
+        import torch
+
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
     if threads:
         import torch
 
