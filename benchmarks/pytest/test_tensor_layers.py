@@ -33,14 +33,20 @@ fits (Tucker's common rank alone lands at 0.33-0.45). The realised ratios are in
   ViT (above, 128 x 17 token rows) and MLP suites (``mlp-classification`` on MNIST, hidden 512: 512x784 and 10x512;
   on digits, hidden 64: 64x64 and 10x64; 128 rows, the task's ``batch_size``) at RATIO. Per site
   (``extra_info["sites"]``), each a median over ``PAIRED_ROUNDS`` interleaved rounds against the dense
-  ``nn.Linear`` of the same weight, one torch thread: ``inference`` -- factorized / dense forward under
-  ``torch.no_grad`` (what a task's ``latency_ms`` times: the dense weight is cached, so this is one GEMM plus the
-  cache check); ``training`` -- the same with autograd on (factors requiring grad, the weight rebuilt every call;
-  forward only); ``reconstruct_uncached`` / ``contraction`` / ``planned`` -- each route forced, no_grad, over the
-  dense time; ``routes`` -- what ``route`` picks cached and uncached; ``flops`` -- dense GEMM, ``to_dense``,
-  hand-written contraction and planned contraction of the batch (torch's flop counter), and ``param_ratio``.
-  ``extra_info["target_met"]``: every site's inference ratio <= 1.2 (the issue's target; recorded, not asserted,
-  as timings on a shared machine are noisy). The benchmark's own timing is the cached inference pass over all sites.
+  ``nn.Linear`` of the same weight, one torch thread, for the layer choosing its routes ``before`` (the FLOP model
+  with the previous weight, ``CONTRACTION_COST = 3``) and ``after`` (the default: the routes timed once per key,
+  ``TensorLinear.measured_routes``) -- ``inference``: factorized / dense forward under ``torch.no_grad`` (what a
+  task's ``latency_ms`` times; a cached dense weight when reconstruct is taken); ``training``: the same with autograd
+  on (factors requiring grad, forward only); ``training_step``: forward + backward to all parameters
+  (``torch.autograd.grad``) over the dense layer's; ``reconstruct_uncached`` / ``contraction`` / ``planned`` --
+  each route forced, no_grad, over the dense time; ``routes`` -- what each choice takes cached (no grad) and uncached
+  (grad); ``measured_ms`` -- the times the measured choice saw; ``flops`` -- dense GEMM, ``to_dense``, reconstruct
+  + GEMM uncached, hand-written contraction and planned contraction of the batch (torch's flop counter);
+  ``route_rel_error`` -- float32 max |route - reconstruct| / max |reconstruct| of the two contractions; and
+  ``param_ratio``. ``extra_info["target_met"]``: every site's inference ratio <= 1.2 (the issue's target; recorded,
+  not asserted, as timings on a shared machine are noisy). The benchmark's own timing is the cached inference pass
+  over all sites. ``python benchmarks/pytest/test_tensor_layers.py [--min] [formats...]`` prints the same as a table
+  (``--min``: the minimum over the rounds instead of the median).
 
 Before anything is timed, the module frees one ~32 MiB block so that glibc's dynamic mmap threshold is settled (see
 ``settled_allocator``): otherwise the timings depend on what the process freed earlier, by up to 2x.
@@ -51,7 +57,9 @@ Run: ``make benchmark`` (``pytest benchmarks/pytest -m "slow or not slow" --benc
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+import random
 import statistics
 import time
 
@@ -330,17 +338,25 @@ SITES = {  # name: ((out, in), rows of the batch)
 INFERENCE_TARGET = 1.2  # the issue's bound on factorized / dense forward time at param_ratio <= 0.5
 
 
+STATISTIC = statistics.median  # of the interleaved rounds; ``python test_tensor_layers.py --min``: min
+
+
 def interleaved_medians(calls: dict, rounds: int) -> dict[str, float]:
-    """Median seconds of each callable, all timed round-robin (one warm-up call each first)."""
+    """Median (``STATISTIC``) seconds of each callable, all timed once per round (one warm-up call each first), in
+    an order shuffled per round (seeded) so that none always runs after the same neighbour or at the same place: a
+    fixed order biased two identical calls by up to 10%."""
     for call in calls.values():
         call(), call()
     times = {key: [] for key in calls}
+    keys, shuffle = list(calls), random.Random(0).shuffle
     for _ in range(rounds):
-        for key, call in calls.items():
+        shuffle(keys)
+        for key in keys:
+            call = calls[key]
             start = time.perf_counter()
             call()
             times[key].append(time.perf_counter() - start)
-    return {key: statistics.median(t) for key, t in times.items()}
+    return {key: STATISTIC(t) for key, t in times.items()}
 
 
 def no_grad(call):
@@ -350,48 +366,129 @@ def no_grad(call):
     return run
 
 
+def training_step(layer: nn.Module, x: torch.Tensor):
+    """Forward + backward to every parameter requiring grad (nothing accumulates in ``.grad``)."""
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def run():
+        y = layer(x)
+        return torch.autograd.grad(y, params, grad_outputs=torch.ones_like(y))
+    return run
+
+
 def measure_site(layer: tf.TensorLinear, dense: nn.Linear, x: torch.Tensor) -> dict:
-    """One site's ratios, routes and FLOPs (module docstring, ``tensor-forward-sites``)."""
+    """One site's ratios, routes and FLOPs (module docstring, ``tensor-forward-sites``); ``layer`` takes the default
+    (measured) choice, a copy of it the FLOP model's."""
     rows = x.shape[0]
+    before = copy.deepcopy(layer)
+    before.CONTRACTION_COST = 3.0  # an instance attribute: this copy chooses by the previous FLOP model
     with torch.no_grad():  # all routes compute the layer's own weight
         expected = x @ layer.to_dense().T + layer.bias
         for y in (torch.nn.functional.linear(x, layer.to_dense(), layer.bias), layer._apply_weight(x) + layer.bias,
-                  layer._planned(x) + layer.bias, layer(x)):
+                  layer._planned(x) + layer.bias, layer(x), before(x)):
             assert torch.allclose(y, expected, atol=1e-4, rtol=1e-3)
+        reference = torch.nn.functional.linear(x, layer.to_dense(), layer.bias)
+        scale = float(reference.abs().max())
+        errors = {route: float((y + layer.bias - reference).abs().max()) / scale
+                  for route, y in (("contraction", layer._apply_weight(x)), ("planned", layer._planned(x)))}
     t = interleaved_medians({
-        "dense": no_grad(lambda: dense(x)), "inference": no_grad(lambda: layer(x)),
-        "dense_training": lambda: dense(x), "training": lambda: layer(x),
+        "dense": no_grad(lambda: dense(x)), "inference_before": no_grad(lambda: before(x)),
+        "inference_after": no_grad(lambda: layer(x)),
+        "dense_training": lambda: dense(x), "training_before": lambda: before(x), "training_after": lambda: layer(x),
+        "dense_step": training_step(dense, x), "step_before": training_step(before, x),
+        "step_after": training_step(layer, x),
         "reconstruct_uncached": no_grad(lambda: torch.nn.functional.linear(x, layer.to_dense(), layer.bias)),
         "contraction": no_grad(lambda: layer._apply_weight(x)), "planned": no_grad(lambda: layer._planned(x)),
     }, PAIRED_ROUNDS)
     counts = layer.flop_counts(rows)
+    dense_flops = rows * counts["dense_per_row"]
+    measured = {("cached" if cached else "uncached"): layer.measured_routes(rows, cached) for cached in (True, False)}
     return {
-        "rows": rows, "inference": t["inference"] / t["dense"], "training": t["training"] / t["dense_training"],
+        "rows": rows, "dense_ms": 1e3 * t["dense"],
+        **{f"{kind}_{when}": t[f"{kind}_{when}"] / t[ref]
+           for kind, ref in (("inference", "dense"), ("training", "dense_training"), ("step", "dense_step"))
+           for when in ("before", "after")},
         **{route: t[route] / t["dense"] for route in ("reconstruct_uncached", "contraction", "planned")},
-        "dense_ms": 1e3 * t["dense"],
-        "routes": {"cached": layer.route(rows, cached=True), "uncached": layer.route(rows, cached=False)},
-        "flops": {"dense": rows * counts["dense_per_row"], "to_dense": counts["reconstruct"],
+        "routes_before": {"cached": before.route(rows, cached=True), "uncached": before.route(rows, cached=False)},
+        "routes_after": {"cached": layer.route(rows, cached=True), "uncached": layer.route(rows, cached=False)},
+        "measured_ms": {k: {r: round(1e3 * v, 4) for r, v in e["times"].items()} for k, e in measured.items() if e},
+        "flops": {"dense": dense_flops, "to_dense": counts["reconstruct"],
+                  "reconstruct_uncached": counts["reconstruct"] + dense_flops,
                   "contraction": rows * counts["contraction_per_row"], "planned": counts.get("planned")},
+        "route_rel_error": errors,
     }
+
+
+def forward_sites(fmt: str) -> dict:
+    """Every site of SITES in one format: shape, ranks, parameter ratio and ``measure_site``'s entries."""
+    sites = {}
+    for seed, (site, (shape, rows)) in enumerate(SITES.items()):
+        W = WEIGHTS[site[4:]] if site.startswith("vit.") else weight_like(*shape, seed=10 + seed)
+        g = torch.Generator().manual_seed(seed)
+        bias, x = 0.1 * torch.randn(shape[0], generator=g), torch.randn(rows, shape[1], generator=g)
+        _, _, ranks, ratio = site_ranks(fmt, shape)
+        layer = factorized_layer(fmt, W, bias)
+        sites[site] = {"shape": list(shape), "ranks": list(ranks), "param_ratio": round(ratio, 4),
+                       **measure_site(layer, dense_layer(W, bias), x), "layer": layer, "x": x}
+    return sites
 
 
 @pytest.mark.benchmark(group="tensor-forward-sites")
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_forward_sites(benchmark, single_thread, fmt):
     pytest.importorskip("opt_einsum")
-    sites, layers, inputs = {}, {}, {}
-    for seed, (site, (shape, rows)) in enumerate(SITES.items()):
-        W = WEIGHTS[site[4:]] if site.startswith("vit.") else weight_like(*shape, seed=10 + seed)
-        g = torch.Generator().manual_seed(seed)
-        bias, x = 0.1 * torch.randn(shape[0], generator=g), torch.randn(rows, shape[1], generator=g)
-        _, _, ranks, ratio = site_ranks(fmt, shape)
-        layers[site], inputs[site] = factorized_layer(fmt, W, bias), x
-        sites[site] = {"shape": list(shape), "ranks": list(ranks), "param_ratio": round(ratio, 4),
-                       **measure_site(layers[site], dense_layer(W, bias), x)}
+    sites = forward_sites(fmt)
+    layers = {site: entry.pop("layer") for site, entry in sites.items()}
+    inputs = {site: entry.pop("x") for site, entry in sites.items()}
     with torch.no_grad():
         benchmark(run_block, layers, inputs)
     info = benchmark.extra_info
     info["sites"] = sites
-    info["inference_ratio_max"] = max(s["inference"] for s in sites.values())
+    info["inference_ratio_max"] = max(s["inference_after"] for s in sites.values())
+    info["inference_ratio_max_before"] = max(s["inference_before"] for s in sites.values())
     info["target_met"] = info["inference_ratio_max"] <= INFERENCE_TARGET
     assert all(0.5 * RATIO < s["param_ratio"] <= RATIO for s in sites.values())
+
+
+def table(results: dict[str, dict]) -> str:
+    """A markdown table of ``forward_sites`` results per format: FLOPs (M) of each route, the routes taken (cached /
+    uncached) and the time ratios to dense, before -> after."""
+    rows = ["| format | site | rows | p.ratio | FLOPs M: dense / rec. uncached / contraction / planned "
+            "| routes before (cached/grad) | routes after | inference | training fwd | training fwd+bwd "
+            "| forced: contraction / planned | max rel err c / p |",
+            "|" + "---|" * 11]
+    short = {"reconstruct": "rec", "contraction": "con", "planned": "plan", "kronecker": "kron"}
+    for fmt, sites in results.items():
+        for site, s in sites.items():
+            f = s["flops"]
+            flops = " / ".join("-" if f[k] is None else f"{f[k] / 1e6:.1f}"
+                               for k in ("dense", "reconstruct_uncached", "contraction", "planned"))
+
+            def pair(kind, s=s):
+                return f"{s[kind + '_before']:.2f} -> {s[kind + '_after']:.2f}"
+
+            routes = {when: "/".join(short[s[f"routes_{when}"][c]] for c in ("cached", "uncached"))
+                      for when in ("before", "after")}
+            e = s["route_rel_error"]
+            rows.append(f"| {fmt} | {site} | {s['rows']} | {s['param_ratio']:.2f} | {flops} | {routes['before']} "
+                        f"| {routes['after']} | {pair('inference')} | {pair('training')} | {pair('step')} "
+                        f"| {s['contraction']:.2f} / {s['planned']:.2f} "
+                        f"| {e['contraction']:.1e} / {e['planned']:.1e} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    import sys
+
+    torch.set_num_threads(1)
+    block = torch.empty((32 << 20) - (1 << 16), dtype=torch.uint8)  # as ``settled_allocator``
+    block.fill_(0)
+    del block
+    args = sys.argv[1:]
+    if "--min" in args:  # the minimum over the rounds: steadier than the median on a loaded machine
+        STATISTIC = min
+        args.remove("--min")
+    results = {}
+    for fmt in args or FORMATS:
+        results[fmt] = forward_sites(fmt)
+        print(table({fmt: results[fmt]}).split("\n", 2)[-1] if len(results) > 1 else table(results), flush=True)

@@ -16,6 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+CACHE_ENV = "RANKBENCH_CACHE"
+
+
+def cache_root() -> Path:
+    """The folder of everything rankbench caches across runs ($RANKBENCH_CACHE, default ~/.cache/rankbench)."""
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "rankbench"))
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object] | bytes | str) -> Path:
     """Write ``path`` atomically. ``write`` is the content (bytes, or text as UTF-8) or a function that writes into

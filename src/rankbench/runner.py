@@ -28,21 +28,15 @@ from rankbench import results, stopping
 from rankbench.api import CellFailure, CellRecord
 from rankbench.cells import Cell
 from rankbench.context import CellContext
-from rankbench.files import atomic_write
+from rankbench.files import CACHE_ENV, atomic_write, cache_root  # noqa: F401 (cache_root, CACHE_ENV: part of the runner's API)
 from rankbench.kinds import run_cell
 from rankbench.measure import peak_rss_mb, reset_peak_rss
 from rankbench.plugins import Registry
-
-CACHE_ENV = "RANKBENCH_CACHE"
 
 
 class CellTimeout(BaseException):
     """Raised in-process by the alarm at the per-cell limit (a BaseException, so ``except Exception`` in a plugin
     cannot swallow it)."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "rankbench"))
 
 
 def now() -> str:

@@ -1,10 +1,10 @@
 """Tensor-format factorizations of a Linear layer's weight: CP, Tucker, tensor train (TT) and TT-matrix (TTM).
 
 A helper module (no plugin is registered here): it fits a weight ``W`` (out x in) in one of four tensor formats and
-returns an ``nn.Module`` (``TensorLinear``) whose forward takes, per layer and batch size, the cheapest by FLOPs of
-reconstruct-then-GEMM (the dense weight cached while no gradient is needed), the format's hand-written contraction and
-an opt_einsum-planned contraction (see ``TensorLinear``). All fitting runs in float64 on W's device; the returned
-layer keeps W's dtype and device.
+returns an ``nn.Module`` (``TensorLinear``) whose forward takes, per layer shape and batch size, the fastest (timed
+once per process) or, in deterministic mode, the cheapest by a FLOP model of reconstruct-then-GEMM (the dense weight
+cached while no gradient is needed), the format's hand-written contraction and an opt_einsum-planned contraction (see
+``TensorLinear``). All fitting runs in float64 on W's device; the returned layer keeps W's dtype and device.
 
 Reshaping convention
 --------------------
@@ -83,9 +83,11 @@ module needs nothing beyond torch and numpy. tensorly serves only as the referen
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -316,19 +318,51 @@ class TensorLinear(nn.Module):
     * ``planned``: one einsum of the factors and x (batch, i_1..i_q) whose pairwise contraction order is searched
       by opt_einsum (``contract_expression(..., optimize="auto-hq")``: exhaustive for up to 6 operands, dynamic
       programming above), planned once per (layer, batch rows) and kept. Absent when opt_einsum is not installed.
+    * ``kronecker`` (``TuckerLinear``, measured choice with grad only): the weight rebuilt as (U_1 (x) ... (x) U_p)
+      G_(out x in) (U_{p+1} (x) ... (x) U_N)^T -- two Kronecker products (elementwise) and two GEMMs instead of N
+      mode products -- then one GEMM. More FLOPs than ``to_dense`` but fewer, larger kernels: ~2x faster to rebuild
+      (forward and backward) on the small ViT / digits weights, ~2.5x slower on the 512x784 MNIST one, so it is
+      only ever taken where timed faster; the FLOP model never takes it.
 
-    Choice (``route``), once per (layer, batch rows, whether the weight may be cached), deterministic (no timing at
-    run time, so repeated runs stay bit-identical): the route with the smallest cost, where the costs are FLOPs from
-    ``torch.utils.flop_counter`` (``flop_counts``) -- reconstruct: ``to_dense``'s FLOPs (0 when cached) plus rows x
-    2 in out; contraction: rows x its per-row FLOPs x ``CONTRACTION_COST``; planned: its FLOPs at that batch x
-    ``CONTRACTION_COST``. ``CONTRACTION_COST`` is the time per FLOP of a chain of small GEMMs and permutations
-    relative to one large GEMM: 2.4-6.5x for the hand-written contractions on the shipped ViT layers, and 1.5-7x for
-    the planned ones (the tensor-forward benchmark reports both, ``benchmarks/pytest/test_tensor_layers.py``). Ties
-    go to reconstruct. On the shipped ViT and MLP shapes at param_ratio 0.5 no contraction is 3x cheaper in FLOPs
-    than the dense product, so both training (uncached) and inference (cached) take reconstruct there.
+    Choice (``route``), made once per (layer shape, batch rows, whether the weight may be cached):
+
+    * measured (the default): the first forward of a (class, dims, factor shapes, rows rounded up to a power of two,
+      cached or not, which factors require grad, dtype, device, torch threads) times every route on a batch of ones
+      of that many rows -- one warm-up call each, then ``MEASURE_REPEATS`` interleaved rounds, the minimum of each
+      (``torch.cuda.synchronize`` around every call on a GPU) -- and keeps the fastest in the process-level
+      ``_MEASURED_ROUTES`` dict, shared by every layer of that key (a ViT's twelve qkv layers are timed once).
+      Without grad (cached weight) a route is timed as the forward; with grad as forward plus backward to the factors
+      (``torch.autograd.grad``, nothing accumulates in ``.grad``), what a training step pays. A contraction replaces
+      reconstruct only when it is at least ``MEASURE_MARGIN`` (5%) faster, so near-ties keep the one-GEMM route and
+      a rerun does not flip between routes on noise. The timing costs ~(1 + ``MEASURE_REPEATS``) x 3 forwards, once
+      per machine: the choice is also written to the machine's route wisdom on disk (``RouteWisdom``), which every
+      later process -- a suite's other workers, a rerun, a resume -- reads instead of timing, so their routes, and
+      with them their numbers, are the same. (A choice made on a loaded machine can be the slower route; deleting
+      ``<cache root>/tensor-routes/`` times again.)
+    * FLOP model (``flop_route``), used when ``torch.are_deterministic_algorithms_enabled()`` (the harness's
+      ``--deterministic``: a timed choice could differ between runs and change the floating-point association), when
+      ``CONTRACTION_COST`` is set to a number (a calibration for the machine at hand: then that weight), and where
+      timing is not possible (``torch.compile`` tracing, a dispatch mode such
+      as ``FlopCounterMode`` active, CUDA graph capture, devices other than CPU and CUDA; then the choice is not
+      stored): the route with the smallest cost, where the costs are FLOPs from ``torch.utils.flop_counter``
+      (``flop_counts``) -- reconstruct: ``to_dense``'s FLOPs (0 when cached) plus rows x 2 in out; contraction: rows
+      x its per-row FLOPs x c; planned: its FLOPs at that batch x c, c = ``CONTRACTION_COST`` or, while that is None,
+      ``FLOP_MODEL_COST`` = 3 (the model as it was before the timed choice). Ties go to reconstruct. c stands for the
+      time per FLOP of a chain of small GEMMs and permutations relative to one large GEMM; measured on one CPU thread
+      it ranges from ~1 to over 10 across the shipped layers and formats (and depends on the BLAS, the shapes and the
+      device), so no single constant is right for all of them -- hence the timed choice by default.
+
+    Every route computes the same product; in float32 the routes differ from reconstruct by floating-point
+    association only: at most 7.9e-7 of the largest output on the shipped ViT and MLP layers at param_ratio 0.5, but
+    1.006e-6 for CP's hand-written contraction of the 10x512 MNIST layer (2.5x the dense time there: not taken in our runs);
+    the tests check 1e-6 for every format and route on the ViT qkv shape, the benchmark reports every layer.
     """
 
-    CONTRACTION_COST = 3.0
+    CONTRACTION_COST: float | None = None  # None: time the routes (class docstring); a number: the FLOP model with it
+    FLOP_MODEL_COST = 3.0  # the FLOP model's contraction weight while CONTRACTION_COST is None
+    MEASURE_REPEATS = 5
+    MEASURE_MARGIN = 0.05
+    _uncached_routes: tuple[str, ...] = ()  # further measured routes where the weight is rebuilt per call (Tucker)
 
     format_name = "tensor"
 
@@ -424,10 +458,14 @@ class TensorLinear(nn.Module):
             raise ValueError(f"expected inputs (..., {self.in_features}), got {tuple(x.shape)}")
         n = x.numel() // self.in_features
         cacheable = not (torch.is_grad_enabled() and any(t.requires_grad for t in self._factor_tensors()))
-        route = self.route(n, cached=cacheable)
+        return self._route_forward(self.route(n, cached=cacheable), x, cacheable)
+
+    def _route_forward(self, route: str, x: torch.Tensor, cacheable: bool) -> torch.Tensor:
         if route == "reconstruct":  # the bias fused into the GEMM (addmm), as nn.Linear does
             weight = self.cached_dense() if cacheable else self.to_dense()
             return torch.nn.functional.linear(x, weight, self._member("bias"))
+        if route == "kronecker":  # TuckerLinear only: the weight rebuilt through Kronecker products, then one GEMM
+            return torch.nn.functional.linear(x, self._to_dense_kronecker(), self._member("bias"))
         rows = x.reshape(-1, self.in_features)
         y = self._planned(rows) if route == "planned" else self._apply_weight(rows)
         y = y.reshape(*x.shape[:-1], self.out_features)
@@ -494,22 +532,117 @@ class TensorLinear(nn.Module):
 
     def route_costs(self, rows: int, cached: bool = False) -> dict[str, float]:
         """Each route's cost for a batch of ``rows`` (class docstring); ``cached``: the dense weight may be reused."""
-        c = self.flop_counts(rows)
+        c, k = self.flop_counts(rows), self.contraction_cost()
         costs = {"reconstruct": (0 if cached else c["reconstruct"]) + rows * c["dense_per_row"],
-                 "contraction": self.CONTRACTION_COST * rows * c["contraction_per_row"]}
+                 "contraction": k * rows * c["contraction_per_row"]}
         if "planned" in c:
-            costs["planned"] = self.CONTRACTION_COST * c["planned"]
+            costs["planned"] = k * c["planned"]
         return costs
 
+    def contraction_cost(self) -> float:
+        """The FLOP model's weight of a contraction FLOP: ``CONTRACTION_COST``, or ``FLOP_MODEL_COST`` while it is None."""
+        return self.FLOP_MODEL_COST if self.CONTRACTION_COST is None else float(self.CONTRACTION_COST)
+
+    def flop_route(self, rows: int, cached: bool = False) -> str:
+        """The FLOP model's route for a batch of ``rows``: the cheapest by ``route_costs`` (ties to the earlier of
+        reconstruct, contraction, planned)."""
+        costs = self.route_costs(rows, cached)
+        return min(costs, key=costs.__getitem__)  # dicts keep order: ties go to reconstruct
+
     def route(self, rows: int, cached: bool = False) -> str:
-        """``reconstruct``, ``contraction`` or ``planned`` for a batch of ``rows``: the cheapest by ``route_costs``
-        (ties to the earlier of that order); decided once per (rows, cached, ``CONTRACTION_COST``)."""
+        """``reconstruct``, ``contraction``, ``planned`` (or Tucker's ``kronecker``) for a batch of ``rows`` (class
+        docstring): the measured choice, or ``flop_route`` in deterministic mode; decided once per (rows, cached, mode, torch threads,
+        ``CONTRACTION_COST``) for this layer, and the measurement once per process for its key."""
+        measured = self.CONTRACTION_COST is None and not torch.are_deterministic_algorithms_enabled()
         routes = self.__dict__.setdefault("_routes", {})
-        key = (rows, cached, self.CONTRACTION_COST)
-        if key not in routes:
-            costs = self.route_costs(rows, cached)
-            routes[key] = min(costs, key=costs.__getitem__)  # dicts keep order: ties go to reconstruct
-        return routes[key]
+        key = (rows, cached, measured, torch.get_num_threads(), self.CONTRACTION_COST)
+        chosen = routes.get(key)
+        if chosen is None:
+            entry = self.measured_routes(rows, cached) if measured else None
+            if entry is None:
+                chosen = self.flop_route(rows, cached)
+                if measured and not self._can_measure():  # not stored: a later call may be able to time the routes
+                    return chosen
+            else:
+                chosen = entry["route"]
+            routes[key] = chosen
+        return chosen
+
+    def _measure_key(self, rows: int, cached: bool) -> tuple:
+        tensors = self._factor_tensors()
+        bias = self._member("bias")
+        grads = None if cached else (tuple(t.requires_grad for t in tensors), bias is not None and bias.requires_grad)
+        return (type(self), self.out_dims, self.in_dims, tuple(tuple(t.shape) for t in tensors), bias is not None,
+                1 << max(int(rows) - 1, 0).bit_length(), cached, grads, tensors[0].dtype, str(tensors[0].device),
+                torch.get_num_threads())
+
+    def _can_measure(self) -> bool:
+        """Timing the routes is possible here: a CPU or CUDA tensor, not under ``torch.compile`` tracing, no
+        dispatch mode (``FlopCounterMode``, ...) active, no CUDA graph being captured."""
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        device = self._factor_tensors()[0].device
+        if device.type not in ("cpu", "cuda") or _get_current_dispatch_mode() is not None:
+            return False
+        if torch.compiler.is_compiling():
+            return False
+        return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+    def measured_routes(self, rows: int, cached: bool = False) -> dict | None:
+        """The process-level timing entry for this layer's key (class docstring): ``{"route": the choice, "times":
+        {route: seconds}, "rows": the batch it was timed on}``, timing the routes now if no layer of the key has;
+        None where timing is not possible (``_can_measure``)."""
+        key = self._measure_key(rows, cached)
+        entry = _MEASURED_ROUTES.get(key)
+        if entry is None:
+            entry = ROUTE_WISDOM.get(key)  # this machine's earlier choice, from the disk
+            if entry is None:
+                if not self._can_measure():
+                    return None
+                times = self._time_routes(rows, cached)
+                best = min(times, key=times.__getitem__)
+                if best != "reconstruct" and times[best] > (1.0 - self.MEASURE_MARGIN) * times["reconstruct"]:
+                    best = "reconstruct"
+                entry = {"route": best, "times": times, "rows": int(rows)}
+                ROUTE_WISDOM.put(key, entry)
+            _MEASURED_ROUTES[key] = entry
+        return entry
+
+    def _time_routes(self, rows: int, cached: bool) -> dict[str, float]:
+        """Seconds per call of each route on ``rows`` rows of ones: the forward without grad (``cached``; the
+        reconstruct route reads the cached weight) or forward + backward to every factor (and bias) requiring grad;
+        one warm-up call each, then the minimum over ``MEASURE_REPEATS`` interleaved rounds."""
+        import time
+
+        some = self._factor_tensors()[0]
+        x = torch.ones(int(rows), self.in_features, dtype=some.dtype, device=some.device)
+        routes = ["reconstruct", "contraction"] + (["planned"] if self._plan(int(rows)) is not None else [])
+        routes += [] if cached else list(self._uncached_routes)
+        bias = self._member("bias")
+        wrt = [t for t in [*self._factor_tensors(), bias] if t is not None and t.requires_grad]
+        backward = not cached and bool(wrt) and not torch.is_inference_mode_enabled()
+        seed = torch.ones(int(rows), self.out_features, dtype=some.dtype, device=some.device) if backward else None
+
+        def call(route: str) -> None:
+            if backward:
+                with torch.enable_grad():
+                    torch.autograd.grad(self._route_forward(route, x, False), wrt, grad_outputs=seed)
+            else:
+                with torch.no_grad():
+                    self._route_forward(route, x, cached)
+
+        sync = torch.cuda.synchronize if some.device.type == "cuda" else (lambda: None)
+        for route in routes:
+            call(route)
+        times = dict.fromkeys(routes, math.inf)
+        for _ in range(max(1, int(self.MEASURE_REPEATS))):
+            for route in routes:
+                sync()
+                start = time.perf_counter()
+                call(route)
+                sync()
+                times[route] = min(times[route], time.perf_counter() - start)
+        return times
 
     def extra_repr(self) -> str:
         return (
@@ -523,6 +656,76 @@ class TensorLinear(nn.Module):
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"  # einsum subscripts; the last one is the batch
 
+# The measured route choices of this process (``TensorLinear.measured_routes``): key -> {"route", "times", "rows"}.
+_MEASURED_ROUTES: dict[tuple, dict] = {}
+
+
+class RouteWisdom:
+    """The measured route choices of this machine, kept on disk (as FFTW keeps its "wisdom"): the first process
+    that times a key writes its choice, and every later process and run on the machine reuses it instead of timing
+    again -- so reruns, resumes and the worker processes of one suite take the same routes, and their numbers stay
+    bit-identical as with a fixed rule. File: ``<cache root>/tensor-routes/<machine>.json`` where ``<machine>``
+    hashes the CPU model, the architecture and torch's version (the CUDA device's name is in each key). Written
+    atomically after each new measurement (merged with what other processes wrote meanwhile); an unreadable file
+    counts as empty. Delete the folder to time again (e.g. after moving the cache to another machine type)."""
+
+    def __init__(self):
+        self.loaded: tuple[Path, dict[str, dict]] | None = None  # (file, its entries) as last read or written
+
+    @functools.cached_property
+    def machine(self) -> str:
+        import hashlib
+        import platform
+
+        cpu = platform.processor()
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as handle:
+                cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+        except OSError:
+            pass
+        return hashlib.sha256(f"{cpu}|{platform.machine()}|{torch.__version__}".encode()).hexdigest()[:16]
+
+    def path(self) -> Path:
+        from rankbench.files import cache_root
+
+        return cache_root() / "tensor-routes" / f"{self.machine}.json"
+
+    @staticmethod
+    def text(key: tuple) -> str:
+        return repr(tuple(f"{k.__module__}.{k.__qualname__}" if isinstance(k, type) else k for k in key))
+
+    def _read(self) -> dict[str, dict]:
+        import json
+
+        try:
+            data = json.loads(self.path().read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def get(self, key: tuple) -> dict | None:
+        path = self.path()
+        if self.loaded is None or self.loaded[0] != path:
+            self.loaded = (path, self._read())
+        entry = self.loaded[1].get(self.text(key))
+        return entry if isinstance(entry, dict) and isinstance(entry.get("route"), str) else None
+
+    def put(self, key: tuple, entry: dict) -> None:
+        import json
+
+        from rankbench.files import atomic_write
+
+        merged = self._read()
+        merged[self.text(key)] = entry
+        self.loaded = (self.path(), merged)
+        try:
+            atomic_write(self.path(), json.dumps(merged, sort_keys=True, indent=0))
+        except OSError:  # a read-only cache: the choice still holds for this process
+            pass
+
+
+ROUTE_WISDOM = RouteWisdom()
+
 
 def _tensors(items) -> list[torch.Tensor]:
     """The tensors of a ParameterList (read from its ``_parameters``: slicing a ParameterList builds a new module,
@@ -530,6 +733,14 @@ def _tensors(items) -> list[torch.Tensor]:
     if isinstance(items, nn.ParameterList):
         return list(items._parameters.values())
     return list(items)
+
+
+def _kronecker(mats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Kronecker product of matrices, first matrix's indices slowest: (prod rows) x (prod cols)."""
+    K = mats[0]
+    for M in mats[1:]:
+        K = (K[:, None, :, None] * M[None, :, None, :]).reshape(K.shape[0] * M.shape[0], K.shape[1] * M.shape[1])
+    return K
 
 
 def _khatri_rao(mats: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -617,6 +828,19 @@ class TuckerLinear(TensorLinear):
         for k, U in enumerate(_tensors(self.factors)):
             t = mode_dot(t, U.T, k)
         return t.reshape(self.out_features, self.in_features)
+
+    _uncached_routes = ("kronecker",)
+
+    def _to_dense_kronecker(self) -> torch.Tensor:
+        """``to_dense`` as K_out G K_in^T, K_out = U_1 (x) ... (x) U_p (out x prod r_out), K_in likewise over the
+        input modes, G the core as (prod r_out) x (prod r_in); the two GEMMs in the order with fewer FLOPs."""
+        p, factors = len(self.out_dims), _tensors(self._member("factors"))
+        K_out, K_in = _kronecker(factors[:p]), _kronecker(factors[p:])
+        core = self._member("core").reshape(K_out.shape[1], K_in.shape[1])
+        (o, r_out), (i, r_in) = K_out.shape, K_in.shape
+        if o * r_in * (r_out + i) <= r_out * i * (r_in + o):
+            return (K_out @ core) @ K_in.T
+        return K_out @ (core @ K_in.T)
 
     def _factor_tensors(self) -> list[torch.Tensor]:
         return [self._member("core"), *_tensors(self._member("factors"))]
