@@ -278,3 +278,62 @@ def test_maestro_starts_from_the_site_weight_and_the_sampler_visits_every_layer_
     sampler = maestro.PerLayerSampler([3, 2], torch.Generator().manual_seed(0))
     drawn = [next(sampler) for _ in range(5)]
     assert sorted(drawn) == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2)]
+
+
+# -- sltrain: the memory-efficient autograd function -----------------------------------------------------------------
+def sltrain_float64_layer(out_features=7, in_features=9, rank=3, density=0.3, seed=2):
+    from rankbench_plugins.trainers._sltrain_layers import SLTrainLinear
+
+    generator = torch.Generator().manual_seed(seed)
+    layer = SLTrainLinear(out_features, in_features, rank, density, 32.0, torch.randn(out_features, dtype=torch.float64),
+                          generator, dtype=torch.float64)
+    with torch.no_grad():  # B = 0 at initialisation would leave dL/dA = 0: start away from it
+        layer.B.copy_(torch.randn(out_features, rank, generator=generator, dtype=torch.float64))
+    return layer
+
+
+def test_sltrain_efficient_forward_passes_gradcheck_in_float64():
+    from rankbench_plugins.trainers._sltrain_layers import SparsePlusLowRankLinear
+
+    layer = sltrain_float64_layer()
+    x = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    inputs = (x, layer.B, layer.A, layer.values, layer.support, layer.scaling, layer.bias)
+    assert torch.autograd.gradcheck(SparsePlusLowRankLinear.apply, inputs, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(6, 9), (2, 4, 9)])  # a batch of vectors, and of token sequences
+def test_sltrain_efficient_forward_matches_the_dense_forward_and_its_gradients(shape):
+    layer = sltrain_float64_layer()
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    upstream = torch.randn(*shape[:-1], 7, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    results = []
+    for forward in (layer.forward, layer.forward_dense):
+        y = forward(x)
+        grads = torch.autograd.grad((y * upstream).sum(), [x, layer.B, layer.A, layer.values, layer.bias])
+        results.append((y, *grads))
+    for efficient, dense in zip(*results):
+        torch.testing.assert_close(efficient, dense, rtol=1e-6, atol=1e-6)
+    assert float(results[0][3].abs().max()) > 0  # the sparse values do receive a gradient
+
+
+def saved_shapes(forward, x):
+    """Shapes of every tensor autograd saves for the backward while ``forward(x)`` runs."""
+    shapes = []
+
+    def pack(tensor):
+        shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        y = forward(x)
+    return shapes, y
+
+
+def test_sltrain_efficient_forward_saves_no_out_by_in_tensor():
+    layer = sltrain_float64_layer(out_features=7, in_features=9, rank=3, density=0.3)
+    x = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    shapes, y = saved_shapes(layer.forward, x)
+    assert sorted(shapes) == sorted([(5, 9), (7, 3), (3, 9), (layer.support.numel(),), (layer.support.numel(),)])
+    assert all(sorted(t.shape) != [7, 9] for t in y.grad_fn.saved_tensors)  # neither W nor W^T
+    dense_shapes, _ = saved_shapes(layer.forward_dense, x)
+    assert (9, 7) in dense_shapes  # the naive forward keeps W (as F.linear's W^T): the check tells them apart

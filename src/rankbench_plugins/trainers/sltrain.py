@@ -25,8 +25,13 @@ Deviations from the paper
 -------------------------
 * The paper applies SLTrain to the attention and MLP matrices of LLaMA and keeps embeddings and the head dense;
   here every site the task names is replaced (the classifier's output layer included).
-* The forward forms the dense W of (1) and calls ``F.linear`` (the same function; the reference uses a custom
-  kernel that never forms W, which is what saves memory -- memory is not measured here).
+* The forward is the reference's memory-efficient one (``_sltrain_layers.SparsePlusLowRankLinear``, a custom
+  autograd function as the reference's ``sparse_linear.cpp``): W of (1) is formed only transiently (in the forward
+  to compute y, in the backward to compute dL/dx), and autograd saves x, B, A, the values and the support -- never
+  W. Gradients: dL/dB = (alpha/r) G^T X A^T, dL/dA = (alpha/r) B^T G^T X, dL/dvalues = (G^T X)[Omega], formed from
+  the transient out x in G^T X (as the reference). ``benchmarks/memory/sltrain_memory.py`` measures the step's peak
+  memory against the naive forward (``SLTrainLinear.forward_dense``) and ``nn.Linear``. Pure PyTorch, no compiled
+  extension.
 * No learning-rate schedule (the task's constant rate, as for every trainer here).
 """
 
@@ -63,7 +68,7 @@ class SLTrainParams(PluginParams):
 
 class SLTrain(RankAdaptiveTrainer):
     name = "sltrain"
-    version = "1"
+    version = "2"
     description = ("SLTrain (Han et al., NeurIPS 2024): W = (alpha/r) B A + S, S on a fixed random support of "
                    "density delta, trained from scratch.")
     Params = SLTrainParams
