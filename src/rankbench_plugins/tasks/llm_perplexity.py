@@ -452,7 +452,7 @@ class LLMPerplexity(CompressionTask):
             windows, size = self.calibration_windows(ctx), self.params.calib_batch_size
             return [windows[i : i + size].to(ctx.device) for i in range(0, windows.shape[0], size)]
 
-        return ctx.memo("llm_calib_batches", split)
+        return ctx.memo(f"llm_calib_batches:{self.calibration_key(ctx)}", split)
 
     def calibration_loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F
