@@ -76,10 +76,10 @@ def deterministic():
 
 @pytest.fixture
 def fresh_measurements(monkeypatch):
-    """An empty process-level table of measured routes, restored afterwards."""
-    table = {}
-    monkeypatch.setattr(tf, "_MEASURED_ROUTES", table)
-    return table
+    """An empty route wisdom (the process table, backed by this test's own cache folder), restored afterwards."""
+    wisdom = tf.RouteWisdom()
+    monkeypatch.setattr(tf, "ROUTE_WISDOM", wisdom)
+    return wisdom
 
 
 def stub_times(monkeypatch, times: dict[str, float]) -> list:
@@ -217,7 +217,7 @@ def test_route_is_the_cheapest_by_the_documented_costs(name, cached, determinist
         assert costs[chosen] == best
         assert chosen == next(r for r in ("reconstruct", "contraction", "planned") if costs[r] == best)
         assert chosen == layer.flop_route(rows, cached=cached)
-    assert timed == [] and fresh_measurements == {}
+    assert timed == [] and fresh_measurements.entries() == {}
 
 
 @pytest.mark.parametrize("name", FORMATS)
@@ -257,7 +257,7 @@ def test_measured_choice_is_made_once_per_key_and_shared(fresh_measurements, mon
     make_layer("tt", dtype=torch.float32).route(40, cached=True)  # another dtype
     assert [(rows, cached) for _, rows, cached in timed] == [(40, True), (40, False), (65, True), (40, True),
                                                              (40, True)]
-    assert len(fresh_measurements) == 5
+    assert len(fresh_measurements.entries()) == 5
 
 
 def test_a_measured_choice_persists_on_disk_for_later_processes(fresh_measurements, monkeypatch, tmp_path):
@@ -270,16 +270,16 @@ def test_a_measured_choice_persists_on_disk_for_later_processes(fresh_measuremen
         make_layer("tt")(gaussian(40, 10, seed=1))
     path = tf.ROUTE_WISDOM.path()
     assert path.is_file() and len(timed) == 1
-    fresh_measurements.clear()  # a new process: nothing measured in memory
+    fresh_measurements.forget()  # a new process: nothing measured in memory
     timed.clear()
     later = make_layer("tt")
     assert later.route(40, cached=True) == "contraction" and timed == []
     monkeypatch.setenv("RANKBENCH_CACHE", str(tmp_path / "elsewhere"))
-    fresh_measurements.clear()
+    fresh_measurements.forget()
     assert make_layer("tt").route(40, cached=True) == "contraction" and len(timed) == 1
     path.write_text("{not json")
     monkeypatch.setenv("RANKBENCH_CACHE", str(tmp_path / "cache"))
-    fresh_measurements.clear()
+    fresh_measurements.forget()
     make_layer("tt").route(40, cached=True)
     assert len(timed) == 2 and tf.ROUTE_WISDOM.get(make_layer("tt")._measure_key(40, True))["route"] == "contraction"
 
@@ -292,7 +292,7 @@ def test_measured_choice_is_skipped_where_timing_is_impossible(fresh_measurement
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     with torch.no_grad():
         assert layer.route(8, cached=True) == layer.flop_route(8, cached=True)
-    assert timed == [] and fresh_measurements == {} and not layer.__dict__.get("_routes")
+    assert timed == [] and fresh_measurements.entries() == {} and not layer.__dict__.get("_routes")
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
     assert layer.route(8, cached=True) == "contraction"
     assert len(timed) == 1

@@ -329,8 +329,8 @@ class TensorLinear(nn.Module):
     * measured (the default): the first forward of a (class, dims, factor shapes, rows rounded up to a power of two,
       cached or not, which factors require grad, dtype, device, torch threads) times every route on a batch of ones
       of that many rows -- one warm-up call each, then ``MEASURE_REPEATS`` interleaved rounds, the minimum of each
-      (``torch.cuda.synchronize`` around every call on a GPU) -- and keeps the fastest in the process-level
-      ``_MEASURED_ROUTES`` dict, shared by every layer of that key (a ViT's twelve qkv layers are timed once).
+      (``torch.cuda.synchronize`` around every call on a GPU) -- and keeps the fastest in ``ROUTE_WISDOM``, shared
+      by every layer of that key (a ViT's twelve qkv layers are timed once).
       Without grad (cached weight) a route is timed as the forward; with grad as forward plus backward to the factors
       (``torch.autograd.grad``, nothing accumulates in ``.grad``), what a training step pays. A contraction replaces
       reconstruct only when it is at least ``MEASURE_MARGIN`` (5%) faster, so near-ties keep the one-GEMM route and
@@ -592,19 +592,16 @@ class TensorLinear(nn.Module):
         {route: seconds}, "rows": the batch it was timed on}``, timing the routes now if no layer of the key has;
         None where timing is not possible (``_can_measure``)."""
         key = self._measure_key(rows, cached)
-        entry = _MEASURED_ROUTES.get(key)
+        entry = ROUTE_WISDOM.get(key)  # this process's or an earlier one's choice on this machine
         if entry is None:
-            entry = ROUTE_WISDOM.get(key)  # this machine's earlier choice, from the disk
-            if entry is None:
-                if not self._can_measure():
-                    return None
-                times = self._time_routes(rows, cached)
-                best = min(times, key=times.__getitem__)
-                if best != "reconstruct" and times[best] > (1.0 - self.MEASURE_MARGIN) * times["reconstruct"]:
-                    best = "reconstruct"
-                entry = {"route": best, "times": times, "rows": int(rows)}
-                ROUTE_WISDOM.put(key, entry)
-            _MEASURED_ROUTES[key] = entry
+            if not self._can_measure():
+                return None
+            times = self._time_routes(rows, cached)
+            best = min(times, key=times.__getitem__)
+            if best != "reconstruct" and times[best] > (1.0 - self.MEASURE_MARGIN) * times["reconstruct"]:
+                best = "reconstruct"
+            entry = {"route": best, "times": times, "rows": int(rows)}
+            ROUTE_WISDOM.put(key, entry)
         return entry
 
     def _time_routes(self, rows: int, cached: bool) -> dict[str, float]:
@@ -655,9 +652,6 @@ class TensorLinear(nn.Module):
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"  # einsum subscripts; the last one is the batch
 
-# The measured route choices of this process (``TensorLinear.measured_routes``): key -> {"route", "times", "rows"}.
-_MEASURED_ROUTES: dict[tuple, dict] = {}
-
 
 class RouteWisdom:
     """The measured route choices of this machine, kept on disk (as FFTW keeps its "wisdom"): the first process
@@ -666,10 +660,20 @@ class RouteWisdom:
     bit-identical as with a fixed rule. File: ``<cache root>/tensor-routes/<machine>.json`` where ``<machine>``
     hashes the CPU model, the architecture and torch's version (the CUDA device's name is in each key). Written
     atomically after each new measurement (merged with what other processes wrote meanwhile); an unreadable file
-    counts as empty. Delete the folder to time again (e.g. after moving the cache to another machine type)."""
+    counts as empty. Delete the folder to time again (e.g. after moving the cache to another machine type). The
+    entries, ``{"route", "times", "rows"}`` by ``text(key)``, are held in memory as last read or written: the process
+    table every layer of a key shares."""
 
     def __init__(self):
         self.loaded: tuple[Path, dict[str, dict]] | None = None  # (file, its entries) as last read or written
+
+    def entries(self) -> dict[str, dict]:
+        """The entries held in memory (empty before the first ``get`` or ``put``)."""
+        return {} if self.loaded is None else dict(self.loaded[1])
+
+    def forget(self) -> None:
+        """Drop what is held in memory: the next ``get`` reads the file again (as a new process would)."""
+        self.loaded = None
 
     @functools.cached_property
     def machine(self) -> str:
