@@ -740,7 +740,7 @@ class CompressionStatistics:
         replay = PrefixReplay.of(task, ctx, batches, max_batches)
         losses = []
         with swapped(model, sites, self.factorization, decompositions, ranks, statistics), torch.no_grad():
-            with replay.skipping(model, sites) as cursor:
+            with replay.skipping(ctx, model, sites) as cursor:
                 for index, batch in enumerate(batches):
                     cursor.batch = index
                     losses.append(float(task.calibration_loss(model, batch)))
@@ -763,7 +763,6 @@ class PrefixReplay:
     def __init__(self, blocks: list[str] | None, outputs: list[list] | None):
         self.blocks, self.outputs = blocks, outputs  # outputs[block][batch]
         self.batch = 0
-        self.ctx = None
 
     @classmethod
     def of(cls, task: CompressionTask, ctx, batches: list, max_batches: int | None) -> PrefixReplay:
@@ -776,9 +775,7 @@ class PrefixReplay:
                 task._check_dense(ctx, "recording block outputs")
                 outputs = _record_block_outputs(task, task.model(ctx), blocks[:-1], batches, cls.MEMORY_LIMIT)
             slot[max_batches] = cls(blocks if outputs is not None else None, outputs)
-        replay = slot[max_batches]
-        replay.ctx = ctx
-        return replay
+        return slot[max_batches]
 
     def first_block(self, sites: Iterable[str]) -> int:
         """Index of the first block holding one of ``sites`` (0: nothing to skip, also for a site in no block)."""
@@ -791,9 +788,9 @@ class PrefixReplay:
         return min(first, len(self.outputs))
 
     @contextlib.contextmanager
-    def skipping(self, model: nn.Module, sites: Iterable[str]):
+    def skipping(self, ctx, model: nn.Module, sites: Iterable[str]):
         """Blocks before the first one holding ``sites`` replaced by their recorded outputs (for batch
-        ``cursor.batch``), put back on exit. Yields the cursor (this object)."""
+        ``cursor.batch``), put back on exit; counted in ``ctx``. Yields the cursor (this object)."""
         from rankbench.kinds.layers import ReplayedBlock
 
         first = self.first_block(sites)
@@ -802,7 +799,7 @@ class PrefixReplay:
             for index, name in enumerate(originals):
                 model.set_submodule(name, ReplayedBlock(functools.partial(self._output, index, index == first - 1)))
             if first:
-                count_work(self.ctx, "replayed_blocks", first)
+                count_work(ctx, "replayed_blocks", first)
             yield self
         finally:
             for name, module in originals.items():
