@@ -566,7 +566,6 @@ def token_nll(model: nn.Module, ids: torch.Tensor, seq_len: int, max_windows: in
     return float(total), windows * (seq_len - 1), windows
 
 
-HALF = ("bfloat16", "float16")
 EVAL_MEMORY_FRACTION = 0.8  # of the free memory that an automatic evaluation batch may use
 MAX_AUTO_BATCH = 64
 
@@ -584,7 +583,7 @@ def autocast_dtype(model: nn.Module, device: Any) -> torch.dtype | None:
     import torch
 
     dtype = weights_dtype(model)
-    if torch.device(device).type == "cuda" and str(dtype).removeprefix("torch.") in HALF:
+    if torch.device(device).type == "cuda" and str(dtype).removeprefix("torch.") in assets.HALF_DTYPES:
         return dtype
     return None
 
