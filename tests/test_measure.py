@@ -1,5 +1,6 @@
 """Measurement: phase timers, per-cell peak RSS, and the CUDA path (synchronised timers, per-phase peaks)."""
 
+import mmap
 import sys
 import time
 import types
@@ -26,9 +27,13 @@ def test_phase_timer_accumulates_per_phase():
 @pytest.mark.skipif(not measure.reset_peak_rss(), reason="needs /proc/self/clear_refs (Linux)")
 def test_peak_rss_is_reset_per_cell():
     measure.reset_peak_rss()
-    block = np.ones(300 * 2**20 // 8)  # 300 MiB, touched
+    # 300 MiB of fresh anonymous pages, every one touched: a mapping of its own, so the pages cannot come from freed
+    # heap memory the process still holds (a long test session can hold hundreds of MB of it, and np.ones could then
+    # reuse resident pages without the peak moving)
+    block = mmap.mmap(-1, 300 * 2**20)
+    np.frombuffer(block, dtype=np.uint8)[:] = 1
     high = measure.peak_rss_mb()
-    del block
+    block.close()
     measure.reset_peak_rss()
     low = measure.peak_rss_mb()
     assert high - low > 250
