@@ -341,21 +341,31 @@ INFERENCE_TARGET = 1.2  # the issue's bound on factorized / dense forward time a
 STATISTIC = statistics.median  # of the interleaved rounds; ``python test_tensor_layers.py --min``: min
 
 
+ROUND_SECONDS = 2e-3  # a round times each callable over a block of calls lasting at least this long
+
+
 def interleaved_medians(calls: dict, rounds: int) -> dict[str, float]:
-    """Median (``STATISTIC``) seconds of each callable, all timed once per round (one warm-up call each first), in
-    an order shuffled per round (seeded) so that none always runs after the same neighbour or at the same place: a
-    fixed order biased two identical calls by up to 10%."""
-    for call in calls.values():
-        call(), call()
+    """Median (``STATISTIC``) seconds per call of each callable, all timed once per round (one warm-up call each
+    first), in an order shuffled per round (seeded) so that none always runs after the same neighbour or at the same
+    place: a fixed order biased two identical calls by up to 10%. A round times a block of calls of one callable
+    lasting at least ``ROUND_SECONDS`` (the count fixed per callable from its warm-up), so that a layer running in
+    ~10 us (the digits MLP's) is not measured at the resolution of one timer read and one scheduler tick."""
+    blocks = {}
+    for key, call in calls.items():
+        call()
+        start = time.perf_counter()
+        call()
+        blocks[key] = max(1, math.ceil(ROUND_SECONDS / max(time.perf_counter() - start, 1e-9)))
     times = {key: [] for key in calls}
     keys, shuffle = list(calls), random.Random(0).shuffle
     for _ in range(rounds):
         shuffle(keys)
         for key in keys:
-            call = calls[key]
+            call, block = calls[key], blocks[key]
             start = time.perf_counter()
-            call()
-            times[key].append(time.perf_counter() - start)
+            for _ in range(block):
+                call()
+            times[key].append((time.perf_counter() - start) / block)
     return {key: STATISTIC(t) for key, t in times.items()}
 
 

@@ -437,10 +437,11 @@ class TensorLinear(nn.Module):
             state.pop(key, None)
         return state
 
-    def cached_dense(self) -> torch.Tensor:
+    def cached_dense(self, tensors: list[torch.Tensor] | None = None) -> torch.Tensor:
         """``to_dense()`` built once and reused while every factor tensor is the same object at the same version
-        (class docstring). Only for forwards that need no gradient: the cached tensor carries no graph."""
-        tensors = self._factor_tensors()
+        (class docstring). Only for forwards that need no gradient: the cached tensor carries no graph. ``tensors``:
+        ``_factor_tensors()`` when the caller has just read them."""
+        tensors = self._factor_tensors() if tensors is None else tensors
         state = [(t._version, t.data_ptr()) for t in tensors]
         entry = self.__dict__.get("_dense_cache")
         if (entry is not None and entry[1] == state and len(entry[0]) == len(tensors)
@@ -455,9 +456,12 @@ class TensorLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs (..., {self.in_features}), got {tuple(x.shape)}")
-        n = x.numel() // self.in_features
-        cacheable = not (torch.is_grad_enabled() and any(t.requires_grad for t in self._factor_tensors()))
-        return self._route_forward(self.route(n, cached=cacheable), x, cacheable)
+        tensors = self._factor_tensors()  # read once per call: the factors are read again only on other routes
+        cacheable = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        route = self.route(x.numel() // self.in_features, cached=cacheable)
+        if cacheable and route == "reconstruct":  # the inference path: one GEMM on the cached weight
+            return torch.nn.functional.linear(x, self.cached_dense(tensors), self._member("bias"))
+        return self._route_forward(route, x, cacheable)
 
     def _route_forward(self, route: str, x: torch.Tensor, cacheable: bool) -> torch.Tensor:
         if route == "reconstruct":  # the bias fused into the GEMM (addmm), as nn.Linear does
